@@ -1,0 +1,131 @@
+"""The Flower ClientApp: turns messages into calls on :class:`client.site.Site`.
+
+Which site a SuperNode is comes from its node config (``site-config = "path.toml"``),
+so one ClientApp serves every institution. Simulations pass their own resolver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import PrivacyState, Site, load_site
+from common.adapters import arrays_to_record, record_to_arrays
+from common.errors import ConfigError, DataError, FedloraError, PolicyError
+from common.protocol import (
+    BAD_GLOBAL_ADAPTER,
+    REFUSED_BY_POLICY,
+    SITE_ID_KEY,
+    SITE_MISCONFIGURED,
+    RoundRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+SiteResolver = Callable[[Context], Path]
+PRIVACY_STATE_KEY = "fedlora-privacy"
+
+
+def site_config_from_node_config(context: Context) -> Path:
+    value = context.node_config.get("site-config")
+    if not value:
+        raise ConfigError("this SuperNode's node config lacks 'site-config' (path to site TOML)")
+    return Path(str(value))
+
+
+def _load_privacy(context: Context) -> PrivacyState:
+    record = context.state.get(PRIVACY_STATE_KEY)
+    if not isinstance(record, ConfigRecord):
+        return PrivacyState(history=[])
+    sigmas, rates, steps = record["sigma"], record["sample-rate"], record["steps"]
+    history = [
+        (float(s), float(q), int(n))
+        for s, q, n in zip(sigmas, rates, steps, strict=True)  # type: ignore[call-overload]
+    ]
+    run_sigma = float(record["run-sigma"])  # type: ignore[arg-type]
+    return PrivacyState(history=history, run_noise_multiplier=run_sigma if run_sigma >= 0 else None)
+
+
+def _store_privacy(context: Context, state: PrivacyState) -> None:
+    context.state[PRIVACY_STATE_KEY] = ConfigRecord(
+        {
+            "sigma": [entry[0] for entry in state.history],
+            "sample-rate": [entry[1] for entry in state.history],
+            "steps": [entry[2] for entry in state.history],
+            "run-sigma": -1.0 if state.run_noise_multiplier is None else state.run_noise_multiplier,
+        }
+    )
+
+
+def _error_reply(message: Message, exc: FedloraError) -> Message:
+    if isinstance(exc, PolicyError):
+        code = REFUSED_BY_POLICY
+    elif isinstance(exc, ConfigError | DataError):
+        code = SITE_MISCONFIGURED
+    else:
+        code = BAD_GLOBAL_ADAPTER
+    logger.warning("%s", exc)
+    return Message(Error(code=code, reason=str(exc)), reply_to=message)
+
+
+def _reply(
+    message: Message, site: Site, metrics: dict[str, float | int], **arrays: object
+) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "site": ConfigRecord({SITE_ID_KEY: site.site_id})}
+    )
+    for name, record in arrays.items():
+        content[name] = record  # type: ignore[assignment]
+    return Message(content, reply_to=message)
+
+
+def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        try:
+            site = load_site(resolve_site(context))
+            request = RoundRequest.from_record(message.content.config_records["config"])
+            adapter = record_to_arrays(message.content.array_records["arrays"])
+            outcome = site.train(request, adapter, _load_privacy(context))
+        except FedloraError as exc:
+            return _error_reply(message, exc)
+        # The new accountant history is stored before the update is handed to Flower.
+        _store_privacy(context, outcome.privacy)
+        metrics: dict[str, float | int] = {
+            "num-examples": outcome.result.examples,
+            "train-loss": outcome.result.loss,
+            "train-accuracy": outcome.result.accuracy,
+            "epsilon": outcome.epsilon,
+            "epsilon-budget": site.config.privacy.epsilon,
+            "delta": site.config.privacy.delta,
+            "noise-multiplier": outcome.noise_multiplier,
+            "steps": outcome.result.steps,
+        }
+        return _reply(message, site, metrics, arrays=arrays_to_record(outcome.adapter))
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        try:
+            site = load_site(resolve_site(context))
+            request = RoundRequest.from_record(message.content.config_records["config"])
+            adapter = record_to_arrays(message.content.array_records["arrays"])
+            result = site.evaluate(request, adapter)
+        except FedloraError as exc:
+            return _error_reply(message, exc)
+        metrics: dict[str, float | int] = {
+            "num-examples": result.examples,
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+        }
+        return _reply(message, site, metrics)
+
+    return app
+
+
+app = build_client_app()

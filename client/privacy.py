@@ -1,0 +1,68 @@
+"""Privacy accounting as pure functions of a DP-SGD history.
+
+An Opacus accountant is fully determined by its history of
+``(noise_multiplier, sample_rate, steps)`` entries, so the site keeps that history and
+rebuilds the accountant from it whenever it needs ε. Restoring the history is the same
+as keeping one accountant alive for the whole life of the dataset, and it survives
+process restarts, which a live object does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opacus.accountants import create_accountant
+
+from common.errors import PolicyError
+
+HistoryEntry = tuple[float, float, int]
+"""(noise multiplier σ, sample rate q, steps) — Opacus's accountant history format."""
+
+_MAX_SIGMA = 1e4
+
+
+def epsilon_spent(history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
+    """ε at ``delta`` after every step in ``history`` (0 for an empty history)."""
+    if not history:
+        return 0.0
+    engine = create_accountant(mechanism=accountant)
+    engine.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(engine.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    history: Sequence[HistoryEntry],
+    *,
+    sample_rate: float,
+    steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest σ (within ``tolerance`` in ε) so that history + planned steps fit the budget.
+
+    Unlike Opacus's ``get_noise_multiplier`` this accounts for what was already spent.
+    Raises PolicyError when even a huge σ cannot fit (the budget is used up).
+    """
+    if epsilon_spent(history, delta, accountant) >= target_epsilon:
+        raise PolicyError("the privacy budget is already spent")
+
+    def eps_with(sigma: float) -> float:
+        return epsilon_spent([*history, (sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.0, 1.0
+    while eps_with(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > _MAX_SIGMA:
+            raise PolicyError(f"no noise level fits {steps} more steps into the remaining budget")
+    while high - low > 1e-3:
+        middle = (low + high) / 2
+        eps = eps_with(middle)
+        if eps > target_epsilon:
+            low = middle
+        else:
+            high = middle
+            if target_epsilon - eps <= tolerance:
+                break
+    return high

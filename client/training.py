@@ -1,0 +1,178 @@
+"""One DP-SGD trainer for every task: peft model in, Opacus-private training out.
+
+The façade mirrors Opacus's ``make_private``: callers hand over a model whose trainable
+parameters are exactly the ones to train (LoRA + head), the site's data and a plan, and
+get back metrics and the accountant history that now includes this round. The history
+is the caller's to persist *before* anything leaves the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.data import SiteData
+from client.privacy import HistoryEntry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How one site trains for one round."""
+
+    epochs: int
+    batch_size: int
+    """Expected batch size; Poisson sampling draws each record with q = batch / N."""
+    learning_rate: float
+    max_grad_norm: float
+    noise_multiplier: float
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+    optimizer: str = "sgd"
+    """'sgd' (with momentum 0.9) or 'adam'."""
+    seed: int = 0
+
+    def batches_per_epoch(self, records: int) -> int:
+        return max(1, math.ceil(records / self.batch_size))
+
+    def sample_rate(self, records: int) -> float:
+        """Opacus's q for this plan: one over the number of batches in an epoch."""
+        return 1.0 / self.batches_per_epoch(records)
+
+    def steps(self, records: int) -> int:
+        """Optimiser steps one round takes (what the accountant will be charged)."""
+        return self.epochs * self.batches_per_epoch(records)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    accuracy: float
+    examples: int
+    steps: int
+    history: list[HistoryEntry]
+    """The full accountant history after this round (previous rounds included)."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+class DPTrainer:
+    """Trains and evaluates any task's peft model on a site's arrays."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_names: Sequence[str],
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        self.model = model
+        self.input_names = tuple(input_names)
+        self.class_weights = (
+            torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        )
+
+    def _dataset(self, data: SiteData) -> TensorDataset:
+        missing = [name for name in self.input_names if name not in data.features]
+        if missing:
+            raise ValueError(f"site data lacks model inputs {missing}")
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(data.features[n])) for n in self.input_names
+        ]
+        return TensorDataset(*tensors, torch.from_numpy(data.labels))
+
+    def _per_sample_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+        if self.class_weights is not None:
+            losses = losses * self.class_weights[labels]
+        return losses
+
+    def train(
+        self, data: SiteData, plan: TrainingPlan, history: Sequence[HistoryEntry]
+    ) -> TrainResult:
+        """Run ``plan.epochs`` of DP-SGD, charging an accountant that starts from ``history``."""
+        torch.manual_seed(plan.seed)
+        generator = torch.Generator().manual_seed(plan.seed)
+        loader = DataLoader(self._dataset(data), batch_size=plan.batch_size, generator=generator)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer
+        if plan.optimizer == "adam":
+            optimizer = torch.optim.Adam(trainable, lr=plan.learning_rate)
+        else:
+            optimizer = torch.optim.SGD(trainable, lr=plan.learning_rate, momentum=0.9)
+
+        self.model.train()
+        with warnings.catch_warnings():
+            # Opacus warns that secure RNG is off (torchcsprng is not part of the stack).
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant=plan.accountant)
+            engine.accountant.history = [tuple(entry) for entry in history]
+            private_model, private_optimizer, private_loader = engine.make_private(
+                module=self.model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=plan.grad_sample_mode,
+            )
+        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        with warnings.catch_warnings():
+            # Frozen inputs make torch warn about full backward hooks on every batch.
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            try:
+                for _ in range(plan.epochs):
+                    for *inputs, labels in private_loader:
+                        private_optimizer.zero_grad(set_to_none=True)
+                        if len(labels) > 0:
+                            kwargs = dict(zip(self.input_names, inputs, strict=True))
+                            outputs = private_model(**kwargs)
+                            losses = self._per_sample_loss(outputs.logits, labels)
+                            losses.mean().backward()
+                            total_loss += float(losses.detach().sum())
+                            correct += int((outputs.logits.argmax(-1) == labels).sum())
+                            seen += len(labels)
+                        # An empty Poisson batch is still a step: it is noise only, and it
+                        # is charged to the accountant like any other.
+                        private_optimizer.step()
+                        steps += 1
+            finally:
+                private_model._close()  # removes Opacus hooks; the peft model stays usable
+        self.model.eval()
+        return TrainResult(
+            loss=total_loss / max(seen, 1),
+            accuracy=correct / max(seen, 1),
+            examples=len(data.labels),
+            steps=steps,
+            history=[(float(s), float(q), int(n)) for s, q, n in engine.accountant.history],
+        )
+
+    @torch.no_grad()
+    def evaluate(self, data: SiteData, batch_size: int = 256) -> EvalResult:
+        self.model.eval()
+        loader = DataLoader(self._dataset(data), batch_size=batch_size)
+        total_loss, correct = 0.0, 0
+        for *inputs, labels in loader:
+            logits = self.model(**dict(zip(self.input_names, inputs, strict=True))).logits
+            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        examples = len(data.labels)
+        return EvalResult(
+            loss=total_loss / max(examples, 1),
+            accuracy=correct / max(examples, 1),
+            examples=examples,
+        )

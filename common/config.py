@@ -1,0 +1,258 @@
+"""Validated configuration: the site config and the federation (run) config.
+
+Both are TOML files turned into pydantic v2 models when loaded. Relative paths in a
+file are resolved against the file's own directory, so a site folder can be moved as a
+whole. Any problem is raised as :class:`~common.errors.ConfigError` with one line per
+field, naming the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from common.errors import ConfigError
+
+SiteKind = Literal["hospital", "bank"]
+AccountantName = Literal["prv", "rdp"]
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a site file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data ---
+
+
+class DicomDataConfig(StrictModel):
+    """A directory of DICOM files, labelled by a CSV or by one sub-folder per class."""
+
+    format: Literal["dicom"]
+    path: Path = Field(description="Directory holding the DICOM files.")
+    classes: list[str] = Field(min_length=2, description="Class names, in label order.")
+    labels: Literal["csv", "folders"] = Field(
+        default="csv",
+        description="'csv': a labels file with columns path,label; "
+        "'folders': one sub-folder per class.",
+    )
+    labels_file: str = Field(default="labels.csv", description="Used when labels = 'csv'.")
+    image_size: int = Field(default=32, ge=8, le=1024, description="Side after resizing.")
+    window_center: float | None = Field(
+        default=None, description="Overrides the file's Window Center (after rescale)."
+    )
+    window_width: float | None = Field(
+        default=None, gt=0, description="Overrides the file's Window Width (after rescale)."
+    )
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _window_pair(self) -> DicomDataConfig:
+        if (self.window_center is None) != (self.window_width is None):
+            raise ValueError("window_center and window_width must be given together")
+        return self
+
+
+class TabularDataConfig(StrictModel):
+    """A CSV or Parquet table with a declared schema."""
+
+    format: Literal["csv", "parquet"]
+    path: Path = Field(description="The CSV or Parquet file.")
+    classes: list[str] = Field(min_length=2, description="Label values (as text), in label order.")
+    label_column: str
+    person_column: str | None = Field(
+        default=None, description="Column identifying the customer; stays at the site."
+    )
+    numeric_features: list[str] = Field(default_factory=list)
+    categorical_features: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Column -> allowed values. Unlisted or missing values map to 'other'.",
+    )
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _has_features(self) -> TabularDataConfig:
+        if not self.numeric_features and not self.categorical_features:
+            raise ValueError("declare at least one numeric or categorical feature")
+        return self
+
+
+DataConfig = Annotated[DicomDataConfig | TabularDataConfig, Field(discriminator="format")]
+
+
+# --------------------------------------------------------------------------- site ---
+
+
+class PrivacyBudget(StrictModel):
+    epsilon: float = Field(gt=0, le=100, description="Total ε this dataset may spend.")
+    delta: float = Field(default=1e-5, gt=0, lt=1e-2, description="δ of the guarantee.")
+
+
+class SitePolicy(StrictModel):
+    min_cohort: int = Field(
+        default=20, ge=20, description="Refuse to train or report on fewer records (k)."
+    )
+    allowed_tasks: list[str] | None = Field(
+        default=None, description="Tasks this site accepts; all when omitted."
+    )
+
+
+class SiteIdentity(StrictModel):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$", description="Public site name.")
+    kind: SiteKind
+    task: str = Field(description="The task this site's data serves.")
+    base_model: Path = Field(
+        description="Local directory of the frozen base model (saved with save_pretrained)."
+    )
+    state_dir: Path = Field(
+        default=Path("state"), description="Private state: ledger, salt, site logs."
+    )
+
+
+class SiteConfig(StrictModel):
+    """Everything a site daemon needs to know about its own data and rules."""
+
+    site: SiteIdentity
+    data: DataConfig
+    privacy: PrivacyBudget
+    policy: SitePolicy = Field(default_factory=SitePolicy)
+
+    @model_validator(mode="after")
+    def _kind_matches_data(self) -> SiteConfig:
+        expected = "dicom" if self.site.kind == "hospital" else "table"
+        actual = "dicom" if self.data.format == "dicom" else "table"
+        if expected != actual:
+            raise ValueError(
+                f"site.kind = {self.site.kind!r} expects "
+                f"{'DICOM' if expected == 'dicom' else 'CSV/Parquet'} data, "
+                f"but data.format = {self.data.format!r}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------- federation ---
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(default=16, ge=1, le=256)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        default=None, description="Module names to adapt; the task's default when omitted."
+    )
+
+
+class DPSettings(StrictModel):
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample clipping bound C.")
+    noise_multiplier: float | None = Field(
+        default=None,
+        ge=0,
+        description="σ; when omitted each site calibrates σ so the planned rounds fit its "
+        "own budget.",
+    )
+    accountant: AccountantName = "prv"
+
+
+class FederationConfig(StrictModel):
+    """One run of one task: what to train, for how long, and how privately."""
+
+    task: str
+    base_model: Path = Field(description="Directory of the frozen base model.")
+    rounds: int = Field(default=5, ge=1, le=1000)
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=32, ge=1, description="Expected (Poisson) batch size.")
+    learning_rate: float = Field(default=0.1, gt=0)
+    optimizer: Literal["sgd", "adam"] = Field(
+        default="sgd", description="'sgd' (momentum 0.9) is the robust choice under DP noise."
+    )
+    min_sites: int = Field(default=2, ge=1)
+    aggregator: str = "fedavg"
+    seed: int = 0
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    dp: DPSettings = Field(default_factory=DPSettings)
+
+    @field_validator("lora")
+    @classmethod
+    def _no_dropout_under_dp(cls, value: LoraSettings) -> LoraSettings:
+        if value.dropout != 0.0:
+            raise ValueError("LoRA dropout must be 0 under DP-SGD (per-sample gradients)")
+        return value
+
+
+# ------------------------------------------------------------------------ loading ---
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One readable line per problem: ``field.path: what is wrong``."""
+    lines = [f"{source} is invalid:"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        elif item["type"] == "missing":
+            message = "required, but missing"
+        lines.append(f"  - {location}: {message}")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning I/O and syntax problems into ConfigError."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
+def validate_model(model: type[ModelT], data: dict[str, Any], source: str) -> ModelT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def load_site_config(path: Path | str) -> SiteConfig:
+    """Load and validate a site TOML file; relative paths are taken from its folder."""
+    path = Path(path)
+    config = validate_model(SiteConfig, read_toml(path), str(path))
+    base = path.resolve().parent
+    return config.model_copy(
+        update={
+            "site": config.site.model_copy(
+                update={
+                    "state_dir": _resolve(base, config.site.state_dir),
+                    "base_model": _resolve(base, config.site.base_model),
+                }
+            ),
+            "data": config.data.model_copy(update={"path": _resolve(base, config.data.path)}),
+        }
+    )
+
+
+def load_federation_config(path: Path | str) -> FederationConfig:
+    path = Path(path)
+    config = validate_model(FederationConfig, read_toml(path), str(path))
+    base = path.resolve().parent
+    return config.model_copy(update={"base_model": _resolve(base, config.base_model)})

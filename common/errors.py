@@ -1,0 +1,39 @@
+"""fedlora's exception tree.
+
+Every error fedlora raises on purpose derives from :class:`FedloraError`, so a CLI or a
+daemon can catch one type, print the message (written for a site operator, never with a
+traceback) and exit non-zero::
+
+    FedloraError
+    ├── ConfigError            a TOML file is missing, unreadable or invalid
+    ├── DataError              site data cannot be used (schema, empty, too few records)
+    ├── PolicyError            the site refuses to take part (budget, cohort, task)
+    ├── UpdateError            an adapter update does not match the run's schema
+    └── RegistryError          an unknown or duplicate task / aggregator name
+"""
+
+from __future__ import annotations
+
+
+class FedloraError(Exception):
+    """Base of every error fedlora raises deliberately."""
+
+
+class ConfigError(FedloraError):
+    """A configuration file is missing or does not validate."""
+
+
+class DataError(FedloraError):
+    """Site data is unusable as a whole (single bad records are rejected, not raised)."""
+
+
+class PolicyError(FedloraError):
+    """The site's policy forbids this request: the site refuses rather than train."""
+
+
+class UpdateError(FedloraError):
+    """An adapter payload does not match the schema the run expects."""
+
+
+class RegistryError(FedloraError):
+    """A registry lookup or registration failed."""

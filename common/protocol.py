@@ -1,0 +1,97 @@
+"""What the coordinator asks of a site each round, as a Flower ConfigRecord.
+
+Both sides use this one definition, so a key can never be spelt two ways. The site
+treats every value as a request: its own policy and budget decide what it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from common.config import FederationConfig, LoraSettings
+from common.errors import UpdateError
+
+SITE_ID_KEY = "site-id"
+"""Key of the reply's ConfigRecord that names the replying site (public site name)."""
+
+SITE_CALIBRATED = -1.0
+"""noise_multiplier value meaning: each site calibrates σ from its own budget."""
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    task: str
+    base_model_sha256: str
+    server_round: int
+    total_rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    max_grad_norm: float
+    noise_multiplier: float
+    accountant: str
+    lora_r: int
+    lora_alpha: float
+    lora_targets: list[str]
+    seed: int
+
+    @classmethod
+    def for_round(
+        cls,
+        federation: FederationConfig,
+        base_model_sha256: str,
+        server_round: int,
+        default_targets: tuple[str, ...],
+    ) -> RoundRequest:
+        return cls(
+            task=federation.task,
+            base_model_sha256=base_model_sha256,
+            server_round=server_round,
+            total_rounds=federation.rounds,
+            local_epochs=federation.local_epochs,
+            batch_size=federation.batch_size,
+            learning_rate=federation.learning_rate,
+            optimizer=federation.optimizer,
+            max_grad_norm=federation.dp.max_grad_norm,
+            noise_multiplier=(
+                SITE_CALIBRATED
+                if federation.dp.noise_multiplier is None
+                else federation.dp.noise_multiplier
+            ),
+            accountant=federation.dp.accountant,
+            lora_r=federation.lora.r,
+            lora_alpha=federation.lora.alpha,
+            lora_targets=list(federation.lora.target_modules or default_targets),
+            seed=federation.seed,
+        )
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, target_modules=self.lora_targets)
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({name.replace("_", "-"): value for name, value in asdict(self).items()})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundRequest:
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            key = field.name.replace("_", "-")
+            if key not in record:
+                raise UpdateError(f"round configuration lacks {key!r}")
+            values[field.name] = record[key]
+        values["lora_targets"] = list(values["lora_targets"])
+        return cls(**values)
+
+
+# Error codes a site puts in an error reply (Flower's own codes are small integers).
+REFUSED_BY_POLICY = 4001
+"""The site's policy or privacy budget forbids the round."""
+SITE_MISCONFIGURED = 4002
+"""The site's configuration or data cannot be used."""
+BAD_GLOBAL_ADAPTER = 4003
+"""What the coordinator sent does not fit the site's model."""

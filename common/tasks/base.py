@@ -1,0 +1,83 @@
+"""What a task is: a model family, its inputs, and where LoRA goes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PretrainedConfig, PreTrainedModel
+
+from common.config import LoraSettings, SiteKind
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything both sides must agree on for one kind of model.
+
+    Data loading is not here: it is site-side (``client.data``) and keyed by the data
+    format, so the server never imports a loader.
+    """
+
+    name: str
+    site_kind: SiteKind
+    model_class: type[PreTrainedModel]
+    input_names: tuple[str, ...]
+    """Keyword arguments of the model's forward, in the order the loader produces them."""
+    default_lora_targets: tuple[str, ...]
+    head_modules: tuple[str, ...]
+    """Trained in full (not LoRA) and sent with the adapter: the classifier head."""
+    demo_config: Callable[..., PretrainedConfig]
+    """Builds the small config used by the demo and the tests."""
+
+    def load_base_model(self, directory: Path) -> PreTrainedModel:
+        """Load the frozen base model from a local directory (never from a hub)."""
+        if not (directory / "config.json").is_file():
+            raise ConfigError(
+                f"base model directory {directory} has no config.json "
+                f"(expected a model saved with save_pretrained for task {self.name!r})"
+            )
+        model = self.model_class.from_pretrained(directory, local_files_only=True)
+        model.eval()
+        return model
+
+    def build_demo_base_model(self, directory: Path, seed: int, **shape: Any) -> Path:
+        """Create and save a small randomly initialised base model, as sites would load it."""
+        torch.manual_seed(seed)
+        model = self.model_class(self.demo_config(**shape))
+        model.save_pretrained(directory)
+        return directory
+
+    def wrap_with_lora(self, model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
+        """Freeze the base, add LoRA on the targets and make the head trainable."""
+        targets = list(lora.target_modules or self.default_lora_targets)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            modules_to_save=list(self.head_modules),
+            bias="none",
+        )
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as exc:
+            raise ConfigError(f"LoRA targets {targets} do not fit the {self.name} model: {exc}")
+        return peft_model  # type: ignore[return-value]
+
+
+def model_fingerprint(directory: Path) -> str:
+    """SHA-256 over the names and bytes of every file of a saved model."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode())
+        digest.update(b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

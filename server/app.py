@@ -1,0 +1,41 @@
+"""The Flower ServerApp: reads the run's configuration and hands over to ``run_federation``.
+
+In a deployment the run config names the federation TOML (``federation-config``) and
+the output directory (``run-dir``); a simulation builds the app with both bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import FederationConfig, load_federation_config
+from common.errors import ConfigError
+from server.run import run_federation
+
+RunSource = Callable[[Context], tuple[FederationConfig, Path]]
+
+
+def run_from_run_config(context: Context) -> tuple[FederationConfig, Path]:
+    config_path = context.run_config.get("federation-config")
+    run_dir = context.run_config.get("run-dir")
+    if not config_path or not run_dir:
+        raise ConfigError("the run config needs 'federation-config' and 'run-dir'")
+    return load_federation_config(Path(str(config_path))), Path(str(run_dir))
+
+
+def build_server_app(source: RunSource = run_from_run_config) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        federation, run_dir = source(context)
+        run_federation(grid, federation, run_dir)
+
+    return app
+
+
+app = build_server_app()

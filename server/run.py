@@ -1,0 +1,89 @@
+"""One federated run of one task, from the initial adapter to the saved result."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.serverapp import Grid
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from common.adapters import AdapterSchema, arrays_to_record, payload_bytes
+from common.config import FederationConfig
+from common.protocol import RoundRequest
+from common.tasks import TASKS, model_fingerprint
+from server.aggregation import AGGREGATORS
+from server.checkpoint import CheckpointStore
+from server.reporting import RunRecorder
+from server.strategy import FedLoraStrategy
+
+logger = logging.getLogger(__name__)
+
+RESULT_DIR = "tasks"
+
+
+def run_federation(
+    grid: Grid, federation: FederationConfig, run_dir: Path, round_timeout: float = 3600
+) -> dict[str, Any]:
+    """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out."""
+    spec = TASKS.get(federation.task)
+    aggregator = AGGREGATORS.get(federation.aggregator)
+    base_sha256 = model_fingerprint(federation.base_model)
+    torch.manual_seed(federation.seed)
+    model = spec.wrap_with_lora(spec.load_base_model(federation.base_model), federation.lora)
+    initial = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    recorder = RunRecorder(federation.task, run_dir / "metrics.csv")
+    strategy = FedLoraStrategy(
+        request_for_round=lambda r: RoundRequest.for_round(
+            federation, base_sha256, r, spec.default_lora_targets
+        ),
+        schema=AdapterSchema.of(initial),
+        aggregator=aggregator,
+        min_sites=federation.min_sites,
+        recorder=recorder,
+        checkpoints=CheckpointStore(run_dir / "checkpoints" / federation.task),
+    )
+    logger.info(
+        "%s: %d rounds, aggregator %s, adapter payload %d bytes",
+        federation.task,
+        federation.rounds,
+        federation.aggregator,
+        payload_bytes(initial),
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays_to_record(initial),
+        num_rounds=federation.rounds,
+        timeout=round_timeout,
+    )
+    final = strategy.last_aggregate or initial
+    set_peft_model_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in final.items()})
+    adapter_dir = run_dir / "adapters" / federation.task
+    model.save_pretrained(adapter_dir)
+
+    last_round = max(recorder.federated) if recorder.federated else None
+    result: dict[str, Any] = {
+        "task": federation.task,
+        "base_model_sha256": base_sha256,
+        "aggregator": federation.aggregator,
+        "rounds_planned": federation.rounds,
+        "rounds_completed": strategy.rounds_aggregated,
+        "final": recorder.federated[last_round] if last_round else {"accuracy": 0.0, "loss": 0.0},
+        "per_round": {str(k): v for k, v in sorted(recorder.federated.items())},
+        "sites": sorted(recorder.sites),
+        "site_privacy": {site: asdict(record) for site, record in sorted(recorder.sites.items())},
+        "refusals": recorder.refusals,
+        "adapter_bytes": payload_bytes(final),
+        "model_parameters_bytes": int(
+            sum(p.numel() * p.element_size() for p in model.base_model.model.parameters())
+        ),
+    }
+    results = run_dir / RESULT_DIR
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{federation.task}.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,115 @@
+"""The coordinator's strategy: Flower's FedAvg hooks, fedlora's pure functions inside.
+
+Sampling and messaging stay Flower's; what changes is what a round means here:
+every site gets the full round request (the site decides whether to take part), each
+reply is checked against the run's adapter schema, failures are recorded with their
+reason instead of sinking the round, and every aggregate is checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.adapters import AdapterArrays, AdapterSchema, arrays_to_record
+from common.protocol import RoundRequest
+from server.aggregation import Aggregator
+from server.checkpoint import CheckpointStore
+from server.reporting import RunRecorder
+from server.strategy_utils import metric_record, parse_replies, weighted_mean
+
+logger = logging.getLogger(__name__)
+
+
+class FedLoraStrategy(FedAvg):
+    def __init__(
+        self,
+        *,
+        request_for_round: Callable[[int], RoundRequest],
+        schema: AdapterSchema,
+        aggregator: Aggregator,
+        min_sites: int,
+        recorder: RunRecorder,
+        checkpoints: CheckpointStore,
+    ) -> None:
+        super().__init__(
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites,
+            min_available_nodes=min_sites,
+        )
+        self.request_for_round = request_for_round
+        self.schema = schema
+        self.aggregator = aggregator
+        self.min_sites = min_sites
+        self.recorder = recorder
+        self.checkpoints = checkpoints
+        self.known_sites: dict[int, str] = {}
+        self.rounds_aggregated = 0
+        self.last_aggregate: AdapterArrays | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        request = self.request_for_round(server_round).to_record()
+        return super().configure_train(server_round, arrays, request, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        request = self.request_for_round(server_round).to_record()
+        return super().configure_evaluate(server_round, arrays, request, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good, bad = parse_replies(replies, self.known_sites, self.schema)
+        for failure in bad:
+            self.recorder.site_failed(
+                server_round, failure.site, "train", failure.status, failure.reason
+            )
+        for reply in good:
+            self.recorder.site_trained(server_round, reply.site, reply.metrics)
+        if len(good) < self.min_sites:
+            logger.warning(
+                "round %d: %d usable update(s), fewer than the minimum of %d sites; "
+                "the global adapter is kept as it was",
+                server_round,
+                len(good),
+                self.min_sites,
+            )
+            self.recorder.round_trained(server_round, len(good), aggregated=False)
+            return None, None
+        weights = [reply.metrics["num-examples"] for reply in good]
+        aggregate = self.aggregator([r.arrays for r in good if r.arrays is not None], weights)
+        self.checkpoints.save(server_round, aggregate)
+        self.last_aggregate = aggregate
+        self.rounds_aggregated += 1
+        self.recorder.round_trained(server_round, len(good), aggregated=True)
+        metrics = {
+            "train-loss": weighted_mean([r.metrics["train-loss"] for r in good], weights),
+            "train-accuracy": weighted_mean([r.metrics["train-accuracy"] for r in good], weights),
+            "sites": float(len(good)),
+        }
+        return arrays_to_record(aggregate), metric_record(metrics)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        good, bad = parse_replies(replies, self.known_sites, schema=None)
+        for failure in bad:
+            self.recorder.site_failed(
+                server_round, failure.site, "evaluate", failure.status, failure.reason
+            )
+        for reply in good:
+            self.recorder.site_evaluated(server_round, reply.site, reply.metrics)
+        if not good:
+            return None
+        weights = [reply.metrics["num-examples"] for reply in good]
+        loss = weighted_mean([r.metrics["eval-loss"] for r in good], weights)
+        accuracy = weighted_mean([r.metrics["eval-accuracy"] for r in good], weights)
+        self.recorder.round_evaluated(server_round, loss, accuracy, int(sum(weights)))
+        return metric_record({"eval-loss": loss, "eval-accuracy": accuracy})

@@ -1,0 +1,140 @@
+"""The end of a run: summary.json, plots and the table a person reads first."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from server.reporting import FEDERATED  # noqa: E402
+from simulations.scenario import Scenario  # noqa: E402
+
+
+def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    sites: dict[str, Any] = {}
+    for task in scenario.tasks:
+        result = json.loads((run_dir / "tasks" / f"{task}.json").read_text())
+        tasks[task] = {
+            "rounds_completed": result["rounds_completed"],
+            "rounds_planned": result["rounds_planned"],
+            "final": result["final"],
+            "per_round": result["per_round"],
+            "sites": [s.id for s in scenario.sites_of(task)],
+            "aggregator": result["aggregator"],
+            "base_model_sha256": result["base_model_sha256"],
+            "adapter_bytes": result["adapter_bytes"],
+            "model_parameters_bytes": result["model_parameters_bytes"],
+            "refusals": result["refusals"],
+        }
+        for spec in scenario.sites_of(task):
+            record = result["site_privacy"].get(spec.id)
+            sites[spec.id] = {
+                "kind": spec.kind,
+                "task": task,
+                "examples": record["examples"] if record else 0,
+                "rounds_trained": record["rounds_trained"] if record else 0,
+                "epsilon_spent": record["epsilon"] if record else 0.0,
+                "epsilon_budget": spec.epsilon,
+                "delta": spec.delta,
+            }
+    summary = {
+        "scenario": scenario.name,
+        "wall_seconds": round(wall_seconds, 1),
+        "tasks": tasks,
+        "sites": sites,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    """One figure per task: federated and per-site accuracy, and ε per site vs budget."""
+    rows = _read_metrics(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    written: list[Path] = []
+    for task in summary["tasks"]:
+        accuracy: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        epsilon: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for row in rows:
+            if row["task"] != task or not row["accuracy"]:
+                continue
+            point = int(row["round"])
+            if row["phase"] == "evaluate":
+                accuracy[row["site"]].append((point, float(row["accuracy"])))
+            elif row["phase"] == "train" and row["epsilon"]:
+                epsilon[row["site"]].append((point, float(row["epsilon"])))
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for site, points in sorted(accuracy.items()):
+            federated = site == FEDERATED
+            left.plot(
+                *zip(*points, strict=True),
+                marker="o",
+                linewidth=2.5 if federated else 1,
+                alpha=1 if federated else 0.6,
+                label="federated" if federated else site,
+            )
+        left.set(
+            title=f"{task}: held-out accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1.02)
+        )
+        left.grid(alpha=0.3)
+        left.legend(fontsize=8)
+        for site, points in sorted(epsilon.items()):
+            (line,) = right.plot(*zip(*points, strict=True), marker="o", label=site)
+            budget = summary["sites"][site]["epsilon_budget"]
+            right.axhline(budget, color=line.get_color(), linestyle="--", alpha=0.5)
+        right.set(title=f"{task}: ε spent (dashed: budget)", xlabel="round", ylabel="ε")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8)
+        figure.tight_layout()
+        path = plots / f"{task}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    tasks = Table(title=f"fedlora simulation — scenario {summary['scenario']!r}")
+    for column in ("task", "rounds", "accuracy", "loss", "sites", "refusals"):
+        tasks.add_column(column, justify="left" if column in ("task", "sites") else "right")
+    for name, task in summary["tasks"].items():
+        tasks.add_row(
+            name,
+            f"{task['rounds_completed']}/{task['rounds_planned']}",
+            f"{task['final']['accuracy']:.3f}",
+            f"{task['final']['loss']:.3f}",
+            str(len(task["sites"])),
+            str(len(task["refusals"])),
+        )
+    sites = Table(title="sites")
+    for column in ("site", "kind", "examples", "rounds", "ε spent", "ε budget", "δ"):
+        sites.add_column(column, justify="left" if column in ("site", "kind") else "right")
+    for name, site in summary["sites"].items():
+        sites.add_row(
+            name,
+            site["kind"],
+            str(site["examples"]),
+            str(site["rounds_trained"]),
+            f"{site['epsilon_spent']:.2f}",
+            f"{site['epsilon_budget']:.2f}",
+            f"{site['delta']:g}",
+        )
+    console.print(tasks)
+    console.print(sites)
+    console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")

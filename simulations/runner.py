@@ -1,0 +1,224 @@
+"""Local multi-site simulation: synthetic sites, demo base models, one Flower
+Simulation Engine federation per task, and a run directory at the end.
+
+The simulation drives the same ServerApp and ClientApp code as a deployment; only the
+way each virtual SuperNode finds its site config differs (by partition id here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from flwr.app import Context
+from flwr.simulation import run_simulation
+
+from client.app import build_client_app
+from common.config import FederationConfig, load_site_config
+from common.tasks import TASKS
+from server.app import build_server_app
+from simulations.generators.dicom import write_corrupt_examples, write_hospital
+from simulations.generators.tabular import bank_schema, write_bank
+from simulations.scenario import BankSpec, HospitalSpec, Scenario
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+IMAGING_CLASSES = ["normal", "lesion"]
+
+
+@dataclass(frozen=True)
+class PartitionSites:
+    """Maps a simulated SuperNode (partition id) to its site config file."""
+
+    site_configs: tuple[str, ...]
+
+    def __call__(self, context: Context) -> Path:
+        return Path(self.site_configs[int(context.node_config["partition-id"])])
+
+
+def _generation_marker(spec: HospitalSpec | BankSpec, scenario: Scenario) -> dict[str, Any]:
+    return {
+        "generator": GENERATOR_VERSION,
+        "seed": scenario.seed,
+        "image_size": scenario.image_size,
+        **spec.model_dump(exclude={"epsilon", "delta"}),
+    }
+
+
+def _site_seed(scenario: Scenario, spec: HospitalSpec | BankSpec) -> int:
+    return scenario.seed * 1000 + [s.id for s in scenario.sites].index(spec.id)
+
+
+def generate_site_data(spec: HospitalSpec | BankSpec, scenario: Scenario, site_dir: Path) -> bool:
+    """Write the site's synthetic data unless identical data is already there.
+
+    Returns True when data was (re)generated. The site's ``state/`` folder is kept.
+    """
+    marker_path = site_dir / "generated.json"
+    marker = _generation_marker(spec, scenario)
+    if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
+        return False
+    data_dir = site_dir / "data"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+    seed = _site_seed(scenario, spec)
+    if isinstance(spec, HospitalSpec):
+        write_hospital(
+            data_dir,
+            patients=spec.patients,
+            classes=IMAGING_CLASSES,
+            class_weights=spec.class_weights,
+            seed=seed,
+            modality=spec.modality,
+        )
+        if spec.corrupt_files:
+            write_corrupt_examples(data_dir, seed=seed)
+    else:
+        write_bank(
+            data_dir / f"loans.{spec.format}",
+            customers=spec.customers,
+            seed=seed,
+            default_rate=spec.default_rate,
+            file_format=spec.format,
+        )
+    marker_path.write_text(json.dumps(marker, indent=2))
+    return True
+
+
+def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
+    """The frozen base model every site of ``task`` shares, saved for from_pretrained."""
+    directory = models_dir / task
+    if (directory / "config.json").is_file():
+        return directory
+    spec = TASKS.get(task)
+    if spec.site_kind == "hospital":
+        shape: dict[str, Any] = {
+            "image_size": scenario.image_size,
+            "num_labels": len(IMAGING_CLASSES),
+        }
+    else:
+        schema = bank_schema()
+        shape = {
+            "num_numeric_features": len(schema["numeric_features"]),
+            "categorical_cardinalities": [len(v) for v in schema["categorical_features"].values()],
+            "num_labels": len(schema["classes"]),
+        }
+    temporary = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    spec.build_demo_base_model(temporary, seed=scenario.seed, **shape)
+    temporary.replace(directory)
+    return directory
+
+
+def site_config_document(
+    spec: HospitalSpec | BankSpec, task: str, site_dir: Path, base_model: Path, image_size: int
+) -> dict[str, Any]:
+    """The TOML a real site operator would write for this site."""
+    document: dict[str, Any] = {
+        "site": {
+            "id": spec.id,
+            "kind": spec.kind,
+            "task": task,
+            "base_model": str(base_model),
+            "state_dir": str(site_dir / "state"),
+        },
+        "privacy": {"epsilon": spec.epsilon, "delta": spec.delta},
+        "policy": {"min_cohort": 20},
+    }
+    if isinstance(spec, HospitalSpec):
+        document["data"] = {
+            "format": "dicom",
+            "path": str(site_dir / "data"),
+            "classes": IMAGING_CLASSES,
+            "labels": "csv",
+            "image_size": image_size,
+        }
+    else:
+        schema = bank_schema()
+        document["data"] = {
+            "format": spec.format,
+            "path": str(site_dir / "data" / f"loans.{spec.format}"),
+            "classes": schema["classes"],
+            "label_column": schema["label_column"],
+            "person_column": schema["person_column"],
+            "numeric_features": schema["numeric_features"],
+            "categorical_features": schema["categorical_features"],
+        }
+    return document
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    federations: dict[str, FederationConfig]
+    site_configs: dict[str, list[Path]]
+    """Task -> the site TOML files of its federation (partition order)."""
+
+
+def prepare(
+    scenario: Scenario,
+    run_dir: Path,
+    data_dir: Path,
+    rounds: int | None = None,
+    on_site: Callable[[str, bool], None] | None = None,
+) -> PreparedRun:
+    """Generate or reuse data and models; write site and federation configs into run_dir."""
+    (run_dir / "sites").mkdir(parents=True, exist_ok=True)
+    (run_dir / "federation").mkdir(parents=True, exist_ok=True)
+    federations: dict[str, FederationConfig] = {}
+    site_configs: dict[str, list[Path]] = {}
+    for task, settings in scenario.tasks.items():
+        base_model = build_base_model(task, scenario, data_dir / "models")
+        values = settings.model_dump()
+        if rounds is not None:
+            values["rounds"] = rounds
+        federation = FederationConfig.model_validate(
+            {**values, "task": task, "base_model": base_model, "seed": scenario.seed}
+        )
+        federations[task] = federation
+        document = federation.model_dump(mode="json", exclude_none=True)
+        (run_dir / "federation" / f"{task}.toml").write_text(tomli_w.dumps(document))
+        site_configs[task] = []
+        for spec in scenario.sites_of(task):
+            site_dir = data_dir / "sites" / spec.id
+            generated = generate_site_data(spec, scenario, site_dir)
+            if on_site is not None:
+                on_site(spec.id, generated)
+            path = run_dir / "sites" / f"{spec.id}.toml"
+            path.write_text(
+                tomli_w.dumps(
+                    site_config_document(spec, task, site_dir, base_model, scenario.image_size)
+                )
+            )
+            load_site_config(path)  # what we wrote must validate like an operator's file
+            site_configs[task].append(path)
+    return PreparedRun(federations, site_configs)
+
+
+def run_task(
+    federation: FederationConfig, site_configs: list[Path], run_dir: Path, verbose: bool = False
+) -> None:
+    """One federation on Flower's Simulation Engine: one virtual SuperNode per site."""
+    server_app = build_server_app(lambda _context: (federation, run_dir))
+    client_app = build_client_app(PartitionSites(tuple(str(p) for p in site_configs)))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=len(site_configs),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "logging_level": "INFO" if verbose else "ERROR",
+                "log_to_driver": verbose,
+                "include_dashboard": False,
+            },
+        },
+        verbose_logging=verbose,
+    )

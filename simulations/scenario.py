@@ -1,0 +1,106 @@
+"""Scenarios: which synthetic sites exist, how much data each holds, how skewed it is,
+and how each task's federation is run. Built-in scenarios live next to this file.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from common.config import DPSettings, LoraSettings, StrictModel, read_toml, validate_model
+from common.errors import ConfigError
+from common.tasks import TASKS
+
+
+class HospitalSpec(StrictModel):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    kind: Literal["hospital"]
+    patients: int = Field(ge=1, description="Patients; each has 1-3 images.")
+    class_weights: list[float] = Field(
+        default=[0.5, 0.5], description="Label mix (non-IID skew across hospitals)."
+    )
+    modality: Literal["CT", "MR", "CR"] = "CT"
+    corrupt_files: bool = Field(default=False, description="Add a few unusable files.")
+    epsilon: float = Field(default=8.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0)
+
+
+class BankSpec(StrictModel):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    kind: Literal["bank"]
+    customers: int = Field(ge=1)
+    default_rate: float = Field(default=0.4, gt=0, lt=1, description="Label skew.")
+    format: Literal["csv", "parquet"] = "csv"
+    epsilon: float = Field(default=8.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0)
+
+
+SiteSpec = Annotated[HospitalSpec | BankSpec, Field(discriminator="kind")]
+
+
+class TaskRunSpec(StrictModel):
+    """A FederationConfig without the parts the simulation supplies (base model path)."""
+
+    rounds: int = Field(default=5, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=0.1, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    min_sites: int = Field(default=2, ge=1)
+    aggregator: str = "fedavg"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    dp: DPSettings = Field(default_factory=DPSettings)
+
+
+class Scenario(StrictModel):
+    name: str
+    description: str = ""
+    seed: int = 0
+    image_size: int = Field(default=32, ge=8)
+    tasks: dict[str, TaskRunSpec]
+    sites: list[SiteSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        ids = [site.id for site in self.sites]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"site ids must be unique; repeated: {duplicates}")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; known: {TASKS.names()}")
+        for kind in {site.kind for site in self.sites}:
+            if not any(TASKS.get(task).site_kind == kind for task in self.tasks):
+                raise ValueError(f"sites of kind {kind!r} have no task in [tasks]")
+        return self
+
+    def task_for(self, site: HospitalSpec | BankSpec) -> str:
+        return next(task for task in self.tasks if TASKS.get(task).site_kind == site.kind)
+
+    def sites_of(self, task: str) -> list[HospitalSpec | BankSpec]:
+        return [site for site in self.sites if self.task_for(site) == task]
+
+
+def builtin_scenarios() -> list[str]:
+    folder = resources.files("simulations") / "scenarios"
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A TOML path, or the name of a built-in scenario (``default``, …)."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        if name_or_path not in builtin_scenarios():
+            raise ConfigError(
+                f"no scenario {name_or_path!r}: give a .toml path or one of "
+                f"{', '.join(builtin_scenarios())}"
+            )
+        resource = resources.files("simulations") / "scenarios" / f"{name_or_path}.toml"
+        with resources.as_file(resource) as builtin:
+            return validate_model(Scenario, read_toml(builtin), f"scenario {name_or_path!r}")
+    return validate_model(Scenario, read_toml(path), str(path))
