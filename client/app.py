@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import PrivacyState, Site, load_site
@@ -41,12 +42,11 @@ def _load_privacy(context: Context) -> PrivacyState:
     record = context.state.get(PRIVACY_STATE_KEY)
     if not isinstance(record, ConfigRecord):
         return PrivacyState(history=[])
-    sigmas, rates, steps = record["sigma"], record["sample-rate"], record["steps"]
-    history = [
-        (float(s), float(q), int(n))
-        for s, q, n in zip(sigmas, rates, steps, strict=True)  # type: ignore[call-overload]
-    ]
-    run_sigma = float(record["run-sigma"])  # type: ignore[arg-type]
+    sigmas = cast(list[float], record["sigma"])
+    rates = cast(list[float], record["sample-rate"])
+    steps = cast(list[int], record["steps"])
+    history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
+    run_sigma = float(cast(float, record["run-sigma"]))
     return PrivacyState(history=history, run_noise_multiplier=run_sigma if run_sigma >= 0 else None)
 
 
@@ -73,13 +73,19 @@ def _error_reply(message: Message, exc: FedloraError) -> Message:
 
 
 def _reply(
-    message: Message, site: Site, metrics: dict[str, float | int], **arrays: object
+    message: Message,
+    site: Site,
+    metrics: dict[str, int | float],
+    adapter: ArrayRecord | None = None,
 ) -> Message:
     content = RecordDict(
-        {"metrics": MetricRecord(metrics), "site": ConfigRecord({SITE_ID_KEY: site.site_id})}
+        {
+            "metrics": MetricRecord(cast(dict[str, Any], metrics)),
+            "site": ConfigRecord({SITE_ID_KEY: site.site_id}),
+        }
     )
-    for name, record in arrays.items():
-        content[name] = record  # type: ignore[assignment]
+    if adapter is not None:
+        content["arrays"] = adapter
     return Message(content, reply_to=message)
 
 
@@ -107,7 +113,7 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
             "noise-multiplier": outcome.noise_multiplier,
             "steps": outcome.result.steps,
         }
-        return _reply(message, site, metrics, arrays=arrays_to_record(outcome.adapter))
+        return _reply(message, site, metrics, arrays_to_record(outcome.adapter))
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

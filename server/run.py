@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 RESULT_DIR = "tasks"
 
 
+def full_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter (base, LoRA and head): what full-model FL would send."""
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
 def run_federation(
     grid: Grid, federation: FederationConfig, run_dir: Path, round_timeout: float = 3600
 ) -> dict[str, Any]:
@@ -64,7 +69,7 @@ def run_federation(
     final = strategy.last_aggregate or initial
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in final.items()})
     adapter_dir = run_dir / "adapters" / federation.task
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(str(adapter_dir))
 
     last_round = max(recorder.federated) if recorder.federated else None
     result: dict[str, Any] = {
@@ -79,9 +84,7 @@ def run_federation(
         "site_privacy": {site: asdict(record) for site, record in sorted(recorder.sites.items())},
         "refusals": recorder.refusals,
         "adapter_bytes": payload_bytes(final),
-        "model_parameters_bytes": int(
-            sum(p.numel() * p.element_size() for p in model.base_model.model.parameters())
-        ),
+        "model_parameters_bytes": full_model_bytes(model),
     }
     results = run_dir / RESULT_DIR
     results.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from simulations.report import build_summary, print_summary, write_plots
 from simulations.runner import prepare, run_task
@@ -22,7 +29,7 @@ logger = logging.getLogger(__name__)
 class _RoundProgress(logging.Handler):
     """Advances a progress bar on each 'round evaluated' record of the server."""
 
-    def __init__(self, progress: Progress, bars: dict[str, object]) -> None:
+    def __init__(self, progress: Progress, bars: dict[str, TaskID]) -> None:
         super().__init__(level=logging.INFO)
         self.progress = progress
         self.bars = bars
@@ -32,7 +39,7 @@ class _RoundProgress(logging.Handler):
         if task in self.bars:
             accuracy = getattr(record, "accuracy", 0.0)
             self.progress.update(
-                self.bars[task],  # type: ignore[arg-type]
+                self.bars[task],
                 completed=getattr(record, "fedlora_round", 0),
                 description=f"{task} (accuracy {accuracy:.2f})",
             )

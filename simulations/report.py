@@ -11,12 +11,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+from rich.console import Console
+from rich.table import Table
 
-from server.reporting import FEDERATED  # noqa: E402
-from simulations.scenario import Scenario  # noqa: E402
+from server.reporting import FEDERATED
+from simulations.scenario import Scenario
 
 
 def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dict[str, Any]:

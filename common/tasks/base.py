@@ -58,7 +58,7 @@ class TaskSpec:
         targets = list(lora.target_modules or self.default_lora_targets)
         config = LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
             lora_dropout=lora.dropout,
             target_modules=targets,
             modules_to_save=list(self.head_modules),
@@ -67,8 +67,10 @@ class TaskSpec:
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as exc:
-            raise ConfigError(f"LoRA targets {targets} do not fit the {self.name} model: {exc}")
-        return peft_model  # type: ignore[return-value]
+            raise ConfigError(
+                f"LoRA targets {targets} do not fit the {self.name} model: {exc}"
+            ) from None
+        return peft_model
 
 
 def model_fingerprint(directory: Path) -> str:

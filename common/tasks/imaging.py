@@ -11,7 +11,7 @@ def demo_vit_config(
     *, image_size: int = 32, num_labels: int = 2, hidden_size: int = 64, layers: int = 2
 ) -> ViTConfig:
     """A ViT small enough to train under DP on two CPU cores in seconds."""
-    return ViTConfig(
+    return ViTConfig(  # type: ignore[call-arg]  # num_labels goes to PretrainedConfig
         image_size=image_size,
         patch_size=4,
         num_channels=1,

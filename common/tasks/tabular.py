@@ -76,7 +76,7 @@ class FTTransformerForClassification(PreTrainedModel):
         self.cls_token = nn.Parameter(torch.empty(1, 1, width))
         self.layers = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))  # type: ignore[arg-type]
         self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.classifier = nn.Linear(width, config.num_labels)
+        self.classifier = nn.Linear(width, int(config.num_labels or 2))
         self.post_init()
 
     @torch.no_grad()
