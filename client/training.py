@@ -138,17 +138,23 @@ class DPTrainer:
                 for _ in range(plan.epochs):
                     for *inputs, labels in private_loader:
                         private_optimizer.zero_grad(set_to_none=True)
-                        if len(labels) > 0:
-                            kwargs = dict(zip(self.input_names, inputs, strict=True))
-                            outputs = private_model(**kwargs)
-                            losses = self._per_sample_loss(outputs.logits, labels)
-                            losses.mean().backward()
-                            total_loss += float(losses.detach().sum())
-                            correct += int((outputs.logits.argmax(-1) == labels).sum())
-                            seen += len(labels)
-                        # An empty Poisson batch is still a step: it is noise only, and it
-                        # is charged to the accountant like any other.
+                        if len(labels) == 0:
+                            # An empty Poisson batch still takes a noise-only step, charged
+                            # to the accountant like any other. Models cannot run on zero
+                            # records, so hand Opacus the (empty) per-sample gradients.
+                            for parameter in trainable:
+                                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                            private_optimizer.step()
+                            steps += 1
+                            continue
+                        kwargs = dict(zip(self.input_names, inputs, strict=True))
+                        outputs = private_model(**kwargs)
+                        losses = self._per_sample_loss(outputs.logits, labels)
+                        losses.mean().backward()
                         private_optimizer.step()
+                        total_loss += float(losses.detach().sum())
+                        correct += int((outputs.logits.argmax(-1) == labels).sum())
+                        seen += len(labels)
                         steps += 1
             finally:
                 private_model._close()  # removes Opacus hooks; the peft model stays usable

@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 
 import click
+from transformers.utils import logging as transformers_logging
 
 from common.errors import FedloraError
 
@@ -45,6 +46,8 @@ def configure_logging(verbose: bool) -> None:
     )
     for noisy in ("flwr", "ray", "transformers", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        transformers_logging.disable_progress_bar()  # per-file bars drown the real progress
 
 
 @click.group(cls=_RoleGroup, context_settings={"help_option_names": ["-h", "--help"]})

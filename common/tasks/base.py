@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,9 @@ class TaskSpec:
             bias="none",
         )
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ConfigError(
                 f"LoRA targets {targets} do not fit the {self.name} model: {exc}"

@@ -1,0 +1,67 @@
+"""Privacy accounting: ε from a history, and noise calibration that counts the past."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from client.privacy import calibrate_noise, epsilon_spent
+from common.errors import PolicyError
+
+DELTA = 1e-5
+
+
+def test_no_history_spends_nothing() -> None:
+    assert epsilon_spent([], DELTA, "prv") == 0.0
+
+
+def test_epsilon_matches_an_opacus_accountant_with_the_same_history() -> None:
+    history = [(1.1, 0.05, 40), (0.9, 0.1, 20)]
+    reference = RDPAccountant()
+    reference.history = list(history)
+    assert epsilon_spent(history, DELTA, "rdp") == pytest.approx(reference.get_epsilon(DELTA))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_rounds_accumulate_like_one_long_run(accountant: str) -> None:
+    """Restoring the history each round equals one accountant living through all rounds."""
+    per_round = [(1.0, 0.1, 10)] * 3
+    assert epsilon_spent(per_round, DELTA, accountant) == pytest.approx(
+        epsilon_spent([(1.0, 0.1, 30)], DELTA, accountant), rel=1e-3
+    )
+    one, two, three = (epsilon_spent(per_round[:n], DELTA, accountant) for n in (1, 2, 3))
+    assert 0 < one < two < three
+
+
+def test_calibration_from_scratch_agrees_with_opacus() -> None:
+    sigma = calibrate_noise(
+        [], sample_rate=0.1, steps=80, target_epsilon=4.0, delta=DELTA, accountant="rdp"
+    )
+    reference = get_noise_multiplier(
+        target_epsilon=4.0, target_delta=DELTA, sample_rate=0.1, steps=80, accountant="rdp"
+    )
+    assert sigma == pytest.approx(reference, rel=0.02)
+    assert epsilon_spent([(sigma, 0.1, 80)], DELTA, "rdp") <= 4.0
+
+
+def test_calibration_counts_what_was_already_spent() -> None:
+    history = [(1.0, 0.1, 50)]
+    fresh = calibrate_noise(
+        [], sample_rate=0.1, steps=50, target_epsilon=6.0, delta=DELTA, accountant="prv"
+    )
+    after = calibrate_noise(
+        history, sample_rate=0.1, steps=50, target_epsilon=6.0, delta=DELTA, accountant="prv"
+    )
+    assert after > fresh  # less budget left means more noise
+    total = epsilon_spent([*history, (after, 0.1, 50)], DELTA, "prv")
+    assert 5.9 <= total <= 6.0
+
+
+def test_a_spent_budget_cannot_be_calibrated() -> None:
+    history = [(0.5, 0.5, 200)]
+    assert epsilon_spent(history, DELTA, "rdp") > 3.0
+    with pytest.raises(PolicyError, match="already spent"):
+        calibrate_noise(
+            history, sample_rate=0.1, steps=10, target_epsilon=3.0, delta=DELTA, accountant="rdp"
+        )

@@ -1,0 +1,124 @@
+"""The one DP trainer: what it trains, what it charges, and that it learns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.data import SiteData, split_holdout
+from client.privacy import epsilon_spent
+from client.site import Site
+from client.training import DPTrainer, TrainingPlan
+from common.config import LoraSettings, load_site_config
+from common.tasks import TASKS
+from tests.conftest import write_site_config
+
+
+def _hospital(small_scenario, site_workspace: Path, tmp_path: Path) -> Site:
+    path = write_site_config(small_scenario, site_workspace, "hospital-a", tmp_path)
+    return Site(load_site_config(path))
+
+
+def _plan(**overrides: object) -> TrainingPlan:
+    values: dict[str, object] = {
+        "epochs": 1,
+        "batch_size": 16,
+        "learning_rate": 0.3,
+        "max_grad_norm": 1.0,
+        "noise_multiplier": 1.0,
+        "accountant": "rdp",
+    }
+    values.update(overrides)
+    return TrainingPlan(**values)  # type: ignore[arg-type]
+
+
+def test_plan_matches_opacus_poisson_loader() -> None:
+    plan = _plan(epochs=2, batch_size=16)
+    assert plan.batches_per_epoch(100) == 7
+    assert plan.sample_rate(100) == pytest.approx(1 / 7)
+    assert plan.steps(100) == 14
+
+
+def test_only_lora_and_head_change(small_scenario, site_workspace, tmp_path) -> None:
+    site = _hospital(small_scenario, site_workspace, tmp_path)
+    data = site.load_data()
+    model = site.task.wrap_with_lora(
+        site.task.load_base_model(site.config.site.base_model), LoraSettings(r=4)
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    DPTrainer(model, site.task.input_names).train(data.train, _plan(), [])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "training changed nothing"
+    assert all(("lora_" in n) or ("classifier" in n) for n in changed), changed
+    assert any("lora_B" in n for n in changed)
+
+
+def test_history_is_extended_with_this_round(small_scenario, site_workspace, tmp_path) -> None:
+    site = _hospital(small_scenario, site_workspace, tmp_path)
+    data = site.load_data()
+    model = site.task.wrap_with_lora(
+        site.task.load_base_model(site.config.site.base_model), LoraSettings(r=4)
+    )
+    trainer = DPTrainer(model, site.task.input_names)
+    plan = _plan(noise_multiplier=1.3)
+    records = data.train.accepted
+    earlier = [(2.0, 0.5, 3)]
+    result = trainer.train(data.train, plan, earlier)
+    assert result.steps == plan.steps(records)
+    assert result.history[0] == earlier[0]
+    sigma, rate, steps = result.history[-1]
+    assert (sigma, steps) == (1.3, plan.steps(records))
+    assert rate == pytest.approx(plan.sample_rate(records))
+    # A second round carries the accountant on: ε only grows.
+    second = trainer.train(data.train, plan, result.history)
+    assert epsilon_spent(second.history, 1e-5, "rdp") > epsilon_spent(result.history, 1e-5, "rdp")
+    assert sum(entry[2] for entry in second.history) == 3 + 2 * plan.steps(records)
+
+
+def test_empty_poisson_batches_are_noise_steps() -> None:
+    """With q = 1/40, most batches are empty; each is still a step the accountant sees."""
+    spec = TASKS.get("tabular-classification")
+    model = spec.model_class(
+        spec.demo_config(num_numeric_features=2, categorical_cardinalities=[2])
+    )
+    peft_model = spec.wrap_with_lora(model, LoraSettings(r=2))
+    rng = np.random.default_rng(0)
+    data = SiteData(
+        features={
+            "numeric_values": rng.standard_normal((40, 2)).astype(np.float32),
+            "categorical_ids": np.zeros((40, 1), dtype=np.int64),
+        },
+        labels=rng.integers(0, 2, 40).astype(np.int64),
+        person_keys=[str(i) for i in range(40)],
+        classes=["no", "yes"],
+    )
+    result = DPTrainer(peft_model, spec.input_names).train(data, _plan(batch_size=1), [])
+    assert result.steps == 40
+    assert result.history == [(1.0, pytest.approx(1 / 40), 40)]
+
+
+def test_class_weights_scale_each_record_loss() -> None:
+    trainer = DPTrainer(torch.nn.Identity(), ["x"], class_weights=[1.0, 3.0])
+    logits = torch.zeros(2, 2)
+    losses = trainer._per_sample_loss(logits, torch.tensor([0, 1]))
+    assert losses.tolist() == pytest.approx([np.log(2), 3 * np.log(2)])
+
+
+def test_dp_training_learns_the_imaging_signal(small_scenario, site_workspace, tmp_path) -> None:
+    site = _hospital(small_scenario, site_workspace, tmp_path)
+    data = site.load_data()
+    train, holdout = split_holdout(data.all, 0.25, seed=1)
+    torch.manual_seed(0)
+    model = site.task.wrap_with_lora(
+        site.task.load_base_model(site.config.site.base_model), LoraSettings(r=8)
+    )
+    trainer = DPTrainer(model, site.task.input_names)
+    baseline = trainer.evaluate(holdout).accuracy
+    history: list = []
+    for round_number in range(6):
+        result = trainer.train(train, _plan(noise_multiplier=0.5, seed=round_number), history)
+        history = result.history
+    assert trainer.evaluate(holdout).accuracy >= max(0.8, baseline + 0.1)

@@ -1,0 +1,449 @@
+"""Site and federation TOML files: what loads, and how every mistake is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import (
+    DicomDataConfig,
+    FederationConfig,
+    SiteConfig,
+    TabularDataConfig,
+    load_federation_config,
+    load_site_config,
+)
+from common.errors import ConfigError, FedloraError
+
+HOSPITAL = """\
+[site]
+id = "hospital-a"
+kind = "hospital"
+task = "dicom-classification"
+base_model = "../models/vit"
+
+[data]
+format = "dicom"
+path = "data/dicom"
+classes = ["normal", "pneumonia"]
+labels = "folders"
+window_center = 40.0
+window_width = 400.0
+
+[privacy]
+epsilon = 8.0
+delta = 1e-6
+
+[policy]
+min_cohort = 25
+allowed_tasks = ["dicom-classification"]
+"""
+
+BANK = """\
+[site]
+id = "bank-a"
+kind = "bank"
+task = "tabular-classification"
+base_model = "models/ft"
+state_dir = "private/state"
+
+[data]
+format = "parquet"
+path = "tables/customers.parquet"
+classes = ["no", "yes"]
+label_column = "defaulted"
+person_column = "customer_id"
+numeric_features = ["age", "income"]
+
+[data.categorical_features]
+region = ["north", "south"]
+
+[privacy]
+epsilon = 3
+"""
+
+FEDERATION = """\
+task = "tabular-classification"
+base_model = "models/ft"
+rounds = 7
+min_sites = 3
+
+[lora]
+r = 8
+alpha = 16
+target_modules = ["q_proj"]
+
+[dp]
+noise_multiplier = 1.1
+accountant = "rdp"
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "site.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(loader, path: Path) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as info:
+        loader(path)
+    assert isinstance(info.value, FedloraError)
+    message = str(info.value)
+    assert str(path) in message, message
+    return message
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    assert old in text, f"fixture text lacks {old!r}"
+    return text.replace(old, new, 1)
+
+
+# ------------------------------------------------------------------- valid files ---
+
+
+def test_valid_hospital_file_loads_with_paths_resolved_against_its_folder(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "sites" / "hospital-a"
+    folder.mkdir(parents=True)
+    config = load_site_config(_write(folder, HOSPITAL))
+
+    assert isinstance(config, SiteConfig)
+    assert config.site.id == "hospital-a"
+    assert config.site.kind == "hospital"
+    assert isinstance(config.data, DicomDataConfig)
+    assert config.data.path == (folder / "data" / "dicom").resolve()
+    assert config.site.base_model == (tmp_path / "sites" / "models" / "vit").resolve()
+    # state_dir was not given: its default is resolved against the file's folder too.
+    assert config.site.state_dir == (folder / "state").resolve()
+    assert config.data.classes == ["normal", "pneumonia"]
+    assert config.data.labels == "folders"
+    assert (config.data.window_center, config.data.window_width) == (40.0, 400.0)
+    assert config.data.image_size == 32
+    assert config.privacy.epsilon == 8.0
+    assert config.privacy.delta == 1e-6
+    assert config.policy.min_cohort == 25
+    assert config.policy.allowed_tasks == ["dicom-classification"]
+
+
+def test_valid_bank_file_loads_with_defaults(tmp_path: Path) -> None:
+    config = load_site_config(_write(tmp_path, BANK, "bank.toml"))
+
+    assert config.site.kind == "bank"
+    assert isinstance(config.data, TabularDataConfig)
+    assert config.data.format == "parquet"
+    assert config.data.path == (tmp_path / "tables" / "customers.parquet").resolve()
+    assert config.site.base_model == (tmp_path / "models" / "ft").resolve()
+    assert config.site.state_dir == (tmp_path / "private" / "state").resolve()
+    assert config.data.categorical_features == {"region": ["north", "south"]}
+    assert config.data.numeric_features == ["age", "income"]
+    assert config.data.holdout_fraction == 0.2
+    assert config.privacy.epsilon == 3.0
+    assert config.privacy.delta == 1e-5
+    assert config.policy.min_cohort == 20
+    assert config.policy.allowed_tasks is None
+
+
+def test_relative_path_is_resolved_from_the_file_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = _write(folder, BANK)
+    monkeypatch.chdir(elsewhere)
+
+    config = load_site_config(Path("..") / "conf" / "site.toml")
+
+    assert config.data.path == (path.parent / "tables" / "customers.parquet").resolve()
+    assert config.site.base_model.is_absolute()
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    absolute = tmp_path / "abs" / "model"
+    text = _replace(BANK, 'base_model = "models/ft"', f'base_model = "{absolute.as_posix()}"')
+    config = load_site_config(_write(tmp_path, text))
+    assert config.site.base_model == absolute
+
+
+def test_valid_federation_file(tmp_path: Path) -> None:
+    config = load_federation_config(_write(tmp_path, FEDERATION, "run.toml"))
+
+    assert isinstance(config, FederationConfig)
+    assert config.task == "tabular-classification"
+    assert config.base_model == (tmp_path / "models" / "ft").resolve()
+    assert config.rounds == 7
+    assert config.min_sites == 3
+    assert config.local_epochs == 1
+    assert config.aggregator == "fedavg"
+    assert config.lora.r == 8
+    assert config.lora.alpha == 16.0
+    assert config.lora.dropout == 0.0
+    assert config.lora.target_modules == ["q_proj"]
+    assert config.dp.noise_multiplier == 1.1
+    assert config.dp.accountant == "rdp"
+    assert config.dp.max_grad_norm == 1.0
+
+
+def test_federation_defaults() -> None:
+    config = FederationConfig(task="t", base_model=Path("/m"))
+    assert config.rounds == 5
+    assert config.batch_size == 32
+    assert config.optimizer == "sgd"
+    assert config.lora.r == 16
+    assert config.lora.alpha == 32.0
+    assert config.lora.target_modules is None
+    assert config.dp.noise_multiplier is None
+    assert config.dp.accountant == "prv"
+
+
+def test_models_are_frozen() -> None:
+    config = FederationConfig(task="t", base_model=Path("/m"))
+    with pytest.raises(Exception, match="frozen"):
+        config.rounds = 9  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------- site mistakes ---
+
+
+def test_missing_required_field_is_named(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "epsilon = 8.0\n", "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "privacy.epsilon: required" in message
+
+
+def test_missing_whole_section_is_named(tmp_path: Path) -> None:
+    text = _replace(BANK, "[privacy]\nepsilon = 3\n", "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "  - privacy: required, but missing" in message
+
+
+def test_wrong_type_names_field_and_expected_type(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "epsilon = 8.0", 'epsilon = "lots"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "privacy.epsilon:" in message
+    assert "valid number" in message
+
+
+def test_unknown_key_is_reported_as_a_typo(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "allowed_tasks", "alowed_tasks")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "policy.alowed_tasks: unknown key" in message
+    assert "spelling" in message
+
+
+def test_unknown_top_level_section_is_reported(tmp_path: Path) -> None:
+    message = _error(load_site_config, _write(tmp_path, BANK + "\n[extras]\nx = 1\n"))
+    assert "extras: unknown key" in message
+
+
+def test_every_problem_is_reported_once_per_line(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "epsilon = 8.0", "epsilon = -1.0")
+    text = _replace(text, "min_cohort = 25", "min_cohort = 5")
+    message = _error(load_site_config, _write(tmp_path, text))
+    lines = message.splitlines()
+    assert lines[0] == f"{tmp_path / 'site.toml'} is invalid:"
+    assert len(lines) == 3
+    assert any(line.startswith("  - privacy.epsilon:") for line in lines)
+    assert any(line.startswith("  - policy.min_cohort:") for line in lines)
+
+
+def test_hospital_with_table_data_is_rejected(tmp_path: Path) -> None:
+    text = _replace(BANK, 'kind = "bank"', 'kind = "hospital"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "site.kind = 'hospital' expects DICOM data" in message
+    assert "data.format = 'parquet'" in message
+
+
+def test_bank_with_dicom_data_is_rejected(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, 'kind = "hospital"', 'kind = "bank"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "site.kind = 'bank' expects CSV/Parquet data" in message
+    assert "data.format = 'dicom'" in message
+
+
+def test_window_center_without_width(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "window_width = 400.0\n", "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "window_center and window_width must be given together" in message
+    assert "  - data" in message
+
+
+def test_window_width_must_be_positive(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "window_width = 400.0", "window_width = 0.0")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "window_width: Input should be greater than 0" in message
+
+
+@pytest.mark.parametrize("value", [19, 0, -5])
+def test_min_cohort_below_20_is_rejected(tmp_path: Path, value: int) -> None:
+    text = _replace(HOSPITAL, "min_cohort = 25", f"min_cohort = {value}")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "policy.min_cohort: Input should be greater than or equal to 20" in message
+
+
+def test_min_cohort_of_exactly_20_is_accepted(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "min_cohort = 25", "min_cohort = 20")
+    assert load_site_config(_write(tmp_path, text)).policy.min_cohort == 20
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "-1.5"])
+def test_epsilon_must_be_positive(tmp_path: Path, value: str) -> None:
+    text = _replace(HOSPITAL, "epsilon = 8.0", f"epsilon = {value}")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "privacy.epsilon: Input should be greater than 0" in message
+
+
+def test_epsilon_above_100_is_rejected(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "epsilon = 8.0", "epsilon = 101.0")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "privacy.epsilon: Input should be less than or equal to 100" in message
+
+
+def test_delta_must_be_small(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "delta = 1e-6", "delta = 0.05")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "privacy.delta: Input should be less than 0.01" in message
+
+
+@pytest.mark.parametrize(
+    "site_id", ["Hospital-A", "hospital_a", "-hospital", "h", "spital a", "x" * 64]
+)
+def test_bad_site_id_is_rejected(tmp_path: Path, site_id: str) -> None:
+    text = _replace(HOSPITAL, 'id = "hospital-a"', f'id = "{site_id}"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "site.id: String should match pattern" in message
+
+
+@pytest.mark.parametrize("site_id", ["h1", "0-site", "a" * 63])
+def test_good_site_ids_are_accepted(tmp_path: Path, site_id: str) -> None:
+    text = _replace(HOSPITAL, 'id = "hospital-a"', f'id = "{site_id}"')
+    assert load_site_config(_write(tmp_path, text)).site.id == site_id
+
+
+def test_unknown_site_kind(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, 'kind = "hospital"', 'kind = "clinic"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "site.kind: Input should be 'hospital' or 'bank'" in message
+
+
+def test_unknown_data_format_lists_the_known_ones(tmp_path: Path) -> None:
+    text = _replace(BANK, 'format = "parquet"', 'format = "xlsx"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "  - data: " in message
+    assert "'xlsx'" in message
+    for tag in ("'dicom'", "'csv'", "'parquet'"):
+        assert tag in message
+
+
+def test_missing_data_format(tmp_path: Path) -> None:
+    text = _replace(BANK, 'format = "parquet"\n', "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "  - data: " in message
+    assert "'format'" in message
+
+
+def test_only_one_class_is_rejected(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, 'classes = ["normal", "pneumonia"]', 'classes = ["normal"]')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "classes: List should have at least 2 items" in message
+
+
+def test_table_without_features_is_rejected(tmp_path: Path) -> None:
+    text = _replace(BANK, 'numeric_features = ["age", "income"]\n', "")
+    text = _replace(text, '[data.categorical_features]\nregion = ["north", "south"]\n', "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "declare at least one numeric or categorical feature" in message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="format_validation_error keeps pydantic's union tag in the location "
+    "('data.parquet.label_column'), a key path that does not exist in the TOML file",
+)
+def test_field_path_in_data_section_matches_the_toml_key(tmp_path: Path) -> None:
+    text = _replace(BANK, 'label_column = "defaulted"\n', "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "  - data.label_column: required, but missing" in message
+
+
+def test_field_path_in_data_section_names_the_field(tmp_path: Path) -> None:
+    text = _replace(BANK, 'label_column = "defaulted"\n', "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "label_column: required, but missing" in message
+
+
+# ----------------------------------------------------------- federation mistakes ---
+
+
+@pytest.mark.parametrize("dropout", ["0.1", "0.5"])
+def test_lora_dropout_is_rejected_under_dp(tmp_path: Path, dropout: str) -> None:
+    text = FEDERATION.replace("[lora]\n", f"[lora]\ndropout = {dropout}\n")
+    message = _error(load_federation_config, _write(tmp_path, text, "run.toml"))
+    assert "  - lora: " in message
+    assert "LoRA dropout must be 0 under DP-SGD" in message
+
+
+def test_lora_dropout_zero_is_accepted(tmp_path: Path) -> None:
+    text = FEDERATION.replace("[lora]\n", "[lora]\ndropout = 0.0\n")
+    assert load_federation_config(_write(tmp_path, text)).lora.dropout == 0.0
+
+
+def test_federation_missing_task_and_unknown_key(tmp_path: Path) -> None:
+    text = _replace(FEDERATION, 'task = "tabular-classification"\n', "")
+    text = _replace(text, "rounds = 7", "round = 7")
+    message = _error(load_federation_config, _write(tmp_path, text))
+    assert "  - task: required, but missing" in message
+    assert "  - round: unknown key" in message
+
+
+def test_federation_bad_values(tmp_path: Path) -> None:
+    text = _replace(FEDERATION, "rounds = 7", "rounds = 0")
+    text = _replace(text, "noise_multiplier = 1.1", "noise_multiplier = -0.5")
+    text = _replace(text, 'accountant = "rdp"', 'accountant = "gdp"')
+    message = _error(load_federation_config, _write(tmp_path, text))
+    assert "  - rounds: Input should be greater than or equal to 1" in message
+    assert "  - dp.noise_multiplier: Input should be greater than or equal to 0" in message
+    assert "  - dp.accountant: Input should be 'prv' or 'rdp'" in message
+
+
+def test_federation_wrong_type(tmp_path: Path) -> None:
+    text = _replace(FEDERATION, "min_sites = 3", 'min_sites = "three"')
+    message = _error(load_federation_config, _write(tmp_path, text))
+    assert "  - min_sites: Input should be a valid integer" in message
+
+
+# -------------------------------------------------------------- unreadable files ---
+
+
+@pytest.mark.parametrize("loader", [load_site_config, load_federation_config])
+def test_invalid_toml_syntax(tmp_path: Path, loader) -> None:  # type: ignore[no-untyped-def]
+    path = _write(tmp_path, '[site]\nid = "unterminated\n')
+    message = _error(loader, path)
+    assert "not valid TOML" in message
+
+
+@pytest.mark.parametrize("loader", [load_site_config, load_federation_config])
+def test_missing_file(tmp_path: Path, loader) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "nowhere" / "site.toml"
+    message = _error(loader, path)
+    assert message == f"{path}: file not found"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    message = _error(load_site_config, tmp_path)
+    assert "cannot be read" in message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="read_toml does not catch UnicodeDecodeError: a file that is not UTF-8 "
+    "escapes as a raw UnicodeDecodeError instead of ConfigError",
+)
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('task = "Zürich"\n'.encode("latin-1"))
+    _error(load_federation_config, path)

@@ -1,0 +1,169 @@
+"""The round request: built from the federation config, carried as a ConfigRecord."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+from common.config import DPSettings, FederationConfig, LoraSettings
+from common.errors import UpdateError
+from common.protocol import (
+    BAD_GLOBAL_ADAPTER,
+    REFUSED_BY_POLICY,
+    SITE_CALIBRATED,
+    SITE_ID_KEY,
+    SITE_MISCONFIGURED,
+    RoundRequest,
+)
+from common.tasks import TASKS
+
+TABULAR = TASKS.get("tabular-classification")
+SHA = "ab" * 32
+
+
+def _federation(**overrides: object) -> FederationConfig:
+    values: dict[str, object] = {
+        "task": "tabular-classification",
+        "base_model": Path("/models/ft"),
+        "rounds": 9,
+        "local_epochs": 2,
+        "batch_size": 48,
+        "learning_rate": 0.05,
+        "optimizer": "adam",
+        "seed": 11,
+        "lora": LoraSettings(r=4, alpha=8),
+        "dp": DPSettings(max_grad_norm=0.7, accountant="rdp"),
+    }
+    values.update(overrides)
+    return FederationConfig.model_validate(values)
+
+
+def test_for_round_copies_the_federation_settings() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 3, TABULAR.default_lora_targets)
+    assert request == RoundRequest(
+        task="tabular-classification",
+        base_model_sha256=SHA,
+        server_round=3,
+        total_rounds=9,
+        local_epochs=2,
+        batch_size=48,
+        learning_rate=0.05,
+        optimizer="adam",
+        max_grad_norm=0.7,
+        noise_multiplier=SITE_CALIBRATED,
+        accountant="rdp",
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_targets=["q_proj", "v_proj"],
+        seed=11,
+    )
+
+
+def test_noise_multiplier_none_means_site_calibrated() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",))
+    assert SITE_CALIBRATED == -1.0
+    assert request.noise_multiplier == SITE_CALIBRATED
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.8, 2.5])
+def test_explicit_noise_multiplier_is_kept(sigma: float) -> None:
+    federation = _federation(dp=DPSettings(noise_multiplier=sigma))
+    request = RoundRequest.for_round(federation, SHA, 1, ("q_proj",))
+    assert request.noise_multiplier == sigma
+
+
+def test_lora_targets_default_to_the_tasks() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 1, TABULAR.default_lora_targets)
+    assert request.lora_targets == list(TABULAR.default_lora_targets)
+    assert isinstance(request.lora_targets, list)
+
+
+def test_explicit_lora_targets_win_over_the_tasks() -> None:
+    federation = _federation(lora=LoraSettings(target_modules=["q_proj", "k_proj"]))
+    request = RoundRequest.for_round(federation, SHA, 1, ("q_proj", "v_proj"))
+    assert request.lora_targets == ["q_proj", "k_proj"]
+
+
+def test_lora_property_rebuilds_the_settings() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj", "v_proj"))
+    assert request.lora == LoraSettings(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    assert request.lora.dropout == 0.0
+
+
+def test_to_record_uses_dashed_keys() -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 2, ("q_proj",)).to_record()
+    assert isinstance(record, ConfigRecord)
+    assert set(record) == {
+        "task",
+        "base-model-sha256",
+        "server-round",
+        "total-rounds",
+        "local-epochs",
+        "batch-size",
+        "learning-rate",
+        "optimizer",
+        "max-grad-norm",
+        "noise-multiplier",
+        "accountant",
+        "lora-r",
+        "lora-alpha",
+        "lora-targets",
+        "seed",
+    }
+    assert record["server-round"] == 2
+    assert record["base-model-sha256"] == SHA
+    assert record["noise-multiplier"] == -1.0
+    assert record["lora-targets"] == ["q_proj"]
+
+
+@pytest.mark.parametrize("sigma", [None, 1.3])
+def test_record_round_trip(sigma: float | None) -> None:
+    federation = _federation(dp=DPSettings(noise_multiplier=sigma))
+    request = RoundRequest.for_round(federation, SHA, 4, TABULAR.default_lora_targets)
+    again = RoundRequest.from_record(request.to_record())
+    assert again == request
+    assert dataclasses.asdict(again) == dataclasses.asdict(request)
+    assert isinstance(again.lora_targets, list)
+
+
+def test_record_round_trip_through_a_copy() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 4, TABULAR.default_lora_targets)
+    copied = ConfigRecord(dict(request.to_record()))
+    assert RoundRequest.from_record(copied) == request
+
+
+def test_record_round_trip_over_flowers_wire_format() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 4, TABULAR.default_lora_targets)
+    record = request.to_record()
+    contents = {key: obj.deflate() for key, obj in get_all_nested_objects(record).items()}
+    inflated = inflate_object_from_contents(record.object_id, contents)
+    assert isinstance(inflated, ConfigRecord)
+    assert RoundRequest.from_record(inflated) == request
+
+
+@pytest.mark.parametrize("key", ["base-model-sha256", "lora-targets", "seed", "task"])
+def test_missing_key_is_named(key: str) -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",)).to_record()
+    del record[key]
+    with pytest.raises(UpdateError) as info:
+        RoundRequest.from_record(record)
+    assert str(info.value) == f"round configuration lacks {key!r}"
+
+
+def test_underscored_keys_are_not_accepted() -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",))
+    record = ConfigRecord(dict(dataclasses.asdict(request)))
+    with pytest.raises(UpdateError, match="lacks 'base-model-sha256'"):
+        RoundRequest.from_record(record)
+
+
+def test_error_codes_are_distinct_and_outside_flowers_range() -> None:
+    codes = {REFUSED_BY_POLICY, SITE_MISCONFIGURED, BAD_GLOBAL_ADAPTER}
+    assert len(codes) == 3
+    assert min(codes) >= 4000
+    assert SITE_ID_KEY == "site-id"
