@@ -143,7 +143,9 @@ class DPTrainer:
                             # to the accountant like any other. Models cannot run on zero
                             # records, so hand Opacus the (empty) per-sample gradients.
                             for parameter in trainable:
-                                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                                parameter.grad_sample = parameter.new_zeros(  # type: ignore[attr-defined]
+                                    (0, *parameter.shape)
+                                )
                             private_optimizer.step()
                             steps += 1
                             continue

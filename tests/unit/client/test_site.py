@@ -91,7 +91,7 @@ def test_noise_is_calibrated_once_per_run_for_all_planned_rounds(
 def test_a_round_over_budget_is_refused(small_scenario, site_workspace, tmp_path) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=0.5)
     request = _request(site, dp={"noise_multiplier": 0.3})
-    with pytest.raises(PolicyError, match="over the site's budget of 0.50"):
+    with pytest.raises(PolicyError, match=r"over the site's budget of 0\.50"):
         site.train(request, _global_adapter(site, request), PrivacyState(history=[]))
 
 

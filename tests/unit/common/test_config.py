@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from common.config import (
     DicomDataConfig,
@@ -202,7 +203,7 @@ def test_federation_defaults() -> None:
 
 def test_models_are_frozen() -> None:
     config = FederationConfig(task="t", base_model=Path("/m"))
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ValidationError, match="frozen"):
         config.rounds = 9  # type: ignore[misc]
 
 
