@@ -19,7 +19,9 @@ AdapterArrays = dict[str, npt.NDArray[np.floating]]
 
 
 def arrays_to_record(arrays: Mapping[str, npt.NDArray[np.generic]]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+    return ArrayRecord(
+        {name: Array(np.require(value, requirements="C")) for name, value in arrays.items()}
+    )
 
 
 def record_to_arrays(record: ArrayRecord) -> AdapterArrays:

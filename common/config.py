@@ -146,7 +146,7 @@ class SiteConfig(StrictModel):
 
 class LoraSettings(StrictModel):
     r: int = Field(default=16, ge=1, le=256)
-    alpha: float = Field(default=32, gt=0)
+    alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         default=None, description="Module names to adapt; the task's default when omitted."
@@ -195,11 +195,21 @@ class FederationConfig(StrictModel):
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+_DATA_FORMATS = ("dicom", "csv", "parquet")
+
+
+def _toml_location(location: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """Drop pydantic's union tag (``data.csv.path`` -> ``data.path``): it is not a TOML key."""
+    if len(location) >= 2 and location[0] == "data" and location[1] in _DATA_FORMATS:
+        return (location[0], *location[2:])
+    return location
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One readable line per problem: ``field.path: what is wrong``."""
     lines = [f"{source} is invalid:"]
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        location = ".".join(str(part) for part in _toml_location(item["loc"])) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling)"
@@ -218,6 +228,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files must be UTF-8)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
 

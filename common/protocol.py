@@ -17,6 +17,19 @@ from common.errors import UpdateError
 SITE_ID_KEY = "site-id"
 """Key of the reply's ConfigRecord that names the replying site (public site name)."""
 
+TRAIN_METRICS = (
+    "num-examples",
+    "train-loss",
+    "train-accuracy",
+    "epsilon",
+    "epsilon-budget",
+    "delta",
+    "noise-multiplier",
+    "steps",
+)
+"""Metrics every training reply carries (a reply without them is rejected)."""
+EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy")
+
 SITE_CALIBRATED = -1.0
 """noise_multiplier value meaning: each site calibrates σ from its own budget."""
 

@@ -29,9 +29,14 @@ def fedavg(
         raise ValueError("nothing to aggregate")
     if len(updates) != len(weights):
         raise ValueError("one weight per update is required")
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError("weights must be finite and non-negative")
     total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError("weights must be non-negative with a positive sum")
+    if total <= 0:
+        raise ValueError("weights must have a positive sum")
+    names = set(updates[0])
+    if any(set(update) != names for update in updates[1:]):
+        raise ValueError("every update must carry the same tensors")
     sums: dict[str, npt.NDArray[np.float64]] = {
         name: np.zeros(value.shape, dtype=np.float64) for name, value in updates[0].items()
     }

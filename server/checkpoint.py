@@ -21,7 +21,7 @@ class CheckpointStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path(server_round)
         temporary = target.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(temporary))
+        save_file({k: np.require(v, requirements="C") for k, v in arrays.items()}, str(temporary))
         temporary.replace(target)
         return target
 

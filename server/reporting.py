@@ -100,7 +100,13 @@ class RunRecorder:
         self, server_round: int, site: str, phase: str, status: str, reason: str
     ) -> None:
         self.refusals.append(
-            {"round": server_round, "site": site, "phase": phase, "reason": reason}
+            {
+                "round": server_round,
+                "site": site,
+                "phase": phase,
+                "status": status,
+                "reason": reason,
+            }
         )
         logger.warning("round %d %s: %s %s — %s", server_round, phase, site, status, reason)
         self._write(
@@ -113,14 +119,15 @@ class RunRecorder:
             }
         )
 
-    def round_trained(self, server_round: int, accepted: int, aggregated: bool) -> None:
+    def round_trained(self, server_round: int, examples: int, aggregated: bool) -> None:
+        """The federated train row: examples summed over the accepted updates."""
         self._write(
             {
                 "round": server_round,
                 "site": FEDERATED,
                 "phase": "train",
                 "status": "aggregated" if aggregated else "skipped",
-                "examples": accepted,
+                "examples": examples,
             }
         )
 

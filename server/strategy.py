@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import AdapterArrays, AdapterSchema, arrays_to_record
-from common.protocol import RoundRequest
+from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
 from server.aggregation import Aggregator
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
@@ -66,13 +66,14 @@ class FedLoraStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good, bad = parse_replies(replies, self.known_sites, self.schema)
+        good, bad = parse_replies(replies, self.known_sites, self.schema, TRAIN_METRICS)
         for failure in bad:
             self.recorder.site_failed(
                 server_round, failure.site, "train", failure.status, failure.reason
             )
         for reply in good:
             self.recorder.site_trained(server_round, reply.site, reply.metrics)
+        weights = [reply.metrics["num-examples"] for reply in good]
         if len(good) < self.min_sites:
             logger.warning(
                 "round %d: %d usable update(s), fewer than the minimum of %d sites; "
@@ -81,14 +82,13 @@ class FedLoraStrategy(FedAvg):
                 len(good),
                 self.min_sites,
             )
-            self.recorder.round_trained(server_round, len(good), aggregated=False)
+            self.recorder.round_trained(server_round, int(sum(weights)), aggregated=False)
             return None, None
-        weights = [reply.metrics["num-examples"] for reply in good]
         aggregate = self.aggregator([r.arrays for r in good if r.arrays is not None], weights)
         self.checkpoints.save(server_round, aggregate)
         self.last_aggregate = aggregate
         self.rounds_aggregated += 1
-        self.recorder.round_trained(server_round, len(good), aggregated=True)
+        self.recorder.round_trained(server_round, int(sum(weights)), aggregated=True)
         metrics = {
             "train-loss": weighted_mean([r.metrics["train-loss"] for r in good], weights),
             "train-accuracy": weighted_mean([r.metrics["train-accuracy"] for r in good], weights),
@@ -99,7 +99,7 @@ class FedLoraStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        good, bad = parse_replies(replies, self.known_sites, schema=None)
+        good, bad = parse_replies(replies, self.known_sites, None, EVALUATE_METRICS)
         for failure in bad:
             self.recorder.site_failed(
                 server_round, failure.site, "evaluate", failure.status, failure.reason

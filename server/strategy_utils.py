@@ -5,9 +5,11 @@ No network and no Flower runtime is needed to test them: a reply is just a Messa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
 from common.adapters import AdapterArrays, AdapterSchema, record_to_arrays
@@ -32,53 +34,101 @@ class FailedReply:
     reason: str
 
 
-def _site_of(message: Message, known: dict[int, str]) -> str:
-    node_id = message.metadata.src_node_id
-    config = message.content.config_records.get("site") if message.has_content() else None
+def _claimed_site(message: Message) -> str | None:
+    if not message.has_content():
+        return None
+    config = message.content.config_records.get("site")
     if isinstance(config, ConfigRecord) and isinstance(config.get(SITE_ID_KEY), str):
         return str(config[SITE_ID_KEY])
-    return known.get(node_id, f"node-{node_id}")
+    return None
+
+
+def _bind_site(node_id: int, claimed: str | None, known: dict[int, str]) -> tuple[str, str | None]:
+    """The site name for a node, and a reason to reject if the claim contradicts the past.
+
+    A node keeps the first name it gave; no two nodes may use the same name.
+    """
+    previous = known.get(node_id)
+    if claimed is None:
+        return previous or f"node-{node_id}", None
+    if previous is not None and previous != claimed:
+        return previous, f"node of site {previous} now claims to be {claimed}"
+    if previous is None and claimed in known.values():
+        return f"node-{node_id}", f"site name {claimed} is already used by another node"
+    known[node_id] = claimed
+    return claimed, None
+
+
+def _metrics_of(message: Message, required: tuple[str, ...]) -> dict[str, float] | str:
+    """The reply's metrics as finite floats, or the reason they cannot be used."""
+    records = list(message.content.metric_records.values())
+    if len(records) != 1:
+        return f"expected one metric record, got {len(records)}"
+    metrics: dict[str, float] = {}
+    for key, value in records[0].items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"metric {key!r} is not a number"
+        if not math.isfinite(value):
+            return f"metric {key!r} is not finite"
+        metrics[key] = float(value)
+    missing = [key for key in required if key not in metrics]
+    if missing:
+        return f"reply lacks metric(s) {', '.join(missing)}"
+    if metrics["num-examples"] <= 0 or not metrics["num-examples"].is_integer():
+        return "num-examples must be a positive whole number"
+    return metrics
+
+
+def _adapter_of(message: Message, schema: AdapterSchema) -> AdapterArrays | str:
+    record = message.content.array_records.get("arrays")
+    if record is None:
+        return "reply carries no adapter"
+    try:
+        arrays = record_to_arrays(record)
+        schema.check(arrays)
+    except (UpdateError, ValueError) as exc:
+        return f"malformed update: {exc}"
+    not_finite = [name for name, value in arrays.items() if not np.isfinite(value).all()]
+    if not_finite:
+        return f"malformed update: non-finite values in {', '.join(not_finite[:3])}"
+    return arrays
 
 
 def parse_replies(
     replies: Iterable[Message],
     known_sites: dict[int, str],
     schema: AdapterSchema | None,
+    required_metrics: tuple[str, ...] = ("num-examples",),
 ) -> tuple[list[SiteReply], list[FailedReply]]:
     """Split replies into usable ones and failures, each failure with its reason.
 
-    With a schema, the ``arrays`` record of each reply is checked against it; without,
-    the reply is an evaluation and carries metrics only.
+    With a schema, the ``arrays`` record of each reply is checked against it (and for
+    finite values); without, the reply is an evaluation and carries metrics only.
     """
     good: list[SiteReply] = []
     bad: list[FailedReply] = []
     for message in replies:
         node_id = message.metadata.src_node_id
-        site = _site_of(message, known_sites)
+        site, identity_problem = _bind_site(node_id, _claimed_site(message), known_sites)
         if message.has_error():
             status = "refused" if message.error.code == REFUSED_BY_POLICY else "failed"
-            bad.append(
-                FailedReply(node_id, site, status, message.error.reason or "no reason given")
-            )
+            reason = message.error.reason or "no reason given"
+            bad.append(FailedReply(node_id, site, status, reason))
             continue
-        known_sites[node_id] = site
-        metric_records = [r for r in message.content.metric_records.values()]
-        if len(metric_records) != 1 or "num-examples" not in metric_records[0]:
-            bad.append(FailedReply(node_id, site, "rejected", "reply lacks its metrics"))
+        if identity_problem:
+            bad.append(FailedReply(node_id, site, "rejected", identity_problem))
             continue
-        metrics = {k: float(v) for k, v in metric_records[0].items()}  # type: ignore[arg-type]
+        metrics = _metrics_of(message, required_metrics)
+        if isinstance(metrics, str):
+            bad.append(FailedReply(node_id, site, "rejected", metrics))
+            continue
         arrays: AdapterArrays | None = None
         if schema is not None:
-            record = message.content.array_records.get("arrays")
-            if record is None:
-                bad.append(FailedReply(node_id, site, "rejected", "reply carries no adapter"))
+            adapter = _adapter_of(message, schema)
+            if isinstance(adapter, str):
+                bad.append(FailedReply(node_id, site, "rejected", adapter))
                 continue
-            try:
-                arrays = record_to_arrays(record)
-                schema.check(arrays)
-            except (UpdateError, ValueError) as exc:
-                bad.append(FailedReply(node_id, site, "rejected", f"malformed update: {exc}"))
-                continue
+            arrays = adapter
         good.append(SiteReply(node_id, site, metrics, arrays))
     return good, bad
 

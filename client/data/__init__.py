@@ -72,18 +72,17 @@ def person_key(raw_identifier: str, salt: bytes) -> str:
 
 
 def split_holdout(data: SiteData, fraction: float, seed: int) -> tuple[SiteData, SiteData]:
-    """Split by person, so one patient's images never sit on both sides.
+    """Split by person, so one patient's records never sit on both sides.
 
-    The split depends only on the (salted) person key and the seed, so every round
+    People are ranked by a hash of their (salted) key and the seed, and the first
+    ``round(fraction * people)`` are held out: the held-out share is exact, and every round
     and every run of a site sees the same held-out people.
     """
-    threshold = int(fraction * 10_000)
-    in_holdout = np.array(
-        [
-            int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) % 10_000 < threshold
-            for key in data.person_keys
-        ],
-        dtype=bool,
+    people = sorted(
+        set(data.person_keys),
+        key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(),
     )
+    held_out = set(people[: round(fraction * len(people))])
+    in_holdout = np.array([key in held_out for key in data.person_keys], dtype=bool)
     indices = np.arange(len(data.labels))
     return data.subset(indices[~in_holdout]), data.subset(indices[in_holdout])

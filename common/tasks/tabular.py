@@ -98,6 +98,11 @@ class FTTransformerForClassification(PreTrainedModel):
     ) -> SequenceClassifierOutput:
         tokens = [numeric_values.unsqueeze(-1) * self.numeric_weight + self.numeric_bias]
         if categorical_ids.shape[1] > 0:
+            limits = torch.tensor(
+                self.config.categorical_cardinalities, device=categorical_ids.device
+            )
+            if bool(((categorical_ids < 0) | (categorical_ids > limits)).any()):
+                raise ValueError("categorical ids must lie in 0..cardinality (0 is 'other')")
             offsets = torch.tensor(self.categorical_offsets, device=categorical_ids.device)
             ids = categorical_ids + offsets
             tokens.append(self.categorical_embeddings(ids))

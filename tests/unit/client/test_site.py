@@ -15,7 +15,13 @@ from client.site import PrivacyState, Site
 from common.adapters import arrays_to_record, record_to_arrays
 from common.config import FederationConfig, LoraSettings, load_site_config
 from common.errors import PolicyError, UpdateError
-from common.protocol import REFUSED_BY_POLICY, SITE_ID_KEY, RoundRequest
+from common.protocol import (
+    EVALUATE_METRICS,
+    REFUSED_BY_POLICY,
+    SITE_ID_KEY,
+    TRAIN_METRICS,
+    RoundRequest,
+)
 from common.tasks import TASKS, model_fingerprint
 from server.run import full_model_bytes
 from tests.conftest import write_site_config
@@ -181,6 +187,7 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     assert dict(reply.content.config_records["site"]) == {SITE_ID_KEY: "hospital-a"}
     text = json.dumps({k: dict(v) for k, v in reply.content.metric_records.items()})
     assert "MRN" not in text and "^" not in text
+    assert set(TRAIN_METRICS) <= set(reply.content.metric_records["metrics"])
     # The accountant's history was stored in the node state before the reply went out.
     stored = context.state[PRIVACY_STATE_KEY]
     assert isinstance(stored, ConfigRecord) and len(stored["steps"]) == 1  # type: ignore[arg-type]
@@ -210,6 +217,7 @@ def test_client_app_evaluates_on_held_out_people(small_scenario, site_workspace,
         _message(site, _request(site), MessageType.EVALUATE), _context(config_path)
     )
     metrics = reply.content.metric_records["metrics"]
+    assert set(EVALUATE_METRICS) <= set(metrics)
     assert metrics["num-examples"] == site.load_data().holdout.accepted
     assert 0.0 <= metrics["eval-accuracy"] <= 1.0
 

@@ -16,7 +16,9 @@ def _run(args: list[str]) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_check_reports_counts_labels_and_rejections(small_scenario, site_workspace, tmp_path) -> None:
+def test_check_reports_counts_labels_and_rejections(
+    small_scenario, site_workspace, tmp_path
+) -> None:
     from common.cli import cli
 
     path = write_site_config(small_scenario, site_workspace, "hospital-a", tmp_path)

@@ -122,3 +122,18 @@ def test_dp_training_learns_the_imaging_signal(small_scenario, site_workspace, t
         result = trainer.train(train, _plan(noise_multiplier=0.5, seed=round_number), history)
         history = result.history
     assert trainer.evaluate(holdout).accuracy >= max(0.8, baseline + 0.1)
+
+
+def test_holdout_is_by_person_and_exact() -> None:
+    keys = [f"p{i // 2}" for i in range(200)]  # 100 people, two records each
+    data = SiteData(
+        features={"x": np.arange(200, dtype=np.float32)},
+        labels=np.zeros(200, dtype=np.int64),
+        person_keys=keys,
+        classes=["a", "b"],
+    )
+    train, holdout = split_holdout(data, 0.2, seed=0)
+    assert holdout.persons == 20 and train.persons == 80
+    assert not set(train.person_keys) & set(holdout.person_keys)
+    again_train, _ = split_holdout(data, 0.2, seed=0)
+    assert again_train.person_keys == train.person_keys

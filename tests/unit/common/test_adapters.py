@@ -79,11 +79,6 @@ def test_big_endian_values_survive() -> None:
     np.testing.assert_array_equal(got, value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="arrays_to_record uses np.ascontiguousarray, which turns a 0-d array into "
-    "shape (1,): the tensor no longer matches its own schema",
-)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zero_dimensional_round_trip(dtype: type[np.floating]) -> None:
     arrays = {"scale": np.array(2.5, dtype=dtype)}

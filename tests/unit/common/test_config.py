@@ -360,11 +360,6 @@ def test_table_without_features_is_rejected(tmp_path: Path) -> None:
     assert "declare at least one numeric or categorical feature" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="format_validation_error keeps pydantic's union tag in the location "
-    "('data.parquet.label_column'), a key path that does not exist in the TOML file",
-)
 def test_field_path_in_data_section_matches_the_toml_key(tmp_path: Path) -> None:
     text = _replace(BANK, 'label_column = "defaulted"\n', "")
     message = _error(load_site_config, _write(tmp_path, text))
@@ -439,11 +434,6 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert "cannot be read" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_toml does not catch UnicodeDecodeError: a file that is not UTF-8 "
-    "escapes as a raw UnicodeDecodeError instead of ConfigError",
-)
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes('task = "Zürich"\n'.encode("latin-1"))

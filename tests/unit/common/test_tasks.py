@@ -182,9 +182,9 @@ def test_forward_pass(task: str, model_dirs: dict[str, Path]) -> None:
 def test_tabular_rejects_out_of_range_category(model_dirs: dict[str, Path]) -> None:
     model = _spec(TABULAR).load_base_model(model_dirs[TABULAR])
     inputs = _inputs(TABULAR)
-    # The last feature's largest id plus one lands outside the shared table.
-    inputs["categorical_ids"][0, 1] = CARDINALITIES[1] + 1
-    with pytest.raises(IndexError):
+    # An id past a feature's own values would silently read the next feature's rows.
+    inputs["categorical_ids"][0, 0] = CARDINALITIES[0] + 1
+    with pytest.raises(ValueError, match="0..cardinality"):
         model(**inputs)
 
 

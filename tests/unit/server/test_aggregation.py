@@ -138,15 +138,10 @@ def test_one_weight_per_update(weights: list[float]) -> None:
 
 @pytest.mark.parametrize("weights", [[0.0, 0.0], [-1.0, 3.0], [2.0, -1.0], [-1.0, -1.0]])
 def test_negative_or_zero_sum_weights_are_rejected(weights: list[float]) -> None:
-    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+    with pytest.raises(ValueError, match=r"non-negative|positive sum"):
         fedavg(_updates(2, seed=8), weights)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fedavg's weight check (total <= 0, w < 0) lets NaN and inf through, "
-    "so one site's NaN or inf num-examples turns the whole aggregate into NaN",
-)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_rejected(bad: float) -> None:
     with pytest.raises(ValueError):

@@ -99,11 +99,6 @@ def test_load_missing_round_raises(tmp_path: Path) -> None:
         CheckpointStore(tmp_path).load(1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointStore.save uses np.ascontiguousarray, which turns a 0-d array "
-    "into shape (1,)",
-)
 def test_zero_dimensional_tensor_keeps_its_shape(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     store.save(1, {"scale": np.array(0.5, np.float32)})
@@ -200,8 +195,20 @@ def test_site_failed_appends_to_refusals_and_logs(
         recorder.site_failed(2, "bank-b", "train", "refused", "privacy budget spent")
         recorder.site_failed(2, "bank-c", "evaluate", "rejected", "bad update")
     assert recorder.refusals == [
-        {"round": 2, "site": "bank-b", "phase": "train", "reason": "privacy budget spent"},
-        {"round": 2, "site": "bank-c", "phase": "evaluate", "reason": "bad update"},
+        {
+            "round": 2,
+            "site": "bank-b",
+            "phase": "train",
+            "status": "refused",
+            "reason": "privacy budget spent",
+        },
+        {
+            "round": 2,
+            "site": "bank-c",
+            "phase": "evaluate",
+            "status": "rejected",
+            "reason": "bad update",
+        },
     ]
     rows = _rows(tmp_path / "metrics.csv")
     assert [(r["site"], r["phase"], r["status"], r["reason"]) for r in rows] == [

@@ -121,7 +121,13 @@ def test_three_good_replies_and_one_malformed(tmp_path: Path) -> None:
     assert recorder.sites["bank-2"].examples == 150
     assert recorder.sites["bank-2"].rounds_trained == 1
     assert recorder.refusals == [
-        {"round": 2, "site": "bank-x", "phase": "train", "reason": rejected[0]["reason"]}
+        {
+            "round": 2,
+            "site": "bank-x",
+            "phase": "train",
+            "status": "rejected",
+            "reason": rejected[0]["reason"],
+        }
     ]
 
 
@@ -300,12 +306,6 @@ def test_configure_evaluate_sends_the_round_request(
     assert request.server_round == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_replies only checks 'num-examples'; a reply lacking train-loss or the "
-    "privacy metrics is accepted and then RunRecorder.site_trained raises KeyError, "
-    "aborting the round instead of rejecting that one reply",
-)
 def test_reply_missing_train_metrics_is_rejected_not_fatal(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, min_sites=2)
     _, replies = _train_round([10, 20])
@@ -315,11 +315,6 @@ def test_reply_missing_train_metrics_is_rejected_not_fatal(tmp_path: Path) -> No
     assert [(f["site"], f["phase"]) for f in strategy.recorder.refusals] == [("bank-q", "train")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a negative num-examples passes parse_replies and makes fedavg raise "
-    "ValueError inside aggregate_train: one bad site aborts the whole run",
-)
 def test_negative_example_count_is_rejected_not_fatal(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, min_sites=2)
     _, replies = _train_round([10, 20])
