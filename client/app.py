@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.site import PrivacyState, Site, load_site
-from common.adapters import arrays_to_record, record_to_arrays
-from common.errors import ConfigError, DataError, FedloraError, PolicyError
+from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
+from common.errors import ConfigError, DataError, FedloraError, PolicyError, UpdateError
 from common.protocol import (
     BAD_GLOBAL_ADAPTER,
     REFUSED_BY_POLICY,
@@ -89,15 +89,25 @@ def _reply(
     return Message(content, reply_to=message)
 
 
+def _unpack(
+    message: Message, context: Context, resolve_site: SiteResolver
+) -> tuple[Site, RoundRequest, AdapterArrays]:
+    """This node's site, and the round request and global adapter the message carries."""
+    site = load_site(resolve_site(context))
+    config = message.content.config_records.get("config")
+    arrays = message.content.array_records.get("arrays")
+    if config is None or arrays is None:
+        raise UpdateError("the message lacks its 'config' or 'arrays' record")
+    return site, RoundRequest.from_record(config), record_to_arrays(arrays)
+
+
 def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) -> ClientApp:
     app = ClientApp()
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         try:
-            site = load_site(resolve_site(context))
-            request = RoundRequest.from_record(message.content.config_records["config"])
-            adapter = record_to_arrays(message.content.array_records["arrays"])
+            site, request, adapter = _unpack(message, context, resolve_site)
             outcome = site.train(request, adapter, _load_privacy(context))
         except FedloraError as exc:
             return _error_reply(message, exc)
@@ -118,9 +128,7 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         try:
-            site = load_site(resolve_site(context))
-            request = RoundRequest.from_record(message.content.config_records["config"])
-            adapter = record_to_arrays(message.content.array_records["arrays"])
+            site, request, adapter = _unpack(message, context, resolve_site)
             result = site.evaluate(request, adapter)
         except FedloraError as exc:
             return _error_reply(message, exc)

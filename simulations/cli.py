@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,17 +47,31 @@ class _RoundProgress(logging.Handler):
             )
 
 
-def _use_rich_logging(console: Console, verbose: bool) -> None:
+@contextmanager
+def _rich_logging(console: Console, verbose: bool) -> Iterator[None]:
+    """Route logs through the progress display for the run, then restore the setup."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    quiet = ("client", "server", "simulations", "flwr")
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_levels = {name: logging.getLogger(name).level for name in quiet}
+    for handler in saved_handlers:
         root.removeHandler(handler)
     root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         # Per-round details go to metrics.csv; the console shows progress and warnings.
-        logging.getLogger("fedlora.rounds").setLevel(logging.INFO)
-        for name in ("client", "server", "simulations", "flwr"):
+        for name in quiet:
             logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,34 +112,34 @@ def simulate(
     if (run_dir / "summary.json").exists():
         raise click.UsageError(f"{run_dir} already holds a finished run; choose another --out")
     console = Console(stderr=True)
-    _use_rich_logging(console, verbose)
-    started = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        sites_bar = progress.add_task("preparing sites", total=len(loaded.sites))
+    with _rich_logging(console, verbose):
+        started = time.monotonic()
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            sites_bar = progress.add_task("preparing sites", total=len(loaded.sites))
 
-        def site_ready(site: str, generated: bool) -> None:
-            verb = "generated" if generated else "reused"
-            progress.update(sites_bar, advance=1, description=f"sites ({site} {verb})")
+            def site_ready(site: str, generated: bool) -> None:
+                verb = "generated" if generated else "reused"
+                progress.update(sites_bar, advance=1, description=f"sites ({site} {verb})")
 
-        prepared = prepare(loaded, run_dir, data_root, rounds=rounds, on_site=site_ready)
-        bars = {
-            task: progress.add_task(f"{task}", total=federation.rounds)
-            for task, federation in prepared.federations.items()
-        }
-        handler = _RoundProgress(progress, bars)
-        rounds_logger = logging.getLogger("fedlora.rounds")
-        rounds_logger.addHandler(handler)
-        try:
-            for task, federation in prepared.federations.items():
-                run_task(federation, prepared.site_configs[task], run_dir, verbose=verbose)
-        finally:
-            rounds_logger.removeHandler(handler)
+            prepared = prepare(loaded, run_dir, data_root, rounds=rounds, on_site=site_ready)
+            bars = {
+                task: progress.add_task(f"{task}", total=federation.rounds)
+                for task, federation in prepared.federations.items()
+            }
+            handler = _RoundProgress(progress, bars)
+            rounds_logger = logging.getLogger("fedlora.rounds")
+            rounds_logger.addHandler(handler)
+            try:
+                for task, federation in prepared.federations.items():
+                    run_task(federation, prepared.site_configs[task], run_dir, verbose=verbose)
+            finally:
+                rounds_logger.removeHandler(handler)
     summary = build_summary(loaded, run_dir, time.monotonic() - started)
     write_plots(run_dir, summary)
     print_summary(summary, run_dir, Console())

@@ -414,7 +414,7 @@ def test_logs_carry_counts_only(tmp_path: Path, caplog: pytest.LogCaptureFixture
     _hospital(tmp_path, patients=6)
     write_corrupt_examples(tmp_path, seed=3)
     identifiers = _identifiers(tmp_path)
-    with caplog.at_level(logging.DEBUG):
+    with caplog.at_level(logging.DEBUG, logger="client.data.dicom"):
         data = load_dicom_dataset(_config(tmp_path), SALT)
 
     messages = [record.getMessage() for record in caplog.records]
