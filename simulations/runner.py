@@ -17,6 +17,8 @@ from typing import Any
 
 import tomli_w
 from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import build_client_app
@@ -202,16 +204,35 @@ def prepare(
     return PreparedRun(federations, site_configs)
 
 
+class _DropDeprecationNotice(logging.Filter):
+    """Flower 1.41 warns that ``run_simulation`` is deprecated; the README says why we use it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def run_task(
     federation: FederationConfig, site_configs: list[Path], run_dir: Path, verbose: bool = False
 ) -> None:
     """One federation on Flower's Simulation Engine: one virtual SuperNode per site."""
     server_app = build_server_app(lambda _context: (federation, run_dir))
     client_app = build_client_app(PartitionSites(tuple(str(p) for p in site_configs)))
+    notice_filter = _DropDeprecationNotice()
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addFilter(notice_filter)
+    try:
+        _run_on_simulation_engine(server_app, client_app, len(site_configs), verbose)
+    finally:
+        flower_logger.removeFilter(notice_filter)
+
+
+def _run_on_simulation_engine(
+    server_app: ServerApp, client_app: ClientApp, supernodes: int, verbose: bool
+) -> None:
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=len(site_configs),
+        num_supernodes=supernodes,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {
