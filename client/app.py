@@ -14,7 +14,7 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import PrivacyState, Site, load_site
+from client.site import Site, load_site
 from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
 from common.errors import ConfigError, DataError, FedloraError, PolicyError, UpdateError
 from common.protocol import (
@@ -28,7 +28,6 @@ from common.protocol import (
 logger = logging.getLogger(__name__)
 
 SiteResolver = Callable[[Context], Path]
-PRIVACY_STATE_KEY = "fedlora-privacy"
 
 
 def site_config_from_node_config(context: Context) -> Path:
@@ -36,29 +35,6 @@ def site_config_from_node_config(context: Context) -> Path:
     if not value:
         raise ConfigError("this SuperNode's node config lacks 'site-config' (path to site TOML)")
     return Path(str(value))
-
-
-def _load_privacy(context: Context) -> PrivacyState:
-    record = context.state.get(PRIVACY_STATE_KEY)
-    if not isinstance(record, ConfigRecord):
-        return PrivacyState(history=[])
-    sigmas = cast(list[float], record["sigma"])
-    rates = cast(list[float], record["sample-rate"])
-    steps = cast(list[int], record["steps"])
-    history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
-    run_sigma = float(cast(float, record["run-sigma"]))
-    return PrivacyState(history=history, run_noise_multiplier=run_sigma if run_sigma >= 0 else None)
-
-
-def _store_privacy(context: Context, state: PrivacyState) -> None:
-    context.state[PRIVACY_STATE_KEY] = ConfigRecord(
-        {
-            "sigma": [entry[0] for entry in state.history],
-            "sample-rate": [entry[1] for entry in state.history],
-            "steps": [entry[2] for entry in state.history],
-            "run-sigma": -1.0 if state.run_noise_multiplier is None else state.run_noise_multiplier,
-        }
-    )
 
 
 def _error_reply(message: Message, exc: FedloraError) -> Message:
@@ -108,11 +84,11 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
     def train(message: Message, context: Context) -> Message:
         try:
             site, request, adapter = _unpack(message, context, resolve_site)
-            outcome = site.train(request, adapter, _load_privacy(context))
+            # The site's privacy ledger is on disk before train() returns, so before the
+            # update is handed to Flower.
+            outcome = site.train(request, adapter, run=str(message.metadata.run_id))
         except FedloraError as exc:
             return _error_reply(message, exc)
-        # The new accountant history is stored before the update is handed to Flower.
-        _store_privacy(context, outcome.privacy)
         metrics: dict[str, float | int] = {
             "num-examples": outcome.result.examples,
             "train-loss": outcome.result.loss,
@@ -129,7 +105,7 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
     def evaluate(message: Message, context: Context) -> Message:
         try:
             site, request, adapter = _unpack(message, context, resolve_site)
-            result = site.evaluate(request, adapter)
+            result = site.evaluate(request, adapter, run=str(message.metadata.run_id))
         except FedloraError as exc:
             return _error_reply(message, exc)
         metrics: dict[str, float | int] = {
@@ -138,6 +114,28 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
             "eval-accuracy": result.accuracy,
         }
         return _reply(message, site, metrics)
+
+    @app.query()
+    def introduce(message: Message, context: Context) -> Message:
+        """Who this node is: the public site name and the task it serves."""
+        try:
+            site = load_site(resolve_site(context))
+        except FedloraError as exc:
+            return _error_reply(message, exc)
+        return Message(
+            RecordDict(
+                {
+                    "site": ConfigRecord(
+                        {
+                            SITE_ID_KEY: site.site_id,
+                            "task": site.task.name,
+                            "kind": site.config.site.kind,
+                        }
+                    )
+                }
+            ),
+            reply_to=message,
+        )
 
     return app
 

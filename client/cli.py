@@ -10,17 +10,59 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from client.site import Site
-from common.config import load_site_config
-from common.errors import DataError
+from client.ledger import ledgers_of, run_summaries
+from client.privacy import epsilon_spent
+from client.site import LoadedData, Site
+from client.training import TrainingPlan
+from common.config import DPSettings, FederationConfig, load_federation_config, load_site_config
+from common.errors import DataError, PolicyError
+from common.protocol import RoundRequest
+from common.tasks import TASKS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def site() -> None:
-    """Site operator commands: check the data and configuration of one site."""
+    """Site operator commands: check a site's data and policy, watch its privacy budget."""
 
 
-def check_report(config_path: Path) -> dict[str, Any]:
+def privacy_plan(runtime: Site, loaded: LoadedData, request: RoundRequest) -> dict[str, Any]:
+    """What a run like ``request`` would do here: σ, steps and ε, from the real ledger."""
+    budget = runtime.config.privacy
+    ledger = runtime.open_ledger(loaded.dataset)
+    people = loaded.train.persons
+    plan = TrainingPlan(
+        epochs=request.local_epochs,
+        batch_size=request.batch_size,
+        learning_rate=request.learning_rate,
+        max_grad_norm=request.max_grad_norm,
+        noise_multiplier=0.0,
+        accountant=budget.accountant,
+    )
+    sample_rate, steps = plan.sample_rate(people), plan.steps(people)
+    report: dict[str, Any] = {
+        "rounds": request.total_rounds,
+        "people": people,
+        "batch_size": request.batch_size,
+        "sample_rate": sample_rate,
+        "steps_per_round": steps,
+        "epsilon_spent": ledger.epsilon(),
+        "epsilon_budget": budget.epsilon,
+        "delta": budget.delta,
+        "accountant": budget.accountant,
+    }
+    try:
+        sigma, target = runtime.run_noise(request, ledger.history, sample_rate, steps)
+    except PolicyError as exc:
+        report["refused"] = str(exc)
+        return report
+    rounds = [(sigma, sample_rate, steps)] * request.total_rounds
+    report.update(
+        noise_multiplier=sigma, epsilon_target=target, epsilon_after=ledger.epsilon(rounds)
+    )
+    return report
+
+
+def check_report(config_path: Path, request: RoundRequest | None = None) -> dict[str, Any]:
     """Validate the config, scan the data, apply the site's own policy; never raises for data."""
     config = load_site_config(config_path)
     runtime = Site(config)
@@ -57,6 +99,14 @@ def check_report(config_path: Path) -> dict[str, Any]:
         empty = [name for name, count in report["labels"].items() if count == 0]
         if empty:
             problems.append(f"no records for class(es) {', '.join(empty)}")
+        if request is not None and loaded.train.persons > 0:
+            try:
+                report["privacy_plan"] = privacy_plan(runtime, loaded, request)
+            except PolicyError as exc:  # an unreadable ledger
+                problems.append(str(exc))
+            else:
+                if "refused" in report["privacy_plan"]:
+                    problems.append(report["privacy_plan"]["refused"])
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -85,6 +135,19 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
         for item in report["rejected"]:
             rejected.add_row(item["record"], item["reason"])
         console.print(rejected)
+    plan = report.get("privacy_plan")
+    if plan:
+        console.print(
+            f"privacy: ε spent {plan['epsilon_spent']:.2f} of {plan['epsilon_budget']:.2f} "
+            f"(δ={plan['delta']:g}, {plan['accountant']} accountant)"
+        )
+        if "noise_multiplier" in plan:
+            console.print(
+                f"plan: {plan['rounds']} rounds x {plan['steps_per_round']} steps, "
+                f"q = {plan['sample_rate']:.4f} ({plan['people']} people, batch "
+                f"{plan['batch_size']}) -> σ = {plan['noise_multiplier']:.3f}, "
+                f"ε after the run {plan['epsilon_after']:.2f}"
+            )
     for problem in report["problems"]:
         console.print(f"[red]problem:[/red] {problem}")
 
@@ -92,18 +155,121 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
 @site.command()
 @click.argument("site_config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def check(site_config: Path, as_json: bool) -> None:
-    """Validate SITE_CONFIG, scan the site's data and report what would be used.
+@click.option(
+    "--federation",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A federation TOML to plan for (rounds, batch, epochs, ε per run); overrides the "
+    "four options below.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Rounds of the run to plan for.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Expected batch size (people per step).",
+)
+@click.option(
+    "--local-epochs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Local epochs per round.",
+)
+@click.option(
+    "--epsilon-per-run",
+    type=click.FloatRange(min=0, min_open=True),
+    help="ε the run would ask for (default: what is left of the budget).",
+)
+def check(
+    site_config: Path,
+    as_json: bool,
+    federation: Path | None,
+    rounds: int,
+    batch_size: int,
+    local_epochs: int,
+    epsilon_per_run: float | None,
+) -> None:
+    """Validate SITE_CONFIG, scan the site's data and show the privacy plan.
 
-    Shows records accepted and rejected (with each rejection's reason) and counts per
-    label. Exits with status 1 when the site cannot take part (no usable data, fewer
-    people than the minimum cohort, a class with no records, no base model), and 2 when
+    Reports records accepted and rejected (with each rejection's reason), counts per
+    label, people per split, and the plan for a run: the noise multiplier σ the site
+    would choose from its remaining budget and the ε it would reach. Exits with status 1
+    when the site cannot take part (no usable data, fewer people than the minimum
+    cohort, a class with no records, no base model, a run it would refuse), and 2 when
     the configuration itself is invalid.
     """
-    report = check_report(site_config)
+    config = load_site_config(site_config)
+    if federation is not None:
+        settings = load_federation_config(federation)
+    else:
+        settings = FederationConfig(
+            task=config.site.task,
+            base_model=config.site.base_model,
+            rounds=rounds,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            dp=DPSettings(epsilon_per_run=epsilon_per_run),
+        )
+    request = RoundRequest.for_round(
+        settings, "", 1, TASKS.get(config.site.task).default_lora_targets
+    )
+    report = check_report(site_config, request)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_report(report, Console())
     if not report["ok"]:
         raise click.exceptions.Exit(1)
+
+
+@site.command()
+@click.argument("site_config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON on stdout.")
+def budget(site_config: Path, as_json: bool) -> None:
+    """Show SITE_CONFIG's privacy ledger: every dataset, its runs, ε spent and left.
+
+    The ledger lives in the site's state directory and spans rounds, runs and
+    restarts; the site refuses any round that would take a dataset past its budget.
+    """
+    config = load_site_config(site_config)
+    privacy = config.privacy
+    datasets: list[dict[str, Any]] = []
+    for state in ledgers_of(config.site.state_dir):
+        spent = epsilon_spent(
+            [entry.history for entry in state.entries], state.delta, state.accountant
+        )
+        datasets.append(
+            {
+                "dataset": state.dataset,
+                "epsilon_spent": spent,
+                "epsilon_budget": privacy.epsilon,
+                "epsilon_remaining": max(privacy.epsilon - spent, 0.0),
+                "delta": state.delta,
+                "accountant": state.accountant,
+                "runs": run_summaries(state.entries),
+            }
+        )
+    report = {"site": config.site.id, "datasets": datasets}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    console = Console()
+    console.print(f"site [bold]{config.site.id}[/bold]: {len(datasets)} dataset(s) with history")
+    for item in datasets:
+        table = Table(
+            title=f"dataset {item['dataset'][:16]}… — ε {item['epsilon_spent']:.2f} of "
+            f"{item['epsilon_budget']:.2f} spent, {item['epsilon_remaining']:.2f} left "
+            f"(δ={item['delta']:g}, {item['accountant']})"
+        )
+        for column in ("run", "rounds", "ε after"):
+            table.add_column(column, justify="left" if column == "run" else "right")
+        for run in item["runs"]:
+            table.add_row(run["run"], str(run["rounds"]), f"{run['epsilon_after']:.2f}")
+        console.print(table)

@@ -21,12 +21,22 @@ HistoryEntry = tuple[float, float, int]
 _MAX_SIGMA = 1e4
 
 
+def compact(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """Merge entries with the same (σ, q): composition does not depend on order, and the
+    accountants' cost grows with the number of entries, not of steps."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, rate, count in history:
+        key = (float(sigma), float(rate))
+        steps[key] = steps.get(key, 0) + int(count)
+    return [(sigma, rate, count) for (sigma, rate), count in steps.items()]
+
+
 def epsilon_spent(history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
     """ε at ``delta`` after every step in ``history`` (0 for an empty history)."""
     if not history:
         return 0.0
     engine = create_accountant(mechanism=accountant)
-    engine.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    engine.history = compact(history)
     return float(engine.get_epsilon(delta=delta))
 
 

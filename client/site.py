@@ -1,4 +1,5 @@
-"""A site's side of a round: policy, data, model and DP training, with no Flower in it.
+"""A site's side of a round: policy, data, privacy budget, model and DP training, with
+no Flower in it.
 
 ``client/app.py`` turns Flower messages into calls on :class:`Site`; everything here is
 plain Python so the daemon, the CLI and the tests share it.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -17,21 +20,24 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from client.data import SiteData, split_holdout
+from client.data import SiteData, dataset_fingerprint, split_holdout
 from client.data.dicom import load_dicom_dataset
 from client.data.tabular import load_tabular_dataset
+from client.ledger import PrivacyLedger, RunPlan
 from client.policy import check_cohort, check_request
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
+from client.sitelog import SiteLog
 from client.training import DPTrainer, EvalResult, TrainingPlan, TrainResult
 from common.adapters import AdapterArrays, AdapterSchema
-from common.config import DicomDataConfig, SiteConfig
+from common.config import DicomDataConfig, SiteConfig, load_site_config
 from common.errors import PolicyError
-from common.protocol import SITE_CALIBRATED, RoundRequest
+from common.protocol import SITE_CALIBRATED, SITE_REMAINING_BUDGET, RoundRequest
 from common.tasks import TASKS, TaskSpec
 
 logger = logging.getLogger(__name__)
 
 SALT_FILE = "person-salt"
+EPSILON_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -40,22 +46,25 @@ class LoadedData:
     holdout: SiteData
     all: SiteData
     class_weights: list[float] | None
+    dataset: str
+    """Content hash of the dataset: the name of its privacy ledger."""
 
 
 @dataclass(frozen=True)
-class PrivacyState:
-    """What the site must remember between rounds to account for privacy."""
+class RoundPlan:
+    """What the site will do this round, and what it will have spent after it."""
 
-    history: list[HistoryEntry]
-    run_noise_multiplier: float | None = None
-    """σ this site calibrated for the current run (kept for every round of it)."""
+    training: TrainingPlan
+    people: int
+    epsilon_before: float
+    epsilon_after: float
+    run_plan: RunPlan
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
     adapter: AdapterArrays
     result: TrainResult
-    privacy: PrivacyState
     epsilon: float
     noise_multiplier: float
 
@@ -66,6 +75,7 @@ class Site:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.task: TaskSpec = TASKS.get(config.site.task)
+        self.log = SiteLog(config.site.state_dir)
 
     @property
     def site_id(self) -> str:
@@ -82,6 +92,8 @@ class Site:
                 handle.write(secrets.token_bytes(32))
         return path.read_bytes()
 
+    # --------------------------------------------------------------------- data ---
+
     def load_data(self) -> LoadedData:
         data_config = self.config.data
         class_weights: list[float] | None = None
@@ -91,11 +103,22 @@ class Site:
             data, preprocessor = load_tabular_dataset(data_config, self.salt)
             class_weights = list(preprocessor.class_weights)
         train, holdout = split_holdout(data, data_config.holdout_fraction, seed=0)
-        return LoadedData(train=train, holdout=holdout, all=data, class_weights=class_weights)
+        dataset = dataset_fingerprint(data_config.path, exclude=self.config.site.state_dir)
+        return LoadedData(train, holdout, data, class_weights, dataset)
+
+    def open_ledger(self, dataset: str) -> PrivacyLedger:
+        privacy = self.config.privacy
+        return PrivacyLedger.open(
+            self.config.site.state_dir,
+            dataset,
+            accountant=privacy.accountant,
+            delta=privacy.delta,
+        )
+
+    # -------------------------------------------------------------------- model ---
 
     def build_model(self, request: RoundRequest, adapter: AdapterArrays) -> PeftModel:
         """Base model from the site's own directory, LoRA as the run asks, global weights in."""
-        check_request(self.config, request)
         model = self.task.wrap_with_lora(
             self.task.load_base_model(self.config.site.base_model), request.lora
         )
@@ -106,65 +129,151 @@ class Site:
         )
         return model
 
+    # ------------------------------------------------------------------ privacy ---
+
     def plan_round(
-        self, request: RoundRequest, records: int, privacy: PrivacyState
-    ) -> tuple[TrainingPlan, PrivacyState, float]:
-        """Choose σ and refuse if this round would cross the budget; returns ε after."""
+        self, request: RoundRequest, people: int, ledger: PrivacyLedger, run: str
+    ) -> RoundPlan:
+        """Choose σ for the run (once) and refuse any round that would cross a limit.
+
+        The limits are the site's own: its total budget, and the ε the run asked for
+        when it started here. Nothing in the request can raise either.
+        """
         budget = self.config.privacy
-        plan = TrainingPlan(
+        training = TrainingPlan(
             epochs=request.local_epochs,
             batch_size=request.batch_size,
             learning_rate=request.learning_rate,
             optimizer=request.optimizer,
             max_grad_norm=request.max_grad_norm,
             noise_multiplier=0.0,
-            accountant=request.accountant,
+            accountant=budget.accountant,
             seed=request.seed * 100_003 + request.server_round,
         )
-        sample_rate, steps = plan.sample_rate(records), plan.steps(records)
-        sigma = privacy.run_noise_multiplier
-        if request.noise_multiplier != SITE_CALIBRATED:
-            sigma = request.noise_multiplier
-        elif sigma is None:
-            remaining_rounds = request.total_rounds - request.server_round + 1
-            sigma = calibrate_noise(
-                privacy.history,
-                sample_rate=sample_rate,
-                steps=steps * remaining_rounds,
-                target_epsilon=budget.epsilon,
-                delta=budget.delta,
-                accountant=request.accountant,
-            )
-            logger.info(
-                "site %s calibrated noise multiplier %.3f for %d rounds",
-                self.site_id,
-                sigma,
-                remaining_rounds,
-            )
-        epsilon_after = epsilon_spent(
-            [*privacy.history, (sigma, sample_rate, steps)], budget.delta, request.accountant
-        )
-        if epsilon_after > budget.epsilon:
-            spent = epsilon_spent(privacy.history, budget.delta, request.accountant)
+        sample_rate, steps = training.sample_rate(people), training.steps(people)
+        spent = ledger.epsilon()
+        run_plan = ledger.plan_for(run)
+        if run_plan is None:
+            run_plan = self._plan_run(request, run, ledger, spent, sample_rate, steps)
+        sigma = run_plan.noise_multiplier
+        epsilon_after = ledger.epsilon([(sigma, sample_rate, steps)])
+        if epsilon_after > budget.epsilon + EPSILON_TOLERANCE:
             raise PolicyError(
                 f"site {self.site_id} refuses round {request.server_round}: it would bring ε "
                 f"from {spent:.2f} to {epsilon_after:.2f}, over the site's budget of "
                 f"{budget.epsilon:.2f} (δ={budget.delta:g})"
             )
-        plan = TrainingPlan(**{**plan.__dict__, "noise_multiplier": sigma})
-        return plan, PrivacyState(privacy.history, sigma), epsilon_after
+        if epsilon_after > run_plan.epsilon_target + 0.05:
+            raise PolicyError(
+                f"site {self.site_id} refuses round {request.server_round}: the run planned "
+                f"to reach ε={run_plan.epsilon_target:.2f} here and this round would bring "
+                f"it to {epsilon_after:.2f} (more rounds or data than planned)"
+            )
+        return RoundPlan(
+            replace(training, noise_multiplier=sigma), people, spent, epsilon_after, run_plan
+        )
 
-    def train(
-        self, request: RoundRequest, adapter: AdapterArrays, privacy: PrivacyState
-    ) -> TrainOutcome:
-        check_request(self.config, request)
-        data = self.load_data()
-        check_cohort(self.config, data.train.persons, purpose="train")
-        plan, privacy, _ = self.plan_round(request, data.train.accepted, privacy)
+    def run_noise(
+        self,
+        request: RoundRequest,
+        history: list[HistoryEntry],
+        sample_rate: float,
+        steps_per_round: int,
+    ) -> tuple[float, float]:
+        """(σ, ε target) for a run starting at ``request.server_round``; writes nothing.
+
+        Refuses a run that asks for more ε than the site has left.
+        """
+        budget = self.config.privacy
+        spent = epsilon_spent(history, budget.delta, budget.accountant)
+        if request.epsilon_per_run == SITE_REMAINING_BUDGET:
+            target = budget.epsilon
+        else:
+            target = spent + request.epsilon_per_run
+            if target > budget.epsilon + EPSILON_TOLERANCE:
+                raise PolicyError(
+                    f"site {self.site_id} refuses the run: it asks for "
+                    f"ε={request.epsilon_per_run:.2f} but only "
+                    f"{max(budget.epsilon - spent, 0):.2f} of the site's budget of "
+                    f"{budget.epsilon:.2f} is left (spent {spent:.2f})"
+                )
+        if request.noise_multiplier != SITE_CALIBRATED:
+            return request.noise_multiplier, target
+        rounds = request.total_rounds - request.server_round + 1
+        sigma = calibrate_noise(
+            history,
+            sample_rate=sample_rate,
+            steps=steps_per_round * rounds,
+            target_epsilon=target,
+            delta=budget.delta,
+            accountant=budget.accountant,
+        )
+        return sigma, target
+
+    def _plan_run(
+        self,
+        request: RoundRequest,
+        run: str,
+        ledger: PrivacyLedger,
+        spent: float,
+        sample_rate: float,
+        steps: int,
+    ) -> RunPlan:
+        sigma, target = self.run_noise(request, ledger.history, sample_rate, steps)
+        rounds = request.total_rounds - request.server_round + 1
+        plan = RunPlan(
+            run=run, noise_multiplier=sigma, epsilon_target=target, planned_rounds=rounds
+        )
+        ledger.record_plan(plan)
+        self.log.record(
+            "run-planned",
+            run=run,
+            noise_multiplier=sigma,
+            rounds=rounds,
+            epsilon_spent=spent,
+            epsilon_target=target,
+        )
+        logger.info("site %s: σ=%.3f for %d rounds of run %s", self.site_id, sigma, rounds, run)
+        return plan
+
+    # ------------------------------------------------------------------- rounds ---
+
+    @contextmanager
+    def _logging_refusals(self, run: str, request: RoundRequest, phase: str) -> Iterator[None]:
+        """Every refusal is a policy decision: it goes in the site's log, then up."""
+        try:
+            yield
+        except PolicyError as exc:
+            self.log.record(
+                "refused", run=run, round=request.server_round, phase=phase, reason=str(exc)
+            )
+            raise
+
+    def train(self, request: RoundRequest, adapter: AdapterArrays, run: str) -> TrainOutcome:
+        """One round of DP training; the ledger is written before this returns."""
+        with self._logging_refusals(run, request, "train"):
+            check_request(self.config, request)
+            data = self.load_data()
+            check_cohort(self.config, data.train.persons, purpose="train")
+            ledger = self.open_ledger(data.dataset)
+            plan = self.plan_round(request, data.train.persons, ledger, run)
         model = self.build_model(request, adapter)
         trainer = DPTrainer(model, self.task.input_names, data.class_weights)
-        result = trainer.train(data.train, plan, privacy.history)
-        epsilon = epsilon_spent(result.history, self.config.privacy.delta, request.accountant)
+        result = trainer.train(data.train, plan.training, ledger.history)
+        entry = ledger.record_round(
+            run, request.server_round, result.round_entry, limit=self.config.privacy.epsilon
+        )
+        self.log.record(
+            "trained",
+            run=run,
+            round=request.server_round,
+            people=plan.people,
+            records=result.examples,
+            steps=result.steps,
+            noise_multiplier=plan.training.noise_multiplier,
+            epsilon_before=plan.epsilon_before,
+            epsilon_after=entry.epsilon_after,
+        )
         adapter_out = {
             k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
         }
@@ -173,26 +282,24 @@ class Site:
             self.site_id,
             request.server_round,
             result.steps,
-            epsilon,
+            entry.epsilon_after,
             self.config.privacy.epsilon,
         )
         return TrainOutcome(
             adapter=adapter_out,
             result=result,
-            privacy=PrivacyState(result.history, privacy.run_noise_multiplier),
-            epsilon=epsilon,
-            noise_multiplier=plan.noise_multiplier,
+            epsilon=entry.epsilon_after,
+            noise_multiplier=plan.training.noise_multiplier,
         )
 
-    def evaluate(self, request: RoundRequest, adapter: AdapterArrays) -> EvalResult:
-        check_request(self.config, request)
-        data = self.load_data()
-        check_cohort(self.config, data.holdout.persons, purpose="report metrics")
+    def evaluate(self, request: RoundRequest, adapter: AdapterArrays, run: str) -> EvalResult:
+        with self._logging_refusals(run, request, "evaluate"):
+            check_request(self.config, request)
+            data = self.load_data()
+            check_cohort(self.config, data.holdout.persons, purpose="report metrics")
         model = self.build_model(request, adapter)
         return DPTrainer(model, self.task.input_names).evaluate(data.holdout)
 
 
 def load_site(path: Path) -> Site:
-    from common.config import load_site_config
-
     return Site(load_site_config(path))

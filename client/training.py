@@ -4,6 +4,12 @@ The façade mirrors Opacus's ``make_private``: callers hand over a model whose t
 parameters are exactly the ones to train (LoRA + head), the site's data and a plan, and
 get back metrics and the accountant history that now includes this round. The history
 is the caller's to persist *before* anything leaves the site.
+
+The privacy unit is the person, not the record. Opacus's Poisson sampler draws *people*
+(each with probability q), and each drawn person contributes exactly one of their
+records, picked at random, to the batch. A person's influence on any step is therefore
+one clipped gradient, so the (ε, δ) that the accountant computes from q holds per
+person however many records (images, loans) they own.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from client.data import SiteData
 from client.privacy import HistoryEntry
@@ -42,16 +51,16 @@ class TrainingPlan:
     """'sgd' (with momentum 0.9) or 'adam'."""
     seed: int = 0
 
-    def batches_per_epoch(self, records: int) -> int:
-        return max(1, math.ceil(records / self.batch_size))
+    def batches_per_epoch(self, people: int) -> int:
+        return max(1, math.ceil(people / self.batch_size))
 
-    def sample_rate(self, records: int) -> float:
+    def sample_rate(self, people: int) -> float:
         """Opacus's q for this plan: one over the number of batches in an epoch."""
-        return 1.0 / self.batches_per_epoch(records)
+        return 1.0 / self.batches_per_epoch(people)
 
-    def steps(self, records: int) -> int:
+    def steps(self, people: int) -> int:
         """Optimiser steps one round takes (what the accountant will be charged)."""
-        return self.epochs * self.batches_per_epoch(records)
+        return self.epochs * self.batches_per_epoch(people)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class TrainResult:
     steps: int
     history: list[HistoryEntry]
     """The full accountant history after this round (previous rounds included)."""
+    round_entry: HistoryEntry
+    """What this round alone charged: (σ, q, steps)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,34 @@ class EvalResult:
     loss: float
     accuracy: float
     examples: int
+
+
+class OneRecordPerPerson(Dataset[tuple[torch.Tensor, ...]]):
+    """Item *i* is a random record of person *i*: sampling items samples people."""
+
+    def __init__(self, records: TensorDataset, person_keys: Sequence[str], seed: int) -> None:
+        self.records = records
+        by_person: dict[str, list[int]] = {}
+        for index, key in enumerate(person_keys):
+            by_person.setdefault(key, []).append(index)
+        self.people = [by_person[key] for key in sorted(by_person)]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.people)
+
+    def __getitem__(self, person: int) -> tuple[torch.Tensor, ...]:
+        owned = self.people[person]
+        pick = owned[int(torch.randint(len(owned), (1,), generator=self.generator))]
+        return tuple(self.records[pick])
+
+
+class PrivateTraining(NamedTuple):
+    engine: PrivacyEngine
+    module: GradSampleModule
+    optimizer: DPOptimizer
+    loader: DPDataLoader
+    trainable: list[nn.Parameter]
 
 
 class DPTrainer:
@@ -101,27 +140,30 @@ class DPTrainer:
             losses = losses * self.class_weights[labels]
         return losses
 
-    def train(
+    def make_private(
         self, data: SiteData, plan: TrainingPlan, history: Sequence[HistoryEntry]
-    ) -> TrainResult:
-        """Run ``plan.epochs`` of DP-SGD, charging an accountant that starts from ``history``."""
+    ) -> PrivateTraining:
+        """Opacus's model, optimizer and person-level Poisson loader for ``plan``.
+
+        The accountant starts from ``history``, so ε keeps accumulating across rounds.
+        """
+        self.model.train()
         torch.manual_seed(plan.seed)
         generator = torch.Generator().manual_seed(plan.seed)
-        loader = DataLoader(self._dataset(data), batch_size=plan.batch_size, generator=generator)
+        people = OneRecordPerPerson(self._dataset(data), data.person_keys, seed=plan.seed)
+        loader = DataLoader(people, batch_size=plan.batch_size, generator=generator)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
         if plan.optimizer == "adam":
             optimizer = torch.optim.Adam(trainable, lr=plan.learning_rate)
         else:
             optimizer = torch.optim.SGD(trainable, lr=plan.learning_rate, momentum=0.9)
-
-        self.model.train()
         with warnings.catch_warnings():
             # Opacus warns that secure RNG is off (torchcsprng is not part of the stack).
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=plan.accountant)
             engine.accountant.history = [tuple(entry) for entry in history]
-            private_model, private_optimizer, private_loader = engine.make_private(
+            module, private_optimizer, private_loader = engine.make_private(
                 module=self.model,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -130,6 +172,14 @@ class DPTrainer:
                 poisson_sampling=True,
                 grad_sample_mode=plan.grad_sample_mode,
             )
+        return PrivateTraining(engine, module, private_optimizer, private_loader, trainable)
+
+    def train(
+        self, data: SiteData, plan: TrainingPlan, history: Sequence[HistoryEntry]
+    ) -> TrainResult:
+        """Run ``plan.epochs`` of DP-SGD, charging an accountant that starts from ``history``."""
+        private = self.make_private(data, plan, history)
+        engine, private_model, private_optimizer, private_loader, trainable = private
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         with warnings.catch_warnings():
             # Frozen inputs make torch warn about full backward hooks on every batch.
@@ -167,6 +217,7 @@ class DPTrainer:
             examples=len(data.labels),
             steps=steps,
             history=[(float(s), float(q), int(n)) for s, q, n in engine.accountant.history],
+            round_entry=(plan.noise_multiplier, float(private_loader.sample_rate), steps),
         )
 
     @torch.no_grad()

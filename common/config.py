@@ -95,8 +95,11 @@ DataConfig = Annotated[DicomDataConfig | TabularDataConfig, Field(discriminator=
 
 
 class PrivacyBudget(StrictModel):
-    epsilon: float = Field(gt=0, le=100, description="Total ε this dataset may spend.")
+    epsilon: float = Field(gt=0, le=100, description="Total ε this dataset may ever spend.")
     delta: float = Field(default=1e-5, gt=0, lt=1e-2, description="δ of the guarantee.")
+    accountant: AccountantName = Field(
+        default="prv", description="How ε is computed: 'prv' (tight, default) or 'rdp'."
+    )
 
 
 class SitePolicy(StrictModel):
@@ -158,10 +161,15 @@ class DPSettings(StrictModel):
     noise_multiplier: float | None = Field(
         default=None,
         ge=0,
-        description="σ; when omitted each site calibrates σ so the planned rounds fit its "
-        "own budget.",
+        description="σ; when omitted each site calibrates σ so the run's planned rounds "
+        "spend epsilon_per_run (or what is left of its budget).",
     )
-    accountant: AccountantName = "prv"
+    epsilon_per_run: float | None = Field(
+        default=None,
+        gt=0,
+        description="ε this run asks each site to spend; a site whose remaining budget is "
+        "smaller refuses. Omitted: each site may spend what is left of its budget.",
+    )
 
 
 class FederationConfig(StrictModel):

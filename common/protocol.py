@@ -32,6 +32,8 @@ EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy")
 
 SITE_CALIBRATED = -1.0
 """noise_multiplier value meaning: each site calibrates σ from its own budget."""
+SITE_REMAINING_BUDGET = -1.0
+"""epsilon_per_run value meaning: the run may spend what is left of each site's budget."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class RoundRequest:
     optimizer: str
     max_grad_norm: float
     noise_multiplier: float
-    accountant: str
+    epsilon_per_run: float
+    """ε the run asks of each site; SITE_REMAINING_BUDGET (-1) for 'what is left'."""
     lora_r: int
     lora_alpha: float
     lora_targets: list[str]
@@ -75,7 +78,11 @@ class RoundRequest:
                 if federation.dp.noise_multiplier is None
                 else federation.dp.noise_multiplier
             ),
-            accountant=federation.dp.accountant,
+            epsilon_per_run=(
+                SITE_REMAINING_BUDGET
+                if federation.dp.epsilon_per_run is None
+                else federation.dp.epsilon_per_run
+            ),
             lora_r=federation.lora.r,
             lora_alpha=federation.lora.alpha,
             lora_targets=list(federation.lora.target_modules or default_targets),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -20,7 +20,7 @@ from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
 from server.aggregation import Aggregator
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
-from server.strategy_utils import metric_record, parse_replies, weighted_mean
+from server.strategy_utils import metric_record, parse_replies, remember_site, weighted_mean
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class FedLoraStrategy(FedAvg):
         self.recorder = recorder
         self.checkpoints = checkpoints
         self.known_sites: dict[int, str] = {}
+        self.introduction_timeout = 120.0
         self.rounds_aggregated = 0
         self.last_aggregate: AdapterArrays | None = None
 
@@ -55,7 +56,24 @@ class FedLoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         request = self.request_for_round(server_round).to_record()
-        return super().configure_train(server_round, arrays, request, grid)
+        messages = list(super().configure_train(server_round, arrays, request, grid))
+        self.introduce(grid, [m.metadata.dst_node_id for m in messages])
+        return messages
+
+    def introduce(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes we have not heard from which site they are, so that even a site that
+        refuses every round is reported by name."""
+        unknown = [node for node in node_ids if node not in self.known_sites]
+        if not unknown:
+            return
+        queries = [
+            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in unknown
+        ]
+        replies = grid.send_and_receive(queries, timeout=self.introduction_timeout)
+        for reply in replies:
+            if not reply.has_error():
+                remember_site(reply, self.known_sites)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -59,6 +59,11 @@ def _bind_site(node_id: int, claimed: str | None, known: dict[int, str]) -> tupl
     return claimed, None
 
 
+def remember_site(message: Message, known: dict[int, str]) -> str | None:
+    """Bind the name a node gives in an introduction; returns a reason if it contradicts."""
+    return _bind_site(message.metadata.src_node_id, _claimed_site(message), known)[1]
+
+
 def _metrics_of(message: Message, required: tuple[str, ...]) -> dict[str, float] | str:
     """The reply's metrics as finite floats, or the reason they cannot be used."""
     records = list(message.content.metric_records.values())

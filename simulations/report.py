@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
+from client.site import Site
+from common.config import load_site_config
 from server.reporting import FEDERATED
 from simulations.scenario import Scenario
 
@@ -38,14 +40,21 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
         }
         for spec in scenario.sites_of(task):
             record = result["site_privacy"].get(spec.id)
+            site = Site(load_site_config(run_dir / "sites" / f"{spec.id}.toml"))
+            refused = [
+                r for r in result["refusals"] if r["site"] == spec.id and r["phase"] == "train"
+            ]
             sites[spec.id] = {
                 "kind": spec.kind,
                 "task": task,
                 "examples": record["examples"] if record else 0,
                 "rounds_trained": record["rounds_trained"] if record else 0,
-                "epsilon_spent": record["epsilon"] if record else 0.0,
-                "epsilon_budget": spec.epsilon,
-                "delta": spec.delta,
+                "rounds_refused": len(refused),
+                # A local simulation may read each site's own ledger: the lifetime ε,
+                # also for a site that refused every round of this run.
+                "epsilon_spent": site.open_ledger(site.load_data().dataset).epsilon(),
+                "epsilon_budget": site.config.privacy.epsilon,
+                "delta": site.config.privacy.delta,
             }
     summary = {
         "scenario": scenario.name,
@@ -123,7 +132,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
             str(len(task["refusals"])),
         )
     sites = Table(title="sites")
-    for column in ("site", "kind", "examples", "rounds", "ε spent", "ε budget", "δ"):
+    for column in ("site", "kind", "examples", "rounds", "refused", "ε spent", "ε budget", "δ"):
         sites.add_column(column, justify="left" if column in ("site", "kind") else "right")
     for name, site in summary["sites"].items():
         sites.add_row(
@@ -131,6 +140,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
             site["kind"],
             str(site["examples"]),
             str(site["rounds_trained"]),
+            str(site["rounds_refused"]),
             f"{site['epsilon_spent']:.2f}",
             f"{site['epsilon_budget']:.2f}",
             f"{site['delta']:g}",

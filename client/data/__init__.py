@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -86,3 +87,27 @@ def split_holdout(data: SiteData, fraction: float, seed: int) -> tuple[SiteData,
     in_holdout = np.array([key in held_out for key in data.person_keys], dtype=bool)
     indices = np.arange(len(data.labels))
     return data.subset(indices[~in_holdout]), data.subset(indices[in_holdout])
+
+
+def dataset_fingerprint(path: Path, exclude: Path | None = None) -> str:
+    """SHA-256 of a dataset's content: a table file's bytes, or every file of a folder
+    (relative names and bytes). It names the dataset's privacy ledger: the same data
+    keeps its budget across runs and restarts; changed data is a new dataset.
+    """
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+        root = path.parent
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        root = path
+    for file in files:
+        if exclude is not None and file.is_relative_to(exclude):
+            continue
+        digest.update(file.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()

@@ -43,7 +43,17 @@ class TaskSpec:
                 f"base model directory {directory} has no config.json "
                 f"(expected a model saved with save_pretrained for task {self.name!r})"
             )
-        model = self.model_class.from_pretrained(directory, local_files_only=True)
+        loaded: tuple[PreTrainedModel, dict[str, list[str]]] = self.model_class.from_pretrained(  # type: ignore[assignment]
+            directory, local_files_only=True, output_loading_info=True
+        )
+        model, info = loaded
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+        if problems:
+            # A partly random base model would train and "work"; refuse it instead.
+            raise ConfigError(
+                f"base model directory {directory} does not fit the {self.name} model: "
+                + "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in problems.items())
+            )
         model.eval()
         return model
 

@@ -65,14 +65,11 @@ class FTTransformerForClassification(PreTrainedModel):
         cardinalities = config.categorical_cardinalities
         self.numeric_weight = nn.Parameter(torch.empty(config.num_numeric_features, width))
         self.numeric_bias = nn.Parameter(torch.empty(config.num_numeric_features, width))
-        # One table for all categorical features; each feature's index 0 is "other".
-        self.categorical_embeddings = nn.Embedding(max(1, sum(c + 1 for c in cardinalities)), width)
-        # Start of each feature's rows in the shared table. A plain list, not a buffer:
-        # from_pretrained materialises modules on the meta device and would leave a
-        # non-persistent buffer uninitialised.
-        self.categorical_offsets = [
-            sum(c + 1 for c in cardinalities[:i]) for i in range(len(cardinalities))
-        ]
+        # One table per categorical feature; each feature's index 0 is "other". An id
+        # past a feature's own values is an IndexError, never another feature's row.
+        self.categorical_embeddings = nn.ModuleList(
+            nn.Embedding(cardinality + 1, width) for cardinality in cardinalities
+        )
         self.cls_token = nn.Parameter(torch.empty(1, 1, width))
         self.layers = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))  # type: ignore[arg-type]
         self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
@@ -97,15 +94,10 @@ class FTTransformerForClassification(PreTrainedModel):
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
         tokens = [numeric_values.unsqueeze(-1) * self.numeric_weight + self.numeric_bias]
-        if categorical_ids.shape[1] > 0:
-            limits = torch.tensor(
-                self.config.categorical_cardinalities, device=categorical_ids.device
-            )
-            if bool(((categorical_ids < 0) | (categorical_ids > limits)).any()):
-                raise ValueError("categorical ids must lie in 0..cardinality (0 is 'other')")
-            offsets = torch.tensor(self.categorical_offsets, device=categorical_ids.device)
-            ids = categorical_ids + offsets
-            tokens.append(self.categorical_embeddings(ids))
+        tokens.extend(
+            embedding(categorical_ids[:, index]).unsqueeze(1)
+            for index, embedding in enumerate(self.categorical_embeddings)
+        )
         cls = self.cls_token.expand(numeric_values.shape[0], -1, -1)
         hidden = torch.cat([cls, *tokens], dim=1)
         for layer in self.layers:

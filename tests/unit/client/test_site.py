@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from peft import get_peft_model_state_dict
 
-from client.app import PRIVACY_STATE_KEY, build_client_app
-from client.site import PrivacyState, Site
+from client.app import build_client_app
+from client.ledger import PrivacyLedger
+from client.site import Site
 from common.adapters import arrays_to_record, record_to_arrays
 from common.config import FederationConfig, LoraSettings, load_site_config
 from common.errors import PolicyError, UpdateError
@@ -61,44 +62,75 @@ def test_train_returns_an_adapter_within_budget(small_scenario, site_workspace, 
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=6.0)
     request = _request(site)
     adapter = _global_adapter(site, request)
-    outcome = site.train(request, adapter, PrivacyState(history=[]))
+    outcome = site.train(request, adapter, run="run-1")
     assert set(outcome.adapter) == set(adapter)
     assert 0 < outcome.epsilon <= 6.0
-    assert outcome.privacy.history and outcome.privacy.run_noise_multiplier is not None
+    # The round is in the ledger on disk, and in the site's log.
+    ledger = site.open_ledger(site.load_data().dataset)
+    assert [(e.run, e.round) for e in ledger.state.entries] == [("run-1", 1)]
+    assert ledger.epsilon() == pytest.approx(outcome.epsilon)
+    assert [e["event"] for e in site.log.entries()] == ["run-planned", "trained"]
+
+
+def _charge(ledger: PrivacyLedger, site: Site, request: RoundRequest, run: str) -> float:
+    """Plan a round and charge it to the ledger without training (what train() records)."""
+    people = site.load_data().train.persons
+    plan = site.plan_round(request, people, ledger, run)
+    training = plan.training
+    ledger.record_round(
+        run,
+        request.server_round,
+        (training.noise_multiplier, training.sample_rate(people), training.steps(people)),
+    )
+    return plan.training.noise_multiplier
 
 
 def test_noise_is_calibrated_once_per_run_for_all_planned_rounds(
     small_scenario, site_workspace, tmp_path
 ) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=5.0)
-    request = _request(site)
-    records = site.load_data().train.accepted
-    privacy = PrivacyState(history=[])
+    ledger = site.open_ledger(site.load_data().dataset)
     sigmas, epsilons = [], []
     for server_round in (1, 2, 3):
-        plan, privacy, epsilon_after = site.plan_round(
-            _request(site, server_round), records, privacy
-        )
-        sigmas.append(plan.noise_multiplier)
-        epsilons.append(epsilon_after)
-        privacy = PrivacyState(
-            [
-                *privacy.history,
-                (plan.noise_multiplier, plan.sample_rate(records), plan.steps(records)),
-            ],
-            privacy.run_noise_multiplier,
-        )
+        sigmas.append(_charge(ledger, site, _request(site, server_round), "run-1"))
+        epsilons.append(ledger.epsilon())
     assert sigmas[0] == sigmas[1] == sigmas[2]
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 5.0
     assert epsilons[2] > 4.9  # the plan uses the budget, not a fraction of it
-    assert request.total_rounds == 3
+    # A fourth round was never planned: the run cannot overspend what it asked for.
+    with pytest.raises(PolicyError, match=r"over the site's budget|planned to reach"):
+        site.plan_round(_request(site, 4), site.load_data().train.persons, ledger, "run-1")
 
 
-def test_a_round_over_budget_is_refused(small_scenario, site_workspace, tmp_path) -> None:
+def test_budget_accumulates_across_runs_and_restarts(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    site = _site(small_scenario, site_workspace, tmp_path, epsilon=5.0)
+    dataset = site.load_data().dataset
+    per_run = {"dp": {"epsilon_per_run": 2.0}}
+    for run in ("run-1", "run-2"):
+        ledger = Site(site.config).open_ledger(dataset)  # a restarted daemon each run
+        for server_round in (1, 2, 3):
+            _charge(ledger, site, _request(site, server_round, **per_run), run)
+    ledger = site.open_ledger(dataset)
+    assert [r["run"] for r in ledger.runs()] == ["run-1", "run-2"]
+    assert ledger.runs()[0]["epsilon_after"] == pytest.approx(2.0, abs=0.05)
+    assert ledger.epsilon() == pytest.approx(4.0, abs=0.1)
+    with pytest.raises(PolicyError, match=r"asks for ε=2\.00 but only 1\.0\d? .*left"):
+        site.train(_request(site, 1, **per_run), {}, run="run-3")
+    assert site.log.entries()[-1]["event"] == "refused"
+
+
+def test_a_round_over_budget_is_refused_and_logged(
+    small_scenario, site_workspace, tmp_path
+) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=0.5)
     request = _request(site, dp={"noise_multiplier": 0.3})
     with pytest.raises(PolicyError, match=r"over the site's budget of 0\.50"):
-        site.train(request, _global_adapter(site, request), PrivacyState(history=[]))
+        site.train(request, _global_adapter(site, request), run="run-1")
+    refusal = site.log.entries()[-1]
+    assert refusal["event"] == "refused" and "budget" in refusal["reason"]
+    assert site.open_ledger(site.load_data().dataset).state.entries == []
 
 
 def test_foreign_task_and_base_model_are_refused(small_scenario, site_workspace, tmp_path) -> None:
@@ -107,10 +139,10 @@ def test_foreign_task_and_base_model_are_refused(small_scenario, site_workspace,
     adapter = _global_adapter(site, request)
     wrong_task = RoundRequest(**{**request.__dict__, "task": "tabular-classification"})
     with pytest.raises(PolicyError, match="serves task 'dicom-classification'"):
-        site.train(wrong_task, adapter, PrivacyState(history=[]))
+        site.train(wrong_task, adapter, run="run-1")
     wrong_base = RoundRequest(**{**request.__dict__, "base_model_sha256": "0" * 64})
     with pytest.raises(PolicyError, match="base model"):
-        site.train(wrong_base, adapter, PrivacyState(history=[]))
+        site.train(wrong_base, adapter, run="run-1")
 
 
 def test_too_few_people_is_refused(small_scenario, site_workspace, tmp_path) -> None:
@@ -120,9 +152,9 @@ def test_too_few_people_is_refused(small_scenario, site_workspace, tmp_path) -> 
     site = Site(load_site_config(path))
     request = _request(site)
     with pytest.raises(PolicyError, match="fewer than its minimum cohort of 500"):
-        site.train(request, _global_adapter(site, request), PrivacyState(history=[]))
+        site.train(request, _global_adapter(site, request), run="run-1")
     with pytest.raises(PolicyError, match="refuses to report metrics"):
-        site.evaluate(request, _global_adapter(site, request))
+        site.evaluate(request, _global_adapter(site, request), run="run-1")
 
 
 def test_a_global_adapter_of_the_wrong_shape_is_rejected(
@@ -134,7 +166,7 @@ def test_a_global_adapter_of_the_wrong_shape_is_rejected(
     name = next(iter(adapter))
     adapter[name] = np.zeros((3, 3), dtype=np.float32)
     with pytest.raises(UpdateError, match="shape"):
-        site.evaluate(request, adapter)
+        site.evaluate(request, adapter, run="run-1")
 
 
 # ------------------------------------------------------------------ ClientApp ---
@@ -188,9 +220,9 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     text = json.dumps({k: dict(v) for k, v in reply.content.metric_records.items()})
     assert "MRN" not in text and "^" not in text
     assert set(TRAIN_METRICS) <= set(reply.content.metric_records["metrics"])
-    # The accountant's history was stored in the node state before the reply went out.
-    stored = context.state[PRIVACY_STATE_KEY]
-    assert isinstance(stored, ConfigRecord) and len(stored["steps"]) == 1  # type: ignore[arg-type]
+    # The round was charged to the site's ledger on disk before the reply went out.
+    ledger = site.open_ledger(site.load_data().dataset)
+    assert len(ledger.state.entries) == 1
     second = app(_message(site, _request(site, 2), MessageType.TRAIN), context)
     assert (
         second.content.metric_records["metrics"]["epsilon"]

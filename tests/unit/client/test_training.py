@@ -64,7 +64,7 @@ def test_history_is_extended_with_this_round(small_scenario, site_workspace, tmp
     )
     trainer = DPTrainer(model, site.task.input_names)
     plan = _plan(noise_multiplier=1.3)
-    records = data.train.accepted
+    records = data.train.persons  # the privacy unit: people, not records
     earlier = [(2.0, 0.5, 3)]
     result = trainer.train(data.train, plan, earlier)
     assert result.steps == plan.steps(records)

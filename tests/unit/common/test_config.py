@@ -77,7 +77,7 @@ target_modules = ["q_proj"]
 
 [dp]
 noise_multiplier = 1.1
-accountant = "rdp"
+epsilon_per_run = 2.5
 """
 
 
@@ -185,7 +185,7 @@ def test_valid_federation_file(tmp_path: Path) -> None:
     assert config.lora.dropout == 0.0
     assert config.lora.target_modules == ["q_proj"]
     assert config.dp.noise_multiplier == 1.1
-    assert config.dp.accountant == "rdp"
+    assert config.dp.epsilon_per_run == 2.5
     assert config.dp.max_grad_norm == 1.0
 
 
@@ -198,7 +198,7 @@ def test_federation_defaults() -> None:
     assert config.lora.alpha == 32.0
     assert config.lora.target_modules is None
     assert config.dp.noise_multiplier is None
-    assert config.dp.accountant == "prv"
+    assert config.dp.epsilon_per_run is None
 
 
 def test_models_are_frozen() -> None:
@@ -399,11 +399,11 @@ def test_federation_missing_task_and_unknown_key(tmp_path: Path) -> None:
 def test_federation_bad_values(tmp_path: Path) -> None:
     text = _replace(FEDERATION, "rounds = 7", "rounds = 0")
     text = _replace(text, "noise_multiplier = 1.1", "noise_multiplier = -0.5")
-    text = _replace(text, 'accountant = "rdp"', 'accountant = "gdp"')
+    text = _replace(text, "epsilon_per_run = 2.5", "epsilon_per_run = 0")
     message = _error(load_federation_config, _write(tmp_path, text))
     assert "  - rounds: Input should be greater than or equal to 1" in message
     assert "  - dp.noise_multiplier: Input should be greater than or equal to 0" in message
-    assert "  - dp.accountant: Input should be 'prv' or 'rdp'" in message
+    assert "  - dp.epsilon_per_run: Input should be greater than 0" in message
 
 
 def test_federation_wrong_type(tmp_path: Path) -> None:

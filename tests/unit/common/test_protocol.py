@@ -37,7 +37,7 @@ def _federation(**overrides: object) -> FederationConfig:
         "optimizer": "adam",
         "seed": 11,
         "lora": LoraSettings(r=4, alpha=8),
-        "dp": DPSettings(max_grad_norm=0.7, accountant="rdp"),
+        "dp": DPSettings(max_grad_norm=0.7, epsilon_per_run=3.0),
     }
     values.update(overrides)
     return FederationConfig.model_validate(values)
@@ -56,7 +56,7 @@ def test_for_round_copies_the_federation_settings() -> None:
         optimizer="adam",
         max_grad_norm=0.7,
         noise_multiplier=SITE_CALIBRATED,
-        accountant="rdp",
+        epsilon_per_run=3.0,
         lora_r=4,
         lora_alpha=8.0,
         lora_targets=["q_proj", "v_proj"],
@@ -109,7 +109,7 @@ def test_to_record_uses_dashed_keys() -> None:
         "optimizer",
         "max-grad-norm",
         "noise-multiplier",
-        "accountant",
+        "epsilon-per-run",
         "lora-r",
         "lora-alpha",
         "lora-targets",

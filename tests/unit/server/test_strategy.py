@@ -248,6 +248,9 @@ def test_configure_train_sends_the_round_request(
         def get_node_ids(self) -> list[int]:
             return [11, 12, 13]
 
+        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+            return []  # introductions go unanswered: names fall back to node ids
+
     strategy = _strategy(tmp_path, min_sites=3)
     initial = arrays_to_record(_adapter(0))
     messages = list(
@@ -290,6 +293,9 @@ def test_configure_evaluate_sends_the_round_request(
     class FakeGrid:
         def get_node_ids(self) -> list[int]:
             return [11, 12, 13]
+
+        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+            return []  # introductions go unanswered: names fall back to node ids
 
     strategy = _strategy(tmp_path, min_sites=3)
     messages = list(
