@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -25,7 +26,11 @@ from client.app import build_client_app
 from common.config import FederationConfig, load_site_config
 from common.tasks import TASKS
 from server.app import build_server_app
-from simulations.generators.dicom import write_corrupt_examples, write_hospital
+from simulations.generators.dicom import (
+    public_pretext_images,
+    write_corrupt_examples,
+    write_hospital,
+)
 from simulations.generators.tabular import bank_schema, write_bank
 from simulations.scenario import BankSpec, HospitalSpec, Scenario
 
@@ -33,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 IMAGING_CLASSES = ["normal", "lesion"]
+PRETEXT_CLASSES = 3  # public pretext task: 0, 1 or 2 blobs
 
 
 @dataclass(frozen=True)
@@ -96,28 +102,68 @@ def generate_site_data(spec: HospitalSpec | BankSpec, scenario: Scenario, site_d
 
 
 def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
-    """The frozen base model every site of ``task`` shares, saved for from_pretrained."""
+    """The frozen base model every site of ``task`` shares, saved for from_pretrained.
+
+    The imaging backbone is pretrained on public synthetic images first (see
+    :func:`pretrain_imaging_backbone`), as a real site's base would be a pretrained
+    model; its classification head is then replaced by a fresh one for the task.
+    """
     directory = models_dir / task
     if (directory / "config.json").is_file():
         return directory
     spec = TASKS.get(task)
-    if spec.site_kind == "hospital":
-        shape: dict[str, Any] = {
-            "image_size": scenario.image_size,
-            "num_labels": len(IMAGING_CLASSES),
-        }
-    else:
-        schema = bank_schema()
-        shape = {
-            "num_numeric_features": len(schema["numeric_features"]),
-            "categorical_cardinalities": [len(v) for v in schema["categorical_features"].values()],
-            "num_labels": len(schema["classes"]),
-        }
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    spec.build_demo_base_model(temporary, seed=scenario.seed, **shape)
+    torch.manual_seed(scenario.seed)
+    if spec.site_kind == "hospital":
+        config = spec.demo_config(image_size=scenario.image_size, num_labels=PRETEXT_CLASSES)
+        model = spec.model_class(config)
+        pretrain_imaging_backbone(model, scenario.image_size, seed=scenario.seed)
+        # A fresh head for the task, zero-initialised: before federated training the
+        # model predicts one class, whatever the backbone already knows.
+        model.classifier = torch.nn.Linear(config.hidden_size, len(IMAGING_CLASSES))
+        torch.nn.init.zeros_(model.classifier.weight)
+        torch.nn.init.zeros_(model.classifier.bias)
+        model.config.num_labels = len(IMAGING_CLASSES)
+        model.save_pretrained(temporary)
+    else:
+        schema = bank_schema()
+        spec.build_demo_base_model(
+            temporary,
+            seed=scenario.seed,
+            num_numeric_features=len(schema["numeric_features"]),
+            categorical_cardinalities=[len(v) for v in schema["categorical_features"].values()],
+            num_labels=len(schema["classes"]),
+        )
     temporary.replace(directory)
     return directory
+
+
+def pretrain_imaging_backbone(
+    model: torch.nn.Module, image_size: int, seed: int, images: int = 3000, epochs: int = 3
+) -> float:
+    """Non-private pretraining on public synthetic images (blob counting); returns the
+    pretext accuracy on held-out public images. No site data is involved."""
+    inputs, labels = public_pretext_images(images, seed=seed + 1, image_size=image_size)
+    test_inputs, test_labels = public_pretext_images(500, seed=seed + 2, image_size=image_size)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(images, generator=generator)
+        for start in range(0, images, 64):
+            batch = order[start : start + 64]
+            logits = model(pixel_values=torch.from_numpy(inputs[batch])).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[batch]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(pixel_values=torch.from_numpy(test_inputs)).logits.argmax(-1)
+    accuracy = float((predicted.numpy() == test_labels).mean())
+    logger.info("imaging base model: public pretext accuracy %.3f", accuracy)
+    return accuracy
 
 
 def site_config_document(
