@@ -13,7 +13,6 @@ from rich.table import Table
 from client.ledger import ledgers_of, run_summaries
 from client.privacy import epsilon_spent
 from client.site import LoadedData, Site
-from client.training import TrainingPlan
 from common.config import DPSettings, FederationConfig, load_federation_config, load_site_config
 from common.errors import DataError, PolicyError
 from common.protocol import RoundRequest
@@ -30,14 +29,7 @@ def privacy_plan(runtime: Site, loaded: LoadedData, request: RoundRequest) -> di
     budget = runtime.config.privacy
     ledger = runtime.open_ledger(loaded.dataset)
     people = loaded.train.persons
-    plan = TrainingPlan(
-        epochs=request.local_epochs,
-        batch_size=request.batch_size,
-        learning_rate=request.learning_rate,
-        max_grad_norm=request.max_grad_norm,
-        noise_multiplier=0.0,
-        accountant=budget.accountant,
-    )
+    plan = runtime.training_plan(request)
     sample_rate, steps = plan.sample_rate(people), plan.steps(people)
     report: dict[str, Any] = {
         "rounds": request.total_rounds,

@@ -131,6 +131,19 @@ class Site:
 
     # ------------------------------------------------------------------ privacy ---
 
+    def training_plan(self, request: RoundRequest) -> TrainingPlan:
+        """The run's training settings with the site's accountant; σ is chosen later."""
+        return TrainingPlan(
+            epochs=request.local_epochs,
+            batch_size=request.batch_size,
+            learning_rate=request.learning_rate,
+            optimizer=request.optimizer,
+            max_grad_norm=request.max_grad_norm,
+            noise_multiplier=0.0,
+            accountant=self.config.privacy.accountant,
+            seed=request.seed * 100_003 + request.server_round,
+        )
+
     def plan_round(
         self, request: RoundRequest, people: int, ledger: PrivacyLedger, run: str
     ) -> RoundPlan:
@@ -140,16 +153,7 @@ class Site:
         when it started here. Nothing in the request can raise either.
         """
         budget = self.config.privacy
-        training = TrainingPlan(
-            epochs=request.local_epochs,
-            batch_size=request.batch_size,
-            learning_rate=request.learning_rate,
-            optimizer=request.optimizer,
-            max_grad_norm=request.max_grad_norm,
-            noise_multiplier=0.0,
-            accountant=budget.accountant,
-            seed=request.seed * 100_003 + request.server_round,
-        )
+        training = self.training_plan(request)
         sample_rate, steps = training.sample_rate(people), training.steps(people)
         spent = ledger.epsilon()
         run_plan = ledger.plan_for(run)
