@@ -131,19 +131,18 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
             str(len(task["sites"])),
             str(len(task["refusals"])),
         )
-    sites = Table(title="sites")
-    for column in ("site", "kind", "examples", "rounds", "refused", "ε spent", "ε budget", "δ"):
-        sites.add_column(column, justify="left" if column in ("site", "kind") else "right")
+    deltas = sorted({f"{site['delta']:g}" for site in summary["sites"].values()})
+    sites = Table(title=f"sites (δ = {', '.join(deltas)})")
+    for column in ("site", "records", "rounds", "refused", "ε spent", "ε budget"):
+        sites.add_column(column, justify="left" if column == "site" else "right", no_wrap=True)
     for name, site in summary["sites"].items():
         sites.add_row(
             name,
-            site["kind"],
             str(site["examples"]),
             str(site["rounds_trained"]),
             str(site["rounds_refused"]),
             f"{site['epsilon_spent']:.2f}",
             f"{site['epsilon_budget']:.2f}",
-            f"{site['delta']:g}",
         )
     console.print(tasks)
     console.print(sites)
