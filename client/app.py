@@ -38,14 +38,20 @@ def site_config_from_node_config(context: Context) -> Path:
 
 
 def _error_reply(message: Message, exc: FedloraError) -> Message:
-    if isinstance(exc, PolicyError):
-        code = REFUSED_BY_POLICY
-    elif isinstance(exc, ConfigError | DataError):
-        code = SITE_MISCONFIGURED
-    else:
-        code = BAD_GLOBAL_ADAPTER
+    """Refusals and bad payloads are explained to the server; local problems are not.
+
+    A configuration or data error can name local paths, so only its kind leaves the
+    site; the operator sees the full message in the site's own log.
+    """
     logger.warning("%s", exc)
-    return Message(Error(code=code, reason=str(exc)), reply_to=message)
+    if isinstance(exc, PolicyError):
+        code, reason = REFUSED_BY_POLICY, str(exc)
+    elif isinstance(exc, ConfigError | DataError):
+        kind = "configuration" if isinstance(exc, ConfigError) else "data"
+        code, reason = SITE_MISCONFIGURED, f"the site's {kind} is unusable (see the site's log)"
+    else:
+        code, reason = BAD_GLOBAL_ADAPTER, str(exc)
+    return Message(Error(code=code, reason=reason), reply_to=message)
 
 
 def _reply(

@@ -3,12 +3,14 @@ simulation builds them, so tests exercise the real loading paths."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import tomli_w
 from transformers.utils import logging as transformers_logging
 
+from client.site import SALT_FILE
 from simulations.runner import build_base_model, generate_site_data, site_config_document
 from simulations.scenario import Scenario
 
@@ -56,8 +58,14 @@ def write_site_config(
     document = site_config_document(
         spec, task, workspace / "sites" / site_id, workspace / "models" / task, scenario.image_size
     )
-    document["site"]["state_dir"] = str(directory / f"{site_id}-state")
+    state_dir = directory / f"{site_id}-state"
+    document["site"]["state_dir"] = str(state_dir)
     document["privacy"].update(privacy)
+    # A fixed person-key salt: the held-out split and the sampling do not vary run to run.
+    state_dir.mkdir(parents=True, exist_ok=True)
+    salt = state_dir / SALT_FILE
+    if not salt.exists():
+        salt.write_bytes(hashlib.sha256(site_id.encode()).digest())
     path = directory / f"{site_id}.toml"
     path.write_text(tomli_w.dumps(document))
     return path

@@ -20,6 +20,7 @@ from common.protocol import (
     EVALUATE_METRICS,
     REFUSED_BY_POLICY,
     SITE_ID_KEY,
+    SITE_MISCONFIGURED,
     TRAIN_METRICS,
     RoundRequest,
 )
@@ -256,3 +257,18 @@ def test_client_app_evaluates_on_held_out_people(small_scenario, site_workspace,
 
 def test_tasks_registry_has_both_site_kinds() -> None:
     assert {TASKS.get(name).site_kind for name in TASKS.names()} == {"hospital", "bank"}
+
+
+def test_local_errors_leave_the_site_without_paths(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    site = Site(load_site_config(config_path))
+    request = _request(site)
+    broken = tmp_path / "broken.toml"
+    broken.write_text(config_path.read_text().replace("loans.csv", "missing.csv"))
+    reply = build_client_app()(_message(site, request, MessageType.TRAIN), _context(broken))
+    assert reply.has_error()
+    assert reply.error.code == SITE_MISCONFIGURED
+    assert "data is unusable" in (reply.error.reason or "")
+    assert str(tmp_path) not in (reply.error.reason or "")
