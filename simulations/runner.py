@@ -37,6 +37,7 @@ from simulations.scenario import BankSpec, HospitalSpec, Scenario
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
+BASE_MODEL_VERSION = 2  # bump when the demo base models change
 IMAGING_CLASSES = ["normal", "lesion"]
 PRETEXT_CLASSES = 3  # public pretext task: 0, 1 or 2 blobs
 
@@ -109,8 +110,15 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     model; its classification head is then replaced by a fresh one for the task.
     """
     directory = models_dir / task
-    if (directory / "config.json").is_file():
+    marker = {
+        "builder": BASE_MODEL_VERSION,
+        "seed": scenario.seed,
+        "image_size": scenario.image_size,
+    }
+    marker_path = directory / "fedlora-demo-base.json"
+    if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
         return directory
+    shutil.rmtree(directory, ignore_errors=True)  # built by another version or setting
     spec = TASKS.get(task)
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -135,6 +143,7 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
             categorical_cardinalities=[len(v) for v in schema["categorical_features"].values()],
             num_labels=len(schema["classes"]),
         )
+    (temporary / marker_path.name).write_text(json.dumps(marker))
     temporary.replace(directory)
     return directory
 

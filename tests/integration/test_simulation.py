@@ -115,3 +115,18 @@ def test_site_check_runs_on_the_generated_configs(finished_run: Path) -> None:
     assert report["records"]["rejected"] == 5
     assert {r["reason"] for r in report["rejected"]} >= {"not a DICOM file", "no Pixel Data"}
     assert sum(report["labels"].values()) == report["records"]["accepted"]
+
+
+def test_a_stale_demo_base_model_is_rebuilt(tmp_path: Path) -> None:
+    """A base model left by another version is replaced, not half-loaded."""
+    from simulations.runner import build_base_model
+    from simulations.scenario import Scenario
+
+    scenario = Scenario.model_validate(SMALL_SCENARIO)
+    task = "tabular-classification"
+    directory = build_base_model(task, scenario, tmp_path)
+    (directory / "fedlora-demo-base.json").write_text('{"builder": 0}')
+    (directory / "stale-file").write_text("left by an older version")
+    rebuilt = build_base_model(task, scenario, tmp_path)
+    assert rebuilt == directory and not (directory / "stale-file").exists()
+    TASKS.get(task).load_base_model(rebuilt)
