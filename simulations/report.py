@@ -89,11 +89,15 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
             elif row["phase"] == "train" and row["epsilon"]:
                 epsilon[row["site"]].append((point, float(row["epsilon"])))
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        sites = sorted(s for s in summary["sites"] if summary["sites"][s]["task"] == task)
+        colours = {site: f"C{index + 1}" for index, site in enumerate(sites)}
+        colours[FEDERATED] = "C0"
         for site, points in sorted(accuracy.items()):
             federated = site == FEDERATED
             left.plot(
                 *zip(*points, strict=True),
                 marker="o",
+                color=colours.get(site),
                 linewidth=2.5 if federated else 1,
                 alpha=1 if federated else 0.6,
                 label="federated" if federated else site,
@@ -103,11 +107,27 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
         )
         left.grid(alpha=0.3)
         left.legend(fontsize=8)
-        for site, points in sorted(epsilon.items()):
-            (line,) = right.plot(*zip(*points, strict=True), marker="o", label=site)
+        top = 0.0
+        for site in sites:
             budget = summary["sites"][site]["epsilon_budget"]
-            right.axhline(budget, color=line.get_color(), linestyle="--", alpha=0.5)
-        right.set(title=f"{task}: ε spent (dashed: budget)", xlabel="round", ylabel="ε")
+            top = max(top, budget)
+            right.axhline(budget, color=colours[site], linestyle="--", alpha=0.5)
+            if site in epsilon:
+                right.plot(
+                    *zip(*epsilon[site], strict=True), marker="o", color=colours[site], label=site
+                )
+            else:  # refused every round: its lifetime ε, flat
+                right.axhline(
+                    summary["sites"][site]["epsilon_spent"],
+                    color=colours[site],
+                    label=f"{site} (refused)",
+                )
+        right.set(
+            title=f"{task}: lifetime ε per site (dashed: budget)",
+            xlabel="round",
+            ylabel="ε",
+            ylim=(0, top * 1.08),
+        )
         right.grid(alpha=0.3)
         right.legend(fontsize=8)
         figure.tight_layout()
