@@ -194,7 +194,7 @@ class PrivacyLedger:
         sigma, rate, steps = history_entry
         with self._exclusive():
             epsilon_after = self.epsilon([history_entry])
-            if limit is not None and epsilon_after > limit + 1e-6:
+            if limit is not None and not epsilon_after <= limit + 1e-6:  # NaN fails too
                 raise LedgerError(
                     f"round {server_round} would bring ε to {epsilon_after:.2f}, past "
                     f"{limit:.2f}: rounds were charged elsewhere meanwhile; update withheld"

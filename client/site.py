@@ -8,6 +8,7 @@ plain Python so the daemon, the CLI and the tests share it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -161,7 +162,7 @@ class Site:
             run_plan = self._plan_run(request, run, ledger, spent, sample_rate, steps)
         sigma = run_plan.noise_multiplier
         epsilon_after = ledger.epsilon([(sigma, sample_rate, steps)])
-        if epsilon_after > budget.epsilon + EPSILON_TOLERANCE:
+        if not math.isfinite(epsilon_after) or epsilon_after > budget.epsilon + EPSILON_TOLERANCE:
             raise PolicyError(
                 f"site {self.site_id} refuses round {request.server_round}: it would bring ε "
                 f"from {spent:.2f} to {epsilon_after:.2f}, over the site's budget of "

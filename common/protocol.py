@@ -6,6 +6,7 @@ treats every value as a request: its own policy and budget decide what it does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -105,7 +106,52 @@ class RoundRequest:
                 raise UpdateError(f"round configuration lacks {key!r}")
             values[field.name] = record[key]
         values["lora_targets"] = list(values["lora_targets"])
-        return cls(**values)
+        request = cls(**values)
+        request.validate()
+        return request
+
+    def validate(self) -> None:
+        """Reject values no honest coordinator sends; the site never guesses around them.
+
+        (NaN in particular: every comparison with it is false, so an unchecked NaN σ
+        would slip past a budget check.)
+        """
+        problems: list[str] = []
+        for name in (
+            "server_round",
+            "total_rounds",
+            "local_epochs",
+            "batch_size",
+            "lora_r",
+            "seed",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name} must be a whole number")
+            elif value < (0 if name == "seed" else 1):
+                problems.append(f"{name} must be positive")
+        for name in ("learning_rate", "max_grad_norm", "lora_alpha"):
+            value = getattr(self, name)
+            if not _finite_number(value) or value <= 0:
+                problems.append(f"{name} must be a finite positive number")
+        if not _finite_number(self.noise_multiplier) or not (
+            self.noise_multiplier == SITE_CALIBRATED or self.noise_multiplier > 0
+        ):
+            problems.append("noise_multiplier must be positive (or -1: site-calibrated)")
+        if not _finite_number(self.epsilon_per_run) or not (
+            self.epsilon_per_run == SITE_REMAINING_BUDGET or self.epsilon_per_run > 0
+        ):
+            problems.append("epsilon_per_run must be positive (or -1: what is left)")
+        if not problems and self.server_round > self.total_rounds:
+            problems.append("server_round is past total_rounds")
+        if not all(isinstance(target, str) for target in self.lora_targets):
+            problems.append("lora_targets must be module names")
+        if problems:
+            raise UpdateError("invalid round configuration: " + "; ".join(problems))
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # Error codes a site puts in an error reply (Flower's own codes are small integers).

@@ -167,3 +167,27 @@ def test_error_codes_are_distinct_and_outside_flowers_range() -> None:
     assert len(codes) == 3
     assert min(codes) >= 4000
     assert SITE_ID_KEY == "site-id"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("noise-multiplier", float("nan"), "noise_multiplier"),
+        ("noise-multiplier", 0.0, "noise_multiplier"),
+        ("noise-multiplier", -3.0, "noise_multiplier"),
+        ("epsilon-per-run", float("inf"), "epsilon_per_run"),
+        ("epsilon-per-run", 0.0, "epsilon_per_run"),
+        ("max-grad-norm", float("nan"), "max_grad_norm"),
+        ("learning-rate", -1.0, "learning_rate"),
+        ("local-epochs", 0, "local_epochs"),
+        ("batch-size", 0, "batch_size"),
+        ("server-round", 10, "past total_rounds"),
+    ],
+)
+def test_a_site_rejects_values_no_honest_coordinator_sends(
+    key: str, value: float, message: str
+) -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 3, TABULAR.default_lora_targets).to_record()
+    record[key] = value
+    with pytest.raises(UpdateError, match=message):
+        RoundRequest.from_record(record)
