@@ -254,12 +254,12 @@ def test_configure_train_sends_the_round_request(
     strategy = _strategy(tmp_path, min_sites=3)
     initial = arrays_to_record(_adapter(0))
     messages = list(
-        strategy.configure_train(4, initial, ConfigRecord(), FakeGrid())  # type: ignore[arg-type]
+        strategy.configure_train(3, initial, ConfigRecord(), FakeGrid())  # type: ignore[arg-type]
     )
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13]
     assert all(m.metadata.message_type == MessageType.TRAIN for m in messages)
     request = RoundRequest.from_record(messages[0].content.config_records["config"])
-    assert request == RoundRequest.for_round(FEDERATION, "f" * 64, 4, ("q_proj",))
+    assert request == RoundRequest.for_round(FEDERATION, "f" * 64, 3, ("q_proj",))
     sent = record_to_arrays(messages[0].content.array_records["arrays"])
     for name, value in _adapter(0).items():
         np.testing.assert_array_equal(sent[name], value)
