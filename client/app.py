@@ -20,6 +20,7 @@ from common.errors import ConfigError, DataError, FedloraError, PolicyError, Upd
 from common.protocol import (
     BAD_GLOBAL_ADAPTER,
     REFUSED_BY_POLICY,
+    SITE_FAILED,
     SITE_ID_KEY,
     SITE_MISCONFIGURED,
     RoundRequest,
@@ -95,10 +96,14 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
             outcome = site.train(request, adapter, run=str(message.metadata.run_id))
         except FedloraError as exc:
             return _error_reply(message, exc)
+        except Exception:  # a bug or an I/O error: its text could name local paths
+            logger.exception("site failed to handle a %s message", message.metadata.message_type)
+            return Message(
+                Error(code=SITE_FAILED, reason="the site failed (see the site's log)"),
+                reply_to=message,
+            )
         metrics: dict[str, float | int] = {
             "num-examples": outcome.result.examples,
-            "train-loss": outcome.result.loss,
-            "train-accuracy": outcome.result.accuracy,
             "epsilon": outcome.epsilon,
             "epsilon-budget": site.config.privacy.epsilon,
             "delta": site.config.privacy.delta,
@@ -114,6 +119,12 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
             result = site.evaluate(request, adapter, run=str(message.metadata.run_id))
         except FedloraError as exc:
             return _error_reply(message, exc)
+        except Exception:  # a bug or an I/O error: its text could name local paths
+            logger.exception("site failed to handle a %s message", message.metadata.message_type)
+            return Message(
+                Error(code=SITE_FAILED, reason="the site failed (see the site's log)"),
+                reply_to=message,
+            )
         metrics: dict[str, float | int] = {
             "num-examples": result.examples,
             "eval-loss": result.loss,
@@ -128,6 +139,12 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
             site = load_site(resolve_site(context))
         except FedloraError as exc:
             return _error_reply(message, exc)
+        except Exception:  # a bug or an I/O error: its text could name local paths
+            logger.exception("site failed to handle a %s message", message.metadata.message_type)
+            return Message(
+                Error(code=SITE_FAILED, reason="the site failed (see the site's log)"),
+                reply_to=message,
+            )
         return Message(
             RecordDict(
                 {

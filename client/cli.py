@@ -224,13 +224,26 @@ def check(
 @site.command()
 @click.argument("site_config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON on stdout.")
-def budget(site_config: Path, as_json: bool) -> None:
+@click.option(
+    "--accept-new-data",
+    is_flag=True,
+    help="The site's data has changed: start a ledger (and a fresh budget) for the current "
+    "data. Recorded in the site's log; earlier datasets keep their history.",
+)
+def budget(site_config: Path, as_json: bool, accept_new_data: bool) -> None:
     """Show SITE_CONFIG's privacy ledger: every dataset, its runs, ε spent and left.
 
     The ledger lives in the site's state directory and spans rounds, runs and
     restarts; the site refuses any round that would take a dataset past its budget.
     """
     config = load_site_config(site_config)
+    if accept_new_data:
+        runtime = Site(config)
+        dataset = runtime.load_data().dataset
+        ledger = runtime.open_ledger(dataset, accept_new=True)
+        if not ledger.path.exists():
+            ledger.create()
+            runtime.log.record("new-data-accepted", dataset=dataset)
     privacy = config.privacy
     datasets: list[dict[str, Any]] = []
     for state in ledgers_of(config.site.state_dir):

@@ -169,6 +169,11 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def create(self) -> None:
+        """Start this dataset's ledger with no history (an operator's decision)."""
+        with self._exclusive():
+            self._save()
+
     def record_plan(self, plan: RunPlan) -> RunPlan:
         """Keep the run's plan; if another process planned this run first, that plan wins."""
         with self._exclusive():

@@ -9,6 +9,8 @@ process restarts, which a live object does not.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 from opacus.accountants import create_accountant
@@ -18,7 +20,9 @@ from common.errors import PolicyError
 HistoryEntry = tuple[float, float, int]
 """(noise multiplier σ, sample rate q, steps) — Opacus's accountant history format."""
 
-_MAX_SIGMA = 1e4
+_MAX_SIGMA = 1e3
+MIN_SIGMA = 0.1
+"""Below this a site never goes (and coordinators may not ask for it)."""
 
 
 def compact(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
@@ -26,6 +30,9 @@ def compact(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
     accountants' cost grows with the number of entries, not of steps."""
     steps: dict[tuple[float, float], int] = {}
     for sigma, rate, count in history:
+        if not (math.isfinite(sigma) and sigma > 0 and 0 < rate <= 1 and count >= 0):
+            # An accountant given σ = inf or NaN never returns; refuse instead.
+            raise PolicyError(f"invalid privacy history entry (σ={sigma}, q={rate}, {count})")
         key = (float(sigma), float(rate))
         steps[key] = steps.get(key, 0) + int(count)
     return [(sigma, rate, count) for (sigma, rate), count in steps.items()]
@@ -37,7 +44,15 @@ def epsilon_spent(history: Sequence[HistoryEntry], delta: float, accountant: str
         return 0.0
     engine = create_accountant(mechanism=accountant)
     engine.history = compact(history)
-    return float(engine.get_epsilon(delta=delta))
+    try:
+        with warnings.catch_warnings():  # numerical notes from probing extreme σ
+            warnings.simplefilter("ignore")
+            epsilon = float(engine.get_epsilon(delta=delta))
+    except (ArithmeticError, ValueError, MemoryError) as exc:
+        raise PolicyError(
+            f"privacy accounting failed for this plan ({type(exc).__name__})"
+        ) from None
+    return epsilon if math.isfinite(epsilon) else math.inf
 
 
 def calibrate_noise(
@@ -59,9 +74,14 @@ def calibrate_noise(
         raise PolicyError("the privacy budget is already spent")
 
     def eps_with(sigma: float) -> float:
-        return epsilon_spent([*history, (sigma, sample_rate, steps)], delta, accountant)
+        try:
+            return epsilon_spent([*history, (sigma, sample_rate, steps)], delta, accountant)
+        except PolicyError:  # the accountant cannot handle so little noise: too much ε
+            return math.inf
 
-    low, high = 0.0, 1.0
+    if eps_with(MIN_SIGMA) <= target_epsilon:
+        return MIN_SIGMA
+    low, high = MIN_SIGMA, 1.0
     while eps_with(high) > target_epsilon:
         low, high = high, high * 2
         if high > _MAX_SIGMA:

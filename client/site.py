@@ -24,7 +24,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from client.data import SiteData, dataset_fingerprint, split_holdout
 from client.data.dicom import load_dicom_dataset
 from client.data.tabular import load_tabular_dataset
-from client.ledger import PrivacyLedger, RunPlan
+from client.ledger import LedgerError, PrivacyLedger, RunPlan, read_index
 from client.policy import check_cohort, check_request
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
 from client.sitelog import SiteLog
@@ -107,14 +107,25 @@ class Site:
         dataset = dataset_fingerprint(data_config.path, exclude=self.config.site.state_dir)
         return LoadedData(train, holdout, data, class_weights, dataset)
 
-    def open_ledger(self, dataset: str) -> PrivacyLedger:
+    def open_ledger(self, dataset: str, accept_new: bool = False) -> PrivacyLedger:
+        """The ledger of ``dataset``. A dataset never seen before, at a site that already
+        has history, is refused until an operator accepts it: changed data would
+        otherwise start a fresh budget for the same people."""
         privacy = self.config.privacy
-        return PrivacyLedger.open(
+        ledger = PrivacyLedger.open(
             self.config.site.state_dir,
             dataset,
             accountant=privacy.accountant,
             delta=privacy.delta,
         )
+        if not ledger.path.exists() and read_index(ledger.index) and not accept_new:
+            raise LedgerError(
+                f"site {self.site_id}: its data changed since it last trained (new content "
+                f"hash {dataset[:12]}…), and new data starts a new privacy budget. An "
+                "operator must confirm it with `fedlora site budget SITE_CONFIG "
+                "--accept-new-data`, or restore the data."
+            )
+        return ledger
 
     # -------------------------------------------------------------------- model ---
 
@@ -142,7 +153,6 @@ class Site:
             max_grad_norm=request.max_grad_norm,
             noise_multiplier=0.0,
             accountant=self.config.privacy.accountant,
-            seed=request.seed * 100_003 + request.server_round,
         )
 
     def plan_round(
@@ -155,6 +165,11 @@ class Site:
         """
         budget = self.config.privacy
         training = self.training_plan(request)
+        if budget.delta >= 1 / people:
+            raise PolicyError(
+                f"site {self.site_id} refuses: δ={budget.delta:g} is not below 1/{people} "
+                "(one over the people trained on); such a δ allows releasing a record outright"
+            )
         sample_rate, steps = training.sample_rate(people), training.steps(people)
         spent = ledger.epsilon()
         run_plan = ledger.plan_for(run)
@@ -168,7 +183,7 @@ class Site:
                 f"from {spent:.2f} to {epsilon_after:.2f}, over the site's budget of "
                 f"{budget.epsilon:.2f} (δ={budget.delta:g})"
             )
-        if epsilon_after > run_plan.epsilon_target + 0.05:
+        if epsilon_after > run_plan.epsilon_target + max(1e-3, 0.01 * run_plan.epsilon_target):
             raise PolicyError(
                 f"site {self.site_id} refuses round {request.server_round}: the run planned "
                 f"to reach ε={run_plan.epsilon_target:.2f} here and this round would bring "
@@ -229,7 +244,9 @@ class Site:
         plan = RunPlan(
             run=run, noise_multiplier=sigma, epsilon_target=target, planned_rounds=rounds
         )
-        ledger.record_plan(plan)
+        kept = ledger.record_plan(plan)
+        if kept is not plan:  # another process of this site planned the run first
+            return kept
         self.log.record(
             "run-planned",
             run=run,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +50,10 @@ class TrainingPlan:
     grad_sample_mode: str = "hooks"
     optimizer: str = "sgd"
     """'sgd' (with momentum 0.9) or 'adam'."""
-    seed: int = 0
+    seed: int | None = None
+    """Seeds sampling and noise. None (always, at a site): fresh site-local entropy. A
+    seed from the coordinator would let it regenerate the noise and undo the privacy;
+    tests pass one for reproducibility."""
 
     def batches_per_epoch(self, people: int) -> int:
         return max(1, math.ceil(people / self.batch_size))
@@ -59,8 +63,10 @@ class TrainingPlan:
         return 1.0 / self.batches_per_epoch(people)
 
     def steps(self, people: int) -> int:
-        """Optimiser steps one round takes (what the accountant will be charged)."""
-        return self.epochs * self.batches_per_epoch(people)
+        """Optimiser steps one round takes (what the accountant will be charged): Opacus's
+        sampler runs int(1 / q) batches an epoch, which float rounding can make one less
+        than the number of batches."""
+        return self.epochs * int(1 / self.sample_rate(people))
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,11 @@ class DPTrainer:
         The accountant starts from ``history``, so ε keeps accumulating across rounds.
         """
         self.model.train()
-        torch.manual_seed(plan.seed)
-        generator = torch.Generator().manual_seed(plan.seed)
-        people = OneRecordPerPerson(self._dataset(data), data.person_keys, seed=plan.seed)
-        loader = DataLoader(people, batch_size=plan.batch_size, generator=generator)
+        seed = plan.seed if plan.seed is not None else secrets.randbits(63)
+        people = OneRecordPerPerson(self._dataset(data), data.person_keys, seed=seed)
+        loader = DataLoader(
+            people, batch_size=plan.batch_size, generator=torch.Generator().manual_seed(seed + 1)
+        )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
         if plan.optimizer == "adam":
@@ -171,6 +178,7 @@ class DPTrainer:
                 max_grad_norm=plan.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode=plan.grad_sample_mode,
+                noise_generator=torch.Generator().manual_seed(seed + 2),
             )
         return PrivateTraining(engine, module, private_optimizer, private_loader, trainable)
 

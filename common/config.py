@@ -250,7 +250,8 @@ def validate_model(model: type[ModelT], data: dict[str, Any], source: str) -> Mo
 
 
 def _resolve(base: Path, value: Path) -> Path:
-    return value if value.is_absolute() else (base / value).resolve()
+    """Absolute and free of symlinks, so two paths to one folder compare equal."""
+    return (base / value).resolve()
 
 
 def load_site_config(path: Path | str) -> SiteConfig:
@@ -258,6 +259,10 @@ def load_site_config(path: Path | str) -> SiteConfig:
     path = Path(path)
     config = validate_model(SiteConfig, read_toml(path), str(path))
     base = path.resolve().parent
+    state_dir, data_path = _resolve(base, config.site.state_dir), _resolve(base, config.data.path)
+    if state_dir == data_path or state_dir.is_relative_to(data_path):
+        # The data's content hash names its privacy ledger: state inside it would change it.
+        raise ConfigError(f"{path}: site.state_dir must not lie inside data.path")
     return config.model_copy(
         update={
             "site": config.site.model_copy(

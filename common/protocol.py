@@ -20,15 +20,14 @@ SITE_ID_KEY = "site-id"
 
 TRAIN_METRICS = (
     "num-examples",
-    "train-loss",
-    "train-accuracy",
     "epsilon",
     "epsilon-budget",
     "delta",
     "noise-multiplier",
     "steps",
 )
-"""Metrics every training reply carries (a reply without them is rejected)."""
+"""Metrics every training reply carries (a reply without them is rejected). No training
+loss or accuracy: computed on the site's data without noise, they are not covered by ε."""
 EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy")
 
 SITE_CALIBRATED = -1.0
@@ -135,9 +134,11 @@ class RoundRequest:
             if not _finite_number(value) or value <= 0:
                 problems.append(f"{name} must be a finite positive number")
         if not _finite_number(self.noise_multiplier) or not (
-            self.noise_multiplier == SITE_CALIBRATED or self.noise_multiplier > 0
+            self.noise_multiplier == SITE_CALIBRATED or 0.1 <= self.noise_multiplier <= 1000
         ):
-            problems.append("noise_multiplier must be positive (or -1: site-calibrated)")
+            problems.append("noise_multiplier must lie in [0.1, 1000] (or -1: site-calibrated)")
+        if _finite_number(self.local_epochs) and self.local_epochs > 100:
+            problems.append("local_epochs must be at most 100")
         if not _finite_number(self.epsilon_per_run) or not (
             self.epsilon_per_run == SITE_REMAINING_BUDGET or self.epsilon_per_run > 0
         ):
@@ -161,3 +162,5 @@ SITE_MISCONFIGURED = 4002
 """The site's configuration or data cannot be used."""
 BAD_GLOBAL_ADAPTER = 4003
 """What the coordinator sent does not fit the site's model."""
+SITE_FAILED = 4004
+"""An unexpected failure at the site; details stay in the site's log."""

@@ -75,8 +75,6 @@ class RunRecorder:
                 "phase": "train",
                 "status": "accepted",
                 "examples": record.examples,
-                "loss": metrics["train-loss"],
-                "accuracy": metrics["train-accuracy"],
                 "epsilon": record.epsilon,
                 "epsilon_budget": record.epsilon_budget,
                 "delta": record.delta,

@@ -65,3 +65,9 @@ def test_a_spent_budget_cannot_be_calibrated() -> None:
         calibrate_noise(
             history, sample_rate=0.1, steps=10, target_epsilon=3.0, delta=DELTA, accountant="rdp"
         )
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), float("nan"), 0.0, -1.0])
+def test_an_invalid_history_entry_is_refused_not_computed(sigma: float) -> None:
+    with pytest.raises(PolicyError, match="invalid privacy history entry"):
+        epsilon_spent([(sigma, 0.1, 10)], DELTA, "rdp")

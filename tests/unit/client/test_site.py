@@ -272,3 +272,53 @@ def test_local_errors_leave_the_site_without_paths(
     assert reply.error.code == SITE_MISCONFIGURED
     assert "data is unusable" in (reply.error.reason or "")
     assert str(tmp_path) not in (reply.error.reason or "")
+
+
+def test_the_noise_does_not_depend_on_anything_the_server_sends(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    """Same request, same data, same global adapter: different noise, so the coordinator
+    cannot regenerate it from the round's seed."""
+    site = _site(small_scenario, site_workspace, tmp_path, epsilon=50.0)
+    request = _request(site, dp={"noise_multiplier": 1.0})
+    adapter = _global_adapter(site, request)
+    first = site.train(request, adapter, run="run-a").adapter
+    second = site.train(request, adapter, run="run-b").adapter
+    assert any(not np.array_equal(first[name], second[name]) for name in first)
+
+
+def test_changed_data_needs_an_operator_to_start_a_new_budget(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    from click.testing import CliRunner
+
+    from common.cli import cli
+
+    config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
+    site = Site(load_site_config(config_path))
+    dataset = site.load_data().dataset
+    site.open_ledger(dataset).record_round("run-1", 1, (1.0, 0.1, 10))
+    with pytest.raises(PolicyError, match="data changed since it last trained"):
+        site.open_ledger("f" * 64)  # what a site sees once its files changed
+    # The operator's explicit decision is logged, and the old history stays listed.
+    changed = tmp_path / "renamed-export.parquet"  # a re-export: the same rows, a new file
+    changed.write_bytes(site.config.data.path.read_bytes())
+    text = config_path.read_text().replace(str(site.config.data.path), str(changed))
+    config_path.write_text(text)
+    result = CliRunner().invoke(cli, ["site", "budget", str(config_path), "--accept-new-data"])
+    assert result.exit_code == 0, result.output
+    moved = Site(load_site_config(config_path))
+    assert moved.open_ledger(moved.load_data().dataset).epsilon() == 0.0
+    assert moved.log.entries()[-1]["event"] == "new-data-accepted"
+    report = json.loads(
+        CliRunner().invoke(cli, ["site", "budget", str(config_path), "--json"]).stdout
+    )
+    assert len(report["datasets"]) == 2
+
+
+def test_a_delta_not_below_one_over_people_is_refused(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    site = _site(small_scenario, site_workspace, tmp_path, delta=0.009)
+    with pytest.raises(PolicyError, match="is not below 1/"):
+        site.plan_round(_request(site), 200, site.open_ledger(site.load_data().dataset), "run-1")

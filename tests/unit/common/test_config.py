@@ -438,3 +438,14 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes('task = "Zürich"\n'.encode("latin-1"))
     _error(load_federation_config, path)
+
+
+def test_state_dir_inside_the_data_is_refused(tmp_path: Path) -> None:
+    """The data's content hash names its privacy ledger; state inside it would change it."""
+    text = _replace(
+        HOSPITAL,
+        'base_model = "../models/vit"',
+        'base_model = "../models/vit"\nstate_dir = "data/dicom/state"',
+    )
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "state_dir must not lie inside data.path" in message
