@@ -81,10 +81,10 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
         accuracy: dict[str, list[tuple[int, float]]] = defaultdict(list)
         epsilon: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for row in rows:
-            if row["task"] != task or not row["accuracy"]:
+            if row["task"] != task:
                 continue
             point = int(row["round"])
-            if row["phase"] == "evaluate":
+            if row["phase"] == "evaluate" and row["accuracy"]:
                 accuracy[row["site"]].append((point, float(row["accuracy"])))
             elif row["phase"] == "train" and row["epsilon"]:
                 epsilon[row["site"]].append((point, float(row["epsilon"])))

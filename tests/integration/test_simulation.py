@@ -130,3 +130,21 @@ def test_a_stale_demo_base_model_is_rebuilt(tmp_path: Path) -> None:
     rebuilt = build_base_model(task, scenario, tmp_path)
     assert rebuilt == directory and not (directory / "stale-file").exists()
     TASKS.get(task).load_base_model(rebuilt)
+
+
+def test_the_epsilon_plot_has_a_series_per_training_site(finished_run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from simulations.report import write_plots
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    with (finished_run / "metrics.csv").open() as handle:
+        trained = {
+            (r["task"], r["site"])
+            for r in csv.DictReader(handle)
+            if r["phase"] == "train" and r["epsilon"]
+        }
+    assert ("dicom-classification", "hospital-a") in trained
+    assert ("tabular-classification", "bank-b") in trained
+    assert write_plots(finished_run, summary)
