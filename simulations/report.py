@@ -71,6 +71,24 @@ def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+Series = dict[str, list[tuple[int, float]]]
+
+
+def plot_series(rows: list[dict[str, str]], task: str) -> tuple[Series, Series]:
+    """Per site: (round, held-out accuracy) from evaluate rows, (round, ε) from train rows."""
+    accuracy: Series = defaultdict(list)
+    epsilon: Series = defaultdict(list)
+    for row in rows:
+        if row["task"] != task:
+            continue
+        point = int(row["round"])
+        if row["phase"] == "evaluate" and row["accuracy"]:
+            accuracy[row["site"]].append((point, float(row["accuracy"])))
+        elif row["phase"] == "train" and row["epsilon"]:
+            epsilon[row["site"]].append((point, float(row["epsilon"])))
+    return accuracy, epsilon
+
+
 def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     """One figure per task: federated and per-site accuracy, and ε per site vs budget."""
     rows = _read_metrics(run_dir)
@@ -78,16 +96,7 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     plots.mkdir(exist_ok=True)
     written: list[Path] = []
     for task in summary["tasks"]:
-        accuracy: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        epsilon: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for row in rows:
-            if row["task"] != task:
-                continue
-            point = int(row["round"])
-            if row["phase"] == "evaluate" and row["accuracy"]:
-                accuracy[row["site"]].append((point, float(row["accuracy"])))
-            elif row["phase"] == "train" and row["epsilon"]:
-                epsilon[row["site"]].append((point, float(row["epsilon"])))
+        accuracy, epsilon = plot_series(rows, task)
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         sites = sorted(s for s in summary["sites"] if summary["sites"][s]["task"] == task)
         colours = {site: f"C{index + 1}" for index, site in enumerate(sites)}
