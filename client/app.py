@@ -38,12 +38,17 @@ def site_config_from_node_config(context: Context) -> Path:
     return Path(str(value))
 
 
-def _error_reply(message: Message, exc: FedloraError) -> Message:
+def _error_reply(message: Message, exc: Exception) -> Message:
     """Refusals and bad payloads are explained to the server; local problems are not.
 
     A configuration or data error can name local paths, so only its kind leaves the
-    site; the operator sees the full message in the site's own log.
+    site; any other failure (a bug, an I/O error) leaves as a generic error. The operator
+    sees the full message in the site's own log.
     """
+    if not isinstance(exc, FedloraError):
+        logger.exception("site failed to handle a %s message", message.metadata.message_type)
+        code, reason = SITE_FAILED, "the site failed (see the site's log)"
+        return Message(Error(code=code, reason=reason), reply_to=message)
     logger.warning("%s", exc)
     if isinstance(exc, PolicyError):
         code, reason = REFUSED_BY_POLICY, str(exc)
@@ -94,14 +99,8 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
             # The site's privacy ledger is on disk before train() returns, so before the
             # update is handed to Flower.
             outcome = site.train(request, adapter, run=str(message.metadata.run_id))
-        except FedloraError as exc:
+        except Exception as exc:
             return _error_reply(message, exc)
-        except Exception:  # a bug or an I/O error: its text could name local paths
-            logger.exception("site failed to handle a %s message", message.metadata.message_type)
-            return Message(
-                Error(code=SITE_FAILED, reason="the site failed (see the site's log)"),
-                reply_to=message,
-            )
         metrics: dict[str, float | int] = {
             "num-examples": outcome.result.examples,
             "epsilon": outcome.epsilon,
@@ -117,14 +116,8 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
         try:
             site, request, adapter = _unpack(message, context, resolve_site)
             result = site.evaluate(request, adapter, run=str(message.metadata.run_id))
-        except FedloraError as exc:
+        except Exception as exc:
             return _error_reply(message, exc)
-        except Exception:  # a bug or an I/O error: its text could name local paths
-            logger.exception("site failed to handle a %s message", message.metadata.message_type)
-            return Message(
-                Error(code=SITE_FAILED, reason="the site failed (see the site's log)"),
-                reply_to=message,
-            )
         metrics: dict[str, float | int] = {
             "num-examples": result.examples,
             "eval-loss": result.loss,
@@ -137,14 +130,8 @@ def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) 
         """Who this node is: the public site name and the task it serves."""
         try:
             site = load_site(resolve_site(context))
-        except FedloraError as exc:
+        except Exception as exc:
             return _error_reply(message, exc)
-        except Exception:  # a bug or an I/O error: its text could name local paths
-            logger.exception("site failed to handle a %s message", message.metadata.message_type)
-            return Message(
-                Error(code=SITE_FAILED, reason="the site failed (see the site's log)"),
-                reply_to=message,
-            )
         return Message(
             RecordDict(
                 {
