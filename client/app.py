@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.site import Site, load_site
 from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
@@ -89,8 +90,11 @@ def _unpack(
     return site, RoundRequest.from_record(config), record_to_arrays(arrays)
 
 
-def build_client_app(resolve_site: SiteResolver = site_config_from_node_config) -> ClientApp:
-    app = ClientApp()
+def build_client_app(
+    resolve_site: SiteResolver = site_config_from_node_config, mods: list[Mod] | None = None
+) -> ClientApp:
+    """The ClientApp; ``mods`` wrap every handler (Flower mods, e.g. fault injection)."""
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

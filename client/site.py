@@ -29,7 +29,13 @@ from client.policy import check_cohort, check_request
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
 from client.sitelog import SiteLog
 from client.training import DPTrainer, EvalResult, TrainingPlan, TrainResult
-from common.adapters import AdapterArrays, AdapterSchema
+from common.adapters import (
+    AdapterArrays,
+    AdapterSchema,
+    is_lora_a,
+    seeded_lora_a,
+    without_lora_a,
+)
 from common.config import DicomDataConfig, SiteConfig, load_site_config
 from common.errors import PolicyError
 from common.protocol import SITE_CALIBRATED, SITE_REMAINING_BUDGET, RoundRequest
@@ -130,15 +136,29 @@ class Site:
     # -------------------------------------------------------------------- model ---
 
     def build_model(self, request: RoundRequest, adapter: AdapterArrays) -> PeftModel:
-        """Base model from the site's own directory, LoRA as the run asks, global weights in."""
+        """Base model from the site's own directory, LoRA as the run asks, global weights in.
+
+        Under FFA-LoRA the coordinator sends no A matrices: they are regenerated from the
+        run's seed and frozen, so only B (and the head) train.
+        """
         model = self.task.wrap_with_lora(
             self.task.load_base_model(self.config.site.base_model), request.lora
         )
         local = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
+        if request.freeze_lora_a:
+            frozen = seeded_lora_a(
+                {k: v.shape for k, v in local.items()}, request.seed, dtype=_lora_a_dtype(local)
+            )
+            AdapterSchema.of(without_lora_a(local)).check(adapter)
+            adapter = {**adapter, **frozen}
         AdapterSchema.of(local).check(adapter)
         set_peft_model_state_dict(
             model, {name: torch.from_numpy(np.array(value)) for name, value in adapter.items()}
         )
+        if request.freeze_lora_a:
+            for name, parameter in model.named_parameters():
+                if is_lora_a(name):
+                    parameter.requires_grad_(False)
         return model
 
     # ------------------------------------------------------------------ privacy ---
@@ -299,6 +319,8 @@ class Site:
         adapter_out = {
             k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
         }
+        if request.freeze_lora_a:
+            adapter_out = without_lora_a(adapter_out)
         logger.info(
             "site %s trained round %d: %d steps, ε=%.3f of %.3f",
             self.site_id,
@@ -321,6 +343,11 @@ class Site:
             check_cohort(self.config, data.holdout.persons, purpose="report metrics")
         model = self.build_model(request, adapter)
         return DPTrainer(model, self.task.input_names).evaluate(data.holdout)
+
+
+def _lora_a_dtype(adapter: AdapterArrays) -> str:
+    """The dtype of the model's LoRA A matrices (FFA-LoRA regenerates them in it)."""
+    return next((str(v.dtype) for k, v in adapter.items() if is_lora_a(k)), "float32")
 
 
 def load_site(path: Path) -> Site:

@@ -6,7 +6,8 @@ wire, as Flower ``Array``s (NumPy's ``.npy`` bytes, never pickle).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,17 @@ class AdapterSchema:
             )
         )
 
+    @property
+    def elements(self) -> int:
+        return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in self.entries)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(
+            int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            for _, shape, dtype in self.entries
+        )
+
     def check(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Raise UpdateError naming the first mismatch (missing, extra, shape, dtype)."""
         expected = {name: (shape, dtype) for name, shape, dtype in self.entries}
@@ -62,3 +74,53 @@ class AdapterSchema:
                 raise UpdateError(f"{name}: shape {tuple(value.shape)}, expected {shape}")
             if str(value.dtype) != dtype:
                 raise UpdateError(f"{name}: dtype {value.dtype}, expected {dtype}")
+
+
+# ------------------------------------------------------------------ FFA-LoRA ---
+#
+# FFA-LoRA freezes every LoRA A matrix at a random initialisation shared by the run and
+# trains B only. Each site's update is then B_k·A with the same A, so the mean of the
+# B_k times A *is* the mean of the updates: aggregation is exact, and only B (about
+# half of the LoRA tensors) travels. A is never sent: every party regenerates it from
+# the run's seed and the tensor's name.
+
+LORA_A_MARKER = ".lora_A."
+
+
+def is_lora_a(name: str) -> bool:
+    return LORA_A_MARKER in name
+
+
+def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(A name, B name) of every LoRA module in an adapter's tensor names."""
+    present = set(names)
+    pairs = []
+    for name in sorted(present):
+        if is_lora_a(name):
+            partner = name.replace(LORA_A_MARKER, ".lora_B.")
+            if partner in present:
+                pairs.append((name, partner))
+    return pairs
+
+
+def without_lora_a(arrays: Mapping[str, npt.NDArray[np.floating]]) -> AdapterArrays:
+    return {name: value for name, value in arrays.items() if not is_lora_a(name)}
+
+
+def seeded_lora_a(
+    shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: str = "float32"
+) -> AdapterArrays:
+    """The run's frozen A matrices: peft's own init distribution, U(±1/√fan_in), drawn
+    from a generator keyed by the run's seed and each tensor's name (so the order in
+    which parties build them does not matter)."""
+    frozen: AdapterArrays = {}
+    for name, shape in sorted(shapes.items()):
+        if not is_lora_a(name):
+            continue
+        if len(shape) != 2:
+            raise UpdateError(f"{name}: a LoRA A matrix must be 2-D, got shape {shape}")
+        key = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+        generator = np.random.default_rng(int.from_bytes(key[:16], "big"))
+        bound = 1.0 / np.sqrt(shape[1])
+        frozen[name] = generator.uniform(-bound, bound, size=shape).astype(dtype)
+    return frozen

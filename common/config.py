@@ -8,6 +8,7 @@ field, naming the field and what was expected.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -102,9 +103,15 @@ class PrivacyBudget(StrictModel):
     )
 
 
+SMALLEST_COHORT = 20
+"""No site may train or report on fewer people than this (k); a site may ask for more."""
+
+
 class SitePolicy(StrictModel):
     min_cohort: int = Field(
-        default=20, ge=20, description="Refuse to train or report on fewer records (k)."
+        default=SMALLEST_COHORT,
+        ge=SMALLEST_COHORT,
+        description="Refuse to train or report on fewer people (k).",
     )
     allowed_tasks: list[str] | None = Field(
         default=None, description="Tasks this site accepts; all when omitted."
@@ -172,11 +179,60 @@ class DPSettings(StrictModel):
     )
 
 
-class FederationConfig(StrictModel):
-    """One run of one task: what to train, for how long, and how privately."""
+class UpdateValidation(StrictModel):
+    """What the coordinator checks in every update before it may be aggregated."""
 
-    task: str
-    base_model: Path = Field(description="Directory of the frozen base model.")
+    max_update_norm: float | Literal["derived", "off"] = Field(
+        default="derived",
+        description="L2 bound on a site's update (its adapter minus the global one). "
+        "'derived': per reply, from the DP clipping bound, learning rate, steps and noise "
+        "(the most honest DP-SGD can move); a number: a fixed bound; 'off': no bound "
+        "(for robustness studies of the aggregators alone).",
+    )
+    max_payload_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Largest adapter payload accepted; omitted: twice the run's adapter size.",
+    )
+    min_examples: int = Field(
+        default=20, ge=1, description="Smallest num-examples accepted (sites refuse below 20)."
+    )
+    max_examples: int = Field(
+        default=10_000_000, ge=1, description="Largest num-examples accepted."
+    )
+
+    @field_validator("max_update_norm", mode="before")
+    @classmethod
+    def _not_a_flag(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("max_update_norm must be a number, 'derived' or 'off', not true/false")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UpdateValidation:
+        if self.min_examples > self.max_examples:
+            raise ValueError("min_examples must not exceed max_examples")
+        bound = self.max_update_norm
+        if isinstance(bound, float) and not (math.isfinite(bound) and bound > 0):
+            raise ValueError("max_update_norm must be a finite positive number, 'derived' or 'off'")
+        return self
+
+
+class RollbackGuard(StrictModel):
+    """Keep the best global adapter when federated accuracy falls too far below it."""
+
+    enabled: bool = True
+    max_accuracy_drop: float = Field(
+        default=0.03,
+        ge=0,
+        le=1,
+        description="Largest drop below the best accuracy (0.03 = 3 points).",
+    )
+
+
+class FederationSettings(StrictModel):
+    """How a task's federation runs: everything but which model and which task."""
+
     rounds: int = Field(default=5, ge=1, le=1000)
     local_epochs: int = Field(default=1, ge=1, le=100)
     batch_size: int = Field(default=32, ge=1, description="Expected (Poisson) batch size.")
@@ -185,10 +241,26 @@ class FederationConfig(StrictModel):
         default="sgd", description="'sgd' (momentum 0.9) is the robust choice under DP noise."
     )
     min_sites: int = Field(default=2, ge=1)
-    aggregator: str = "fedavg"
-    seed: int = 0
+    aggregator: str = Field(
+        default="fedavg",
+        description="fedavg, fedavg-ffa, trimmed-mean, trimmed-mean-symmetric or median.",
+    )
+    trim_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        lt=0.5,
+        description="trimmed-mean: fraction of sites dropped at each end, per coordinate.",
+    )
+    round_timeout: float = Field(
+        default=3600,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds to wait for replies; late sites are skipped.",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     dp: DPSettings = Field(default_factory=DPSettings)
+    validation: UpdateValidation = Field(default_factory=UpdateValidation)
+    rollback: RollbackGuard = Field(default_factory=RollbackGuard)
 
     @field_validator("lora")
     @classmethod
@@ -196,6 +268,14 @@ class FederationConfig(StrictModel):
         if value.dropout != 0.0:
             raise ValueError("LoRA dropout must be 0 under DP-SGD (per-sample gradients)")
         return value
+
+
+class FederationConfig(FederationSettings):
+    """One run of one task: what to train, for how long, how privately and how defended."""
+
+    task: str
+    base_model: Path = Field(description="Directory of the frozen base model.")
+    seed: int = 0
 
 
 # ------------------------------------------------------------------------ loading ---

@@ -53,6 +53,8 @@ class RoundRequest:
     lora_r: int
     lora_alpha: float
     lora_targets: list[str]
+    freeze_lora_a: bool
+    """FFA-LoRA: A stays at the run's seeded initialisation; sites train and send B only."""
     seed: int
 
     @classmethod
@@ -62,6 +64,7 @@ class RoundRequest:
         base_model_sha256: str,
         server_round: int,
         default_targets: tuple[str, ...],
+        freeze_lora_a: bool = False,
     ) -> RoundRequest:
         return cls(
             task=federation.task,
@@ -86,6 +89,7 @@ class RoundRequest:
             lora_r=federation.lora.r,
             lora_alpha=federation.lora.alpha,
             lora_targets=list(federation.lora.target_modules or default_targets),
+            freeze_lora_a=freeze_lora_a,
             seed=federation.seed,
         )
 
@@ -145,6 +149,8 @@ class RoundRequest:
             problems.append("epsilon_per_run must be positive (or -1: what is left)")
         if not problems and self.server_round > self.total_rounds:
             problems.append("server_round is past total_rounds")
+        if not isinstance(self.freeze_lora_a, bool):
+            problems.append("freeze_lora_a must be true or false")
         if not all(isinstance(target, str) for target in self.lora_targets):
             problems.append("lora_targets must be module names")
         if problems:

@@ -26,6 +26,8 @@ METRIC_COLUMNS = (
     "epsilon",
     "epsilon_budget",
     "delta",
+    "update_norm",
+    "lora_error",
     "reason",
 )
 
@@ -50,7 +52,12 @@ class RunRecorder:
     metrics_csv: Path
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     federated: dict[int, dict[str, float]] = field(default_factory=dict)
-    refusals: list[dict[str, str | int]] = field(default_factory=list)
+    exclusions: list[dict[str, str | int]] = field(default_factory=list)
+    """Every site that did not contribute to a phase of a round, with the reason."""
+    rollbacks: list[dict[str, str | int]] = field(default_factory=list)
+    failed_rounds: list[int] = field(default_factory=list)
+    lora_errors: dict[int, float] = field(default_factory=dict)
+    """Round -> the aggregate's LoRA product error (see server/aggregation.py)."""
 
     def _write(self, row: dict[str, object]) -> None:
         new = not self.metrics_csv.exists()
@@ -61,7 +68,9 @@ class RunRecorder:
                 writer.writeheader()
             writer.writerow({"task": self.task, **row})
 
-    def site_trained(self, server_round: int, site: str, metrics: dict[str, float]) -> None:
+    def site_trained(
+        self, server_round: int, site: str, metrics: dict[str, float], norm: float | None = None
+    ) -> None:
         record = self.sites.setdefault(site, SiteRecord())
         record.examples = int(metrics["num-examples"])
         record.epsilon = float(metrics["epsilon"])
@@ -78,6 +87,7 @@ class RunRecorder:
                 "epsilon": record.epsilon,
                 "epsilon_budget": record.epsilon_budget,
                 "delta": record.delta,
+                "update_norm": norm,
             }
         )
 
@@ -97,7 +107,7 @@ class RunRecorder:
     def site_failed(
         self, server_round: int, site: str, phase: str, status: str, reason: str
     ) -> None:
-        self.refusals.append(
+        self.exclusions.append(
             {
                 "round": server_round,
                 "site": site,
@@ -117,15 +127,40 @@ class RunRecorder:
             }
         )
 
-    def round_trained(self, server_round: int, examples: int, aggregated: bool) -> None:
-        """The federated train row: examples summed over the accepted updates."""
+    def round_trained(
+        self,
+        server_round: int,
+        examples: int,
+        lora_error: float | None,
+        failure: str | None = None,
+    ) -> None:
+        """The federated train row: examples summed over the accepted updates, and either
+        the aggregate's LoRA product error or why the round could not aggregate."""
+        if failure is not None:
+            self.failed_rounds.append(server_round)
+        if lora_error is not None:
+            self.lora_errors[server_round] = lora_error
         self._write(
             {
                 "round": server_round,
                 "site": FEDERATED,
                 "phase": "train",
-                "status": "aggregated" if aggregated else "skipped",
+                "status": "failed" if failure is not None else "aggregated",
                 "examples": examples,
+                "lora_error": lora_error,
+                "reason": failure,
+            }
+        )
+
+    def rolled_back(self, server_round: int, best_round: int, reason: str) -> None:
+        self.rollbacks.append({"round": server_round, "kept_round": best_round, "reason": reason})
+        self._write(
+            {
+                "round": server_round,
+                "site": FEDERATED,
+                "phase": "rollback",
+                "status": "rolled-back",
+                "reason": reason,
             }
         )
 

@@ -13,7 +13,7 @@ import torch
 from flwr.serverapp import Grid
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from common.adapters import AdapterSchema, arrays_to_record, payload_bytes
+from common.adapters import AdapterSchema, arrays_to_record, is_lora_a, seeded_lora_a
 from common.config import FederationConfig
 from common.protocol import RoundRequest
 from common.tasks import TASKS, model_fingerprint
@@ -21,6 +21,7 @@ from server.aggregation import AGGREGATORS
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
 from server.strategy import FedLoraStrategy
+from server.validation import UpdateLimits
 
 logger = logging.getLogger(__name__)
 
@@ -32,58 +33,79 @@ def full_model_bytes(model: torch.nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def run_federation(
-    grid: Grid, federation: FederationConfig, run_dir: Path, round_timeout: float = 3600
-) -> dict[str, Any]:
+def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out."""
     spec = TASKS.get(federation.task)
-    aggregator = AGGREGATORS.get(federation.aggregator)
+    aggregation = AGGREGATORS.get(federation.aggregator)
     base_sha256 = model_fingerprint(federation.base_model)
     torch.manual_seed(federation.seed)
     model = spec.wrap_with_lora(spec.load_base_model(federation.base_model), federation.lora)
     initial = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    frozen: dict[str, Any] = {}
+    if aggregation.freezes_lora_a:
+        dtypes = {str(v.dtype) for k, v in initial.items() if is_lora_a(k)}
+        frozen = seeded_lora_a(
+            {k: v.shape for k, v in initial.items()}, federation.seed, dtype=min(dtypes)
+        )
+        initial.update(frozen)
     recorder = RunRecorder(federation.task, run_dir / "metrics.csv")
     strategy = FedLoraStrategy(
         request_for_round=lambda r: RoundRequest.for_round(
-            federation, base_sha256, r, spec.default_lora_targets
+            federation,
+            base_sha256,
+            r,
+            spec.default_lora_targets,
+            freeze_lora_a=aggregation.freezes_lora_a,
         ),
-        schema=AdapterSchema.of(initial),
-        aggregator=aggregator,
+        initial=initial,
+        frozen=frozen,
+        aggregator=aggregation.build(federation.trim_fraction),
+        limits=UpdateLimits.for_run(
+            federation.validation,
+            AdapterSchema.of({k: v for k, v in initial.items() if k not in frozen}),
+        ),
         min_sites=federation.min_sites,
+        rollback=federation.rollback,
+        round_timeout=federation.round_timeout,
         recorder=recorder,
         checkpoints=CheckpointStore(run_dir / "checkpoints" / federation.task),
     )
     logger.info(
-        "%s: %d rounds, aggregator %s, adapter payload %d bytes",
+        "%s: %d rounds, aggregator %s, %d bytes per update",
         federation.task,
         federation.rounds,
         federation.aggregator,
-        payload_bytes(initial),
+        strategy.schema.payload_bytes,
     )
     strategy.start(
         grid=grid,
-        initial_arrays=arrays_to_record(initial),
+        initial_arrays=arrays_to_record(strategy.trained),
         num_rounds=federation.rounds,
-        timeout=round_timeout,
+        timeout=federation.round_timeout,
     )
-    final = strategy.last_aggregate or initial
+    final = strategy.global_adapter
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in final.items()})
     adapter_dir = run_dir / "adapters" / federation.task
     model.save_pretrained(str(adapter_dir))
 
-    last_round = max(recorder.federated) if recorder.federated else None
     result: dict[str, Any] = {
         "task": federation.task,
         "base_model_sha256": base_sha256,
         "aggregator": federation.aggregator,
         "rounds_planned": federation.rounds,
         "rounds_completed": strategy.rounds_aggregated,
-        "final": recorder.federated[last_round] if last_round else {"accuracy": 0.0, "loss": 0.0},
+        # The final adapter's own latest evaluation (the best's, after a final rollback).
+        "final": strategy.adapter_evaluation or {"accuracy": 0.0, "loss": 0.0},
+        "final_adapter_round": strategy.adapter_round,
         "per_round": {str(k): v for k, v in sorted(recorder.federated.items())},
         "sites": sorted(recorder.sites),
         "site_privacy": {site: asdict(record) for site, record in sorted(recorder.sites.items())},
-        "refusals": recorder.refusals,
-        "adapter_bytes": payload_bytes(final),
+        "exclusions": recorder.exclusions,
+        "lora_product_error": recorder.lora_errors,
+        "rollbacks": recorder.rollbacks,
+        "failed_rounds": recorder.failed_rounds,
+        "best_round": strategy.best.server_round if strategy.best else None,
+        "adapter_bytes": strategy.schema.payload_bytes,
         "model_parameters_bytes": full_model_bytes(model),
     }
     results = run_dir / RESULT_DIR

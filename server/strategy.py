@@ -2,27 +2,56 @@
 
 Sampling and messaging stay Flower's; what changes is what a round means here:
 every site gets the full round request (the site decides whether to take part), each
-reply is checked against the run's adapter schema, failures are recorded with their
-reason instead of sinking the round, and every aggregate is checkpointed.
+reply is validated (server/validation.py) before it may be aggregated, sites that
+fail, refuse or stay silent are recorded with their reason instead of sinking the
+round, every aggregate is checkpointed, and a round whose federated accuracy falls
+too far below the best so far gives way to the best adapter (the rollback guard).
+
+The strategy keeps the global adapter itself rather than trusting the arrays Flower's
+loop hands back, because the rollback guard may replace it after evaluation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import AdapterArrays, AdapterSchema, arrays_to_record
+from common.config import RollbackGuard
 from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
-from server.aggregation import Aggregator
+from server.aggregation import Aggregator, lora_product_error
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
-from server.strategy_utils import metric_record, parse_replies, remember_site, weighted_mean
+from server.strategy_utils import (
+    EXCLUSION_STATUSES,
+    FailedReply,
+    SiteReply,
+    metric_record,
+    missing_replies,
+    parse_replies,
+    remember_site,
+    rollback_reason,
+    weighted_mean,
+)
+from server.validation import UpdateLimits, check_evaluation, validate_update
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BestAdapter:
+    server_round: int
+    """The round whose aggregation produced this adapter (0: the initial one)."""
+    accuracy: float
+    loss: float
+    trained: AdapterArrays
 
 
 class FedLoraStrategy(FedAvg):
@@ -30,42 +59,82 @@ class FedLoraStrategy(FedAvg):
         self,
         *,
         request_for_round: Callable[[int], RoundRequest],
-        schema: AdapterSchema,
+        initial: AdapterArrays,
+        frozen: AdapterArrays,
         aggregator: Aggregator,
+        limits: UpdateLimits,
         min_sites: int,
+        rollback: RollbackGuard,
+        round_timeout: float,
         recorder: RunRecorder,
         checkpoints: CheckpointStore,
     ) -> None:
+        """``initial`` is the whole adapter; ``frozen`` the tensors no site trains or
+        sends (FFA-LoRA's A matrices; empty otherwise)."""
         super().__init__(
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
             min_available_nodes=min_sites,
         )
         self.request_for_round = request_for_round
-        self.schema = schema
+        self.frozen = dict(frozen)
+        self.trained = {k: v for k, v in initial.items() if k not in self.frozen}
+        """The global adapter's trained tensors: what travels each round."""
+        self.schema = AdapterSchema.of(self.trained)
         self.aggregator = aggregator
+        self.limits = limits
         self.min_sites = min_sites
+        self.rollback = rollback
+        self.round_timeout = round_timeout
         self.recorder = recorder
         self.checkpoints = checkpoints
         self.known_sites: dict[int, str] = {}
-        self.introduction_timeout = 120.0
+        self.introduction_timeout = min(120.0, round_timeout)
         self.rounds_aggregated = 0
-        self.last_aggregate: AdapterArrays | None = None
+        self.adapter_round = 0
+        """The round that produced the current global adapter (0: the initial one)."""
+        self.best: BestAdapter | None = None
+        self.adapter_evaluation: dict[str, float] | None = None
+        """The latest federated evaluation of the current global adapter."""
+        self.declared_examples: dict[str, float] = {}
+        """Each site's num-examples in this run: one dataset, one count."""
+        self._introduced: set[int] = set()
+        self._request: RoundRequest | None = None
+        self._sent_adapter: AdapterArrays = self.trained
+        self._sent_to: set[int] = set()
+
+    @property
+    def global_adapter(self) -> AdapterArrays:
+        """The whole current global adapter (trained and frozen tensors)."""
+        return {**self.trained, **self.frozen}
+
+    # ----------------------------------------------------------------- training ---
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        request = self.request_for_round(server_round).to_record()
-        messages = list(super().configure_train(server_round, arrays, request, grid))
-        self.introduce(grid, [m.metadata.dst_node_id for m in messages])
+        self._request = self.request_for_round(server_round)
+        self._sent_adapter = self.trained
+        messages = list(
+            super().configure_train(
+                server_round, arrays_to_record(self.trained), self._request.to_record(), grid
+            )
+        )
+        self._sent_to = {m.metadata.dst_node_id for m in messages}
+        self.introduce(grid, sorted(self._sent_to))
         return messages
 
     def introduce(self, grid: Grid, node_ids: list[int]) -> None:
         """Ask nodes we have not heard from which site they are, so that even a site that
         refuses every round is reported by name."""
-        unknown = [node for node in node_ids if node not in self.known_sites]
+        unknown = [
+            node
+            for node in node_ids
+            if node not in self.known_sites and node not in self._introduced
+        ]
         if not unknown:
             return
+        self._introduced.update(unknown)  # asked once: a silent node must not stall rounds
         queries = [
             Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
             for node in unknown
@@ -75,52 +144,97 @@ class FedLoraStrategy(FedAvg):
             if not reply.has_error():
                 remember_site(reply, self.known_sites)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        request = self.request_for_round(server_round).to_record()
-        return super().configure_evaluate(server_round, arrays, request, grid)
+    def _failures(self, server_round: int, phase: str, failures: list[FailedReply]) -> None:
+        for failure in failures:
+            self.recorder.site_failed(
+                server_round, failure.site, phase, failure.status, failure.reason
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good, bad = parse_replies(replies, self.known_sites, self.schema, TRAIN_METRICS)
-        for failure in bad:
-            self.recorder.site_failed(
-                server_round, failure.site, "train", failure.status, failure.reason
-            )
+        if self._request is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        received = list(replies)
+        check = partial(
+            validate_update,
+            reference=self._sent_adapter,
+            schema=self.schema,
+            request=self._request,
+            limits=self.limits,
+        )
+        parsed, bad = parse_replies(received, self.known_sites, check, TRAIN_METRICS)
+        bad += missing_replies(self._sent_to, received, self.known_sites, self.round_timeout)
+        good: list[SiteReply] = []
+        for reply in parsed:
+            changed = self._changed_count(reply)
+            if changed:
+                bad.append(FailedReply(reply.node_id, reply.site, "rejected", changed))
+            else:
+                good.append(reply)
+        self._failures(server_round, "train", bad)
         for reply in good:
-            self.recorder.site_trained(server_round, reply.site, reply.metrics)
-        weights = [reply.metrics["num-examples"] for reply in good]
+            self.recorder.site_trained(server_round, reply.site, reply.metrics, reply.norm)
+        counts = {
+            status: float(sum(1 for failure in bad if failure.status == status))
+            for status in EXCLUSION_STATUSES
+        }
+        updates = [reply.arrays for reply in good if reply.arrays is not None]
+        weights = [reply.metrics["num-examples"] for reply in good if reply.arrays is not None]
         if len(good) < self.min_sites:
-            logger.warning(
-                "round %d: %d usable update(s), fewer than the minimum of %d sites; "
-                "the global adapter is kept as it was",
-                server_round,
-                len(good),
-                self.min_sites,
+            reason = (
+                f"{len(good)} usable update(s), fewer than the minimum of {self.min_sites} "
+                "sites; the previous global adapter is kept"
             )
-            self.recorder.round_trained(server_round, int(sum(weights)), aggregated=False)
-            return None, None
-        aggregate = self.aggregator([r.arrays for r in good if r.arrays is not None], weights)
-        self.checkpoints.save(server_round, aggregate)
-        self.last_aggregate = aggregate
+            logger.warning("%s round %d failed: %s", self.recorder.task, server_round, reason)
+            self.recorder.round_trained(server_round, int(sum(weights)), None, reason)
+            return None, metric_record({"sites": float(len(good)), **counts})
+        aggregate = self.aggregator(updates, weights)
+        error = lora_product_error(
+            [{**update, **self.frozen} for update in updates],
+            weights,
+            {**aggregate, **self.frozen},
+        )
+        self.trained = aggregate
+        self.adapter_round = server_round
+        self.adapter_evaluation = None
+        lora_error = error if math.isfinite(error) else None
+        self.checkpoints.save(server_round, self.global_adapter)
         self.rounds_aggregated += 1
-        self.recorder.round_trained(server_round, int(sum(weights)), aggregated=True)
+        self.recorder.round_trained(server_round, int(sum(weights)), lora_error, None)
         metrics = {
             "examples": float(sum(weights)),
             "sites": float(len(good)),
+            **({"lora-product-error": lora_error} if lora_error is not None else {}),
+            **counts,
         }
-        return arrays_to_record(aggregate), metric_record(metrics)
+        return arrays_to_record(self.trained), metric_record(metrics)
+
+    # --------------------------------------------------------------- evaluation ---
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        request = self.request_for_round(server_round).to_record()
+        messages = list(
+            super().configure_evaluate(server_round, arrays_to_record(self.trained), request, grid)
+        )
+        self._sent_to = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        good, bad = parse_replies(replies, self.known_sites, None, EVALUATE_METRICS)
-        for failure in bad:
-            self.recorder.site_failed(
-                server_round, failure.site, "evaluate", failure.status, failure.reason
-            )
+        received = list(replies)
+        good, bad = parse_replies(
+            received,
+            self.known_sites,
+            None,
+            EVALUATE_METRICS,
+            check_metrics=partial(check_evaluation, limits=self.limits),
+        )
+        bad += missing_replies(self._sent_to, received, self.known_sites, self.round_timeout)
+        self._failures(server_round, "evaluate", bad)
         for reply in good:
             self.recorder.site_evaluated(server_round, reply.site, reply.metrics)
         if not good:
@@ -129,4 +243,39 @@ class FedLoraStrategy(FedAvg):
         loss = weighted_mean([r.metrics["eval-loss"] for r in good], weights)
         accuracy = weighted_mean([r.metrics["eval-accuracy"] for r in good], weights)
         self.recorder.round_evaluated(server_round, loss, accuracy, int(sum(weights)))
+        self._guard(server_round, accuracy, loss)
         return metric_record({"eval-loss": loss, "eval-accuracy": accuracy})
+
+    def _guard(self, server_round: int, accuracy: float, loss: float) -> None:
+        """The rollback guard: keep the best adapter when this round's fell too far."""
+        self.adapter_evaluation = {"round": server_round, "accuracy": accuracy, "loss": loss}
+        if not self.rollback.enabled:
+            return
+        best = self.best
+        reason = rollback_reason(
+            accuracy,
+            best.accuracy if best else None,
+            best.server_round if best else None,
+            self.rollback.max_accuracy_drop,
+        )
+        if reason is not None and best is not None:
+            logger.warning("%s round %d rolled back: %s", self.recorder.task, server_round, reason)
+            self.recorder.rolled_back(server_round, best.server_round, reason)
+            self.trained = best.trained
+            self.adapter_round = best.server_round
+            self.adapter_evaluation = {
+                "round": best.server_round,
+                "accuracy": best.accuracy,
+                "loss": best.loss,
+            }
+            return
+        if best is None or accuracy > best.accuracy:
+            self.best = BestAdapter(self.adapter_round, accuracy, loss, self.trained)
+
+    def _changed_count(self, reply: SiteReply) -> str | None:
+        """A site trains on one dataset through a run: a new count is a lie or a fault."""
+        examples = reply.metrics["num-examples"]
+        declared = self.declared_examples.setdefault(reply.site, examples)
+        if declared != examples:
+            return f"num-examples changed within the run, from {declared:g} to {examples:g}"
+        return None

@@ -5,16 +5,22 @@ No network and no Flower runtime is needed to test them: a reply is just a Messa
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from common.adapters import AdapterArrays, AdapterSchema, record_to_arrays
+from common.adapters import AdapterArrays
 from common.errors import UpdateError
 from common.protocol import REFUSED_BY_POLICY, SITE_ID_KEY
+
+logger = logging.getLogger(__name__)
+
+EXCLUSION_STATUSES = ("refused", "rejected", "failed", "timed-out")
+"""Why a site did not contribute to a phase of a round (see FailedReply.status)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,8 @@ class SiteReply:
     site: str
     metrics: dict[str, float]
     arrays: AdapterArrays | None
+    norm: float | None = None
+    """L2 norm of the update (its adapter minus the global one sent to it)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,8 @@ class FailedReply:
     node_id: int
     site: str
     status: str
-    """'refused' (the site's policy said no), 'rejected' (bad update) or 'failed'."""
+    """'refused' (the site's policy said no), 'rejected' (bad update), 'failed' (an error
+    reply) or 'timed-out' (no reply in time)."""
     reason: str
 
 
@@ -59,6 +68,27 @@ def _bind_site(node_id: int, claimed: str | None, known: dict[int, str]) -> tupl
     return claimed, None
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+MAX_REASON_CHARS = 300
+
+
+def readable_reason(reason: str | None) -> str:
+    """One line of an error reply's reason, fit for a CSV cell and a log line.
+
+    Flower reports an exception in a ClientApp as its whole (remote) traceback; the
+    message the exception carried is what a reader needs.
+    """
+    if not reason:
+        return "no reason given"
+    text = _ANSI_ESCAPE.sub("", reason)
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1].removesuffix("'>")
+    text = " ".join(text.split())
+    if not text:
+        return "no reason given"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
 def remember_site(message: Message, known: dict[int, str]) -> str | None:
     """Bind the name a node gives in an introduction; returns a reason if it contradicts."""
     return _bind_site(message.metadata.src_node_id, _claimed_site(message), known)[1]
@@ -84,31 +114,24 @@ def _metrics_of(message: Message, required: tuple[str, ...]) -> dict[str, float]
     return metrics
 
 
-def _adapter_of(message: Message, schema: AdapterSchema) -> AdapterArrays | str:
-    record = message.content.array_records.get("arrays")
-    if record is None:
-        return "reply carries no adapter"
-    try:
-        arrays = record_to_arrays(record)
-        schema.check(arrays)
-    except (UpdateError, ValueError) as exc:
-        return f"malformed update: {exc}"
-    not_finite = [name for name, value in arrays.items() if not np.isfinite(value).all()]
-    if not_finite:
-        return f"malformed update: non-finite values in {', '.join(not_finite[:3])}"
-    return arrays
+UpdateCheck = Callable[[ArrayRecord | None, dict[str, float]], tuple[AdapterArrays, float]]
+"""Validates a training reply's adapter against its metrics: (arrays, update norm), or
+UpdateError naming the failed check (see server/validation.py)."""
 
 
 def parse_replies(
     replies: Iterable[Message],
     known_sites: dict[int, str],
-    schema: AdapterSchema | None,
+    check_update: UpdateCheck | None,
     required_metrics: tuple[str, ...] = ("num-examples",),
+    check_metrics: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[list[SiteReply], list[FailedReply]]:
     """Split replies into usable ones and failures, each failure with its reason.
 
-    With a schema, the ``arrays`` record of each reply is checked against it (and for
-    finite values); without, the reply is an evaluation and carries metrics only.
+    With ``check_update``, each reply's ``arrays`` record must pass it; without, the
+    reply is an evaluation and carries metrics only. ``check_metrics`` raises
+    UpdateError for numbers no honest site reports. A reply is data from another party:
+    nothing in it may stop the round, so a check that breaks rejects that reply only.
     """
     good: list[SiteReply] = []
     bad: list[FailedReply] = []
@@ -117,7 +140,7 @@ def parse_replies(
         site, identity_problem = _bind_site(node_id, _claimed_site(message), known_sites)
         if message.has_error():
             status = "refused" if message.error.code == REFUSED_BY_POLICY else "failed"
-            reason = message.error.reason or "no reason given"
+            reason = readable_reason(message.error.reason)
             bad.append(FailedReply(node_id, site, status, reason))
             continue
         if identity_problem:
@@ -128,14 +151,39 @@ def parse_replies(
             bad.append(FailedReply(node_id, site, "rejected", metrics))
             continue
         arrays: AdapterArrays | None = None
-        if schema is not None:
-            adapter = _adapter_of(message, schema)
-            if isinstance(adapter, str):
-                bad.append(FailedReply(node_id, site, "rejected", adapter))
-                continue
-            arrays = adapter
-        good.append(SiteReply(node_id, site, metrics, arrays))
+        norm: float | None = None
+        try:
+            if check_metrics is not None:
+                check_metrics(metrics)
+            if check_update is not None:
+                arrays, norm = check_update(message.content.array_records.get("arrays"), metrics)
+        except UpdateError as exc:
+            prefix = "malformed update" if check_update is not None else "implausible metrics"
+            bad.append(FailedReply(node_id, site, "rejected", f"{prefix}: {exc}"))
+            continue
+        except Exception as exc:
+            logger.exception("checking a reply of %s failed", site)
+            reason = f"the reply could not be checked ({type(exc).__name__})"
+            bad.append(FailedReply(node_id, site, "rejected", reason))
+            continue
+        good.append(SiteReply(node_id, site, metrics, arrays, norm))
     return good, bad
+
+
+def missing_replies(
+    sent: Iterable[int], replies: Sequence[Message], known_sites: dict[int, str], timeout: float
+) -> list[FailedReply]:
+    """Nodes that were sent a message and did not answer within the round's timeout."""
+    answered = {message.metadata.src_node_id for message in replies}
+    return [
+        FailedReply(
+            node,
+            known_sites.get(node, f"node-{node}"),
+            "timed-out",
+            f"no reply within {timeout:g} s",
+        )
+        for node in sorted(set(sent) - answered)
+    ]
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
@@ -147,3 +195,18 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
 
 def metric_record(values: dict[str, float]) -> MetricRecord:
     return MetricRecord(dict(values))
+
+
+def rollback_reason(
+    accuracy: float, best_accuracy: float | None, best_round: int | None, max_drop: float
+) -> str | None:
+    """Why the round's adapter must give way to the best one so far, or None to keep it."""
+    if best_accuracy is None or best_round is None:
+        return None
+    if accuracy < best_accuracy - max_drop:
+        return (
+            f"federated accuracy {accuracy:.3f} is more than {max_drop:.3f} below the best "
+            f"so far ({best_accuracy:.3f}, round {best_round}); the round {best_round} "
+            "adapter is kept"
+        )
+    return None

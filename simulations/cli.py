@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from server.aggregation import AGGREGATORS
 from simulations.report import build_summary, print_summary, write_plots
 from simulations.runner import prepare, run_task
 from simulations.scenario import builtin_scenarios, load_scenario
@@ -93,9 +95,19 @@ def _rich_logging(console: Console, verbose: bool) -> Iterator[None]:
     help="Where the synthetic sites live; reused when the scenario is unchanged, so each "
     "site's privacy state persists across runs (default: runs/data/<scenario>).",
 )
+@click.option(
+    "--aggregator",
+    type=click.Choice(AGGREGATORS.names()),
+    help="Override every task's aggregator (see the README's Server defenses).",
+)
 @click.pass_context
 def simulate(
-    ctx: click.Context, scenario: str, out: Path | None, rounds: int | None, data_dir: Path | None
+    ctx: click.Context,
+    scenario: str,
+    out: Path | None,
+    rounds: int | None,
+    data_dir: Path | None,
+    aggregator: str | None,
 ) -> None:
     """Run SCENARIO on Flower's Simulation Engine: one federation per task.
 
@@ -127,7 +139,9 @@ def simulate(
                 verb = "generated" if generated else "reused"
                 progress.update(sites_bar, advance=1, description=f"sites ({site} {verb})")
 
-            prepared = prepare(loaded, run_dir, data_root, rounds=rounds, on_site=site_ready)
+            prepared = prepare(
+                loaded, run_dir, data_root, rounds=rounds, on_site=site_ready, aggregator=aggregator
+            )
             bars = {
                 task: progress.add_task(f"{task}", total=federation.rounds)
                 for task, federation in prepared.federations.items()
@@ -137,7 +151,13 @@ def simulate(
             rounds_logger.addHandler(handler)
             try:
                 for task, federation in prepared.federations.items():
-                    run_task(federation, prepared.site_configs[task], run_dir, verbose=verbose)
+                    run_task(
+                        federation,
+                        prepared.site_configs[task],
+                        run_dir,
+                        verbose=verbose,
+                        behaviours=prepared.behaviours[task],
+                    )
             finally:
                 rounds_logger.removeHandler(handler)
     summary = build_summary(loaded, run_dir, time.monotonic() - started)
@@ -145,4 +165,8 @@ def simulate(
     print_summary(summary, run_dir, Console())
 
 
-simulate.help = (simulate.help or "") + "\n\nBuilt-in scenarios: " + ", ".join(builtin_scenarios())
+simulate.help = (
+    inspect.cleandoc(simulate.help or "")
+    + "\n\nBuilt-in scenarios: "
+    + ", ".join(builtin_scenarios())
+)

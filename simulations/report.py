@@ -18,6 +18,7 @@ from rich.table import Table
 from client.site import Site
 from common.config import load_site_config
 from server.reporting import FEDERATED
+from server.strategy_utils import EXCLUSION_STATUSES
 from simulations.scenario import Scenario
 
 
@@ -36,20 +37,24 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
             "base_model_sha256": result["base_model_sha256"],
             "adapter_bytes": result["adapter_bytes"],
             "model_parameters_bytes": result["model_parameters_bytes"],
-            "refusals": result["refusals"],
+            "exclusions": result["exclusions"],
+            "excluded_updates": _count_statuses(result["exclusions"], "train"),
+            "rollbacks": result["rollbacks"],
+            "failed_rounds": result["failed_rounds"],
+            "lora_product_error": result["lora_product_error"],
         }
         for spec in scenario.sites_of(task):
             record = result["site_privacy"].get(spec.id)
             site = Site(load_site_config(run_dir / "sites" / f"{spec.id}.toml"))
-            refused = [
-                r for r in result["refusals"] if r["site"] == spec.id and r["phase"] == "train"
-            ]
+            own = [r for r in result["exclusions"] if r["site"] == spec.id]
+            excluded = _count_statuses(own, "train")
             sites[spec.id] = {
                 "kind": spec.kind,
                 "task": task,
                 "examples": record["examples"] if record else 0,
                 "rounds_trained": record["rounds_trained"] if record else 0,
-                "rounds_refused": len(refused),
+                "rounds_refused": excluded["refused"],
+                "updates_excluded": sum(excluded.values()) - excluded["refused"],
                 # A local simulation may read each site's own ledger: the lifetime ε,
                 # also for a site that refused every round of this run.
                 "epsilon_spent": site.open_ledger(site.load_data().dataset).epsilon(),
@@ -64,6 +69,14 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _count_statuses(exclusions: list[dict[str, Any]], phase: str) -> dict[str, int]:
+    """How many of a phase's exclusions had each status (refused, rejected, …)."""
+    return {
+        status: sum(1 for e in exclusions if e["phase"] == phase and e["status"] == status)
+        for status in EXCLUSION_STATUSES
+    }
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -148,21 +161,36 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    # One column per task, so the table stays narrow however many figures a task has.
     tasks = Table(title=f"fedlora simulation — scenario {summary['scenario']!r}")
-    for column in ("task", "rounds", "accuracy", "loss", "sites", "refusals"):
-        tasks.add_column(column, justify="left" if column in ("task", "sites") else "right")
-    for name, task in summary["tasks"].items():
-        tasks.add_row(
-            name,
-            f"{task['rounds_completed']}/{task['rounds_planned']}",
-            f"{task['final']['accuracy']:.3f}",
-            f"{task['final']['loss']:.3f}",
-            str(len(task["sites"])),
-            str(len(task["refusals"])),
-        )
+    tasks.add_column("")
+    for name in summary["tasks"]:
+        tasks.add_column(name, justify="right")
+    rows: dict[str, list[str]] = {
+        "aggregator": [],
+        "rounds": [],
+        "accuracy": [],
+        "loss": [],
+        "sites": [],
+        "refused": [],
+        "excluded": [],
+        "rollbacks": [],
+    }
+    for task in summary["tasks"].values():
+        excluded = task["excluded_updates"]
+        rows["aggregator"].append(task["aggregator"])
+        rows["rounds"].append(f"{task['rounds_completed']}/{task['rounds_planned']}")
+        rows["accuracy"].append(f"{task['final']['accuracy']:.3f}")
+        rows["loss"].append(f"{task['final']['loss']:.3f}")
+        rows["sites"].append(str(len(task["sites"])))
+        rows["refused"].append(str(excluded["refused"]))
+        rows["excluded"].append(str(sum(excluded.values()) - excluded["refused"]))
+        rows["rollbacks"].append(str(len(task["rollbacks"])))
+    for label, values in rows.items():
+        tasks.add_row(label, *values)
     deltas = sorted({f"{site['delta']:g}" for site in summary["sites"].values()})
     sites = Table(title=f"sites (δ = {', '.join(deltas)})")
-    for column in ("site", "records", "rounds", "refused", "ε spent", "ε budget"):
+    for column in ("site", "records", "rounds", "refused", "excluded", "ε spent", "ε budget"):
         sites.add_column(column, justify="left" if column == "site" else "right", no_wrap=True)
     for name, site in summary["sites"].items():
         sites.add_row(
@@ -170,9 +198,19 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
             str(site["examples"]),
             str(site["rounds_trained"]),
             str(site["rounds_refused"]),
+            str(site["updates_excluded"]),
             f"{site['epsilon_spent']:.2f}",
             f"{site['epsilon_budget']:.2f}",
         )
     console.print(tasks)
     console.print(sites)
+    console.print(
+        "refused: rounds a site's policy or budget said no; excluded: updates rejected by "
+        "validation, error replies and timeouts (reasons in metrics.csv)"
+    )
+    for name, task in summary["tasks"].items():
+        counts = {k: v for k, v in task["excluded_updates"].items() if v}
+        if counts:
+            details = ", ".join(f"{count} {status}" for status, count in counts.items())
+            console.print(f"{name}: {details}")
     console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")

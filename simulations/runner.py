@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,14 @@ from client.app import build_client_app
 from common.config import FederationConfig, load_site_config
 from common.tasks import TASKS
 from server.app import build_server_app
+from simulations.faults import fault_mods
 from simulations.generators.dicom import (
     public_pretext_images,
     write_corrupt_examples,
     write_hospital,
 )
 from simulations.generators.tabular import bank_schema, write_bank
-from simulations.scenario import BankSpec, HospitalSpec, Scenario
+from simulations.scenario import BankSpec, HospitalSpec, Scenario, SiteBehaviour
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _generation_marker(spec: HospitalSpec | BankSpec, scenario: Scenario) -> dic
         "generator": GENERATOR_VERSION,
         "seed": scenario.seed,
         "image_size": scenario.image_size,
-        **spec.model_dump(exclude={"epsilon", "delta"}),
+        **spec.model_dump(exclude={"epsilon", "delta", "behaviour"}),
     }
 
 
@@ -217,6 +218,8 @@ class PreparedRun:
     federations: dict[str, FederationConfig]
     site_configs: dict[str, list[Path]]
     """Task -> the site TOML files of its federation (partition order)."""
+    behaviours: dict[str, list[SiteBehaviour | None]]
+    """Task -> each site's injected fault (None: honest), in the same order."""
 
 
 def prepare(
@@ -225,17 +228,21 @@ def prepare(
     data_dir: Path,
     rounds: int | None = None,
     on_site: Callable[[str, bool], None] | None = None,
+    aggregator: str | None = None,
 ) -> PreparedRun:
     """Generate or reuse data and models; write site and federation configs into run_dir."""
     (run_dir / "sites").mkdir(parents=True, exist_ok=True)
     (run_dir / "federation").mkdir(parents=True, exist_ok=True)
     federations: dict[str, FederationConfig] = {}
     site_configs: dict[str, list[Path]] = {}
+    behaviours: dict[str, list[SiteBehaviour | None]] = {}
     for task, settings in scenario.tasks.items():
         base_model = build_base_model(task, scenario, data_dir / "models")
         values = settings.model_dump()
         if rounds is not None:
             values["rounds"] = rounds
+        if aggregator is not None:
+            values["aggregator"] = aggregator
         federation = FederationConfig.model_validate(
             {**values, "task": task, "base_model": base_model, "seed": scenario.seed}
         )
@@ -243,6 +250,7 @@ def prepare(
         document = federation.model_dump(mode="json", exclude_none=True)
         (run_dir / "federation" / f"{task}.toml").write_text(tomli_w.dumps(document))
         site_configs[task] = []
+        behaviours[task] = [spec.behaviour for spec in scenario.sites_of(task)]
         for spec in scenario.sites_of(task):
             site_dir = data_dir / "sites" / spec.id
             generated = generate_site_data(spec, scenario, site_dir)
@@ -256,7 +264,7 @@ def prepare(
             )
             load_site_config(path)  # what we wrote must validate like an operator's file
             site_configs[task].append(path)
-    return PreparedRun(federations, site_configs)
+    return PreparedRun(federations, site_configs, behaviours)
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -267,11 +275,21 @@ class _DropDeprecationNotice(logging.Filter):
 
 
 def run_task(
-    federation: FederationConfig, site_configs: list[Path], run_dir: Path, verbose: bool = False
+    federation: FederationConfig,
+    site_configs: list[Path],
+    run_dir: Path,
+    verbose: bool = False,
+    behaviours: Sequence[SiteBehaviour | None] = (),
 ) -> None:
-    """One federation on Flower's Simulation Engine: one virtual SuperNode per site."""
+    """One federation on Flower's Simulation Engine: one virtual SuperNode per site.
+
+    ``behaviours`` (one per site, in order) injects faults; empty: every site is honest.
+    """
     server_app = build_server_app(lambda _context: (federation, run_dir))
-    client_app = build_client_app(PartitionSites(tuple(str(p) for p in site_configs)))
+    sites = PartitionSites(tuple(str(p) for p in site_configs))
+    client_app = build_client_app(
+        sites, mods=fault_mods(behaviours or [None] * len(site_configs), sites)
+    )
     notice_filter = _DropDeprecationNotice()
     flower_logger = logging.getLogger("flwr")
     flower_logger.addFilter(notice_filter)

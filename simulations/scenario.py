@@ -10,9 +10,30 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from common.config import DPSettings, LoraSettings, StrictModel, read_toml, validate_model
+from common.config import FederationSettings, StrictModel, read_toml, validate_model
 from common.errors import ConfigError
 from common.tasks import TASKS
+
+BehaviourKind = Literal[
+    "nan", "inf", "wrong-shape", "missing-keys", "scaled", "oversized", "error", "crash", "slow"
+]
+
+
+class SiteBehaviour(StrictModel):
+    """How a simulated site misbehaves in training rounds (fault injection).
+
+    The site trains honestly, then its reply is corrupted: ``nan``/``inf`` values,
+    a ``wrong-shape`` tensor, ``missing-keys``, an update ``scaled`` by ``factor``, an
+    ``oversized`` payload, an ``error`` reply (without training), a ``crash`` (the
+    site's process dies after ``crash_after_steps`` optimiser steps) or a ``slow``
+    reply (``delay`` seconds late: a straggler). Evaluation stays honest.
+    """
+
+    kind: BehaviourKind
+    factor: float = Field(default=1000.0, description="scaled: the update's multiplier.")
+    delay: float = Field(default=0.0, ge=0, description="slow: seconds before replying.")
+    crash_after_steps: int = Field(default=1, ge=1, description="crash: steps before dying.")
+    from_round: int = Field(default=1, ge=1, description="First round that misbehaves.")
 
 
 class HospitalSpec(StrictModel):
@@ -26,6 +47,9 @@ class HospitalSpec(StrictModel):
     corrupt_files: bool = Field(default=False, description="Add a few unusable files.")
     epsilon: float = Field(default=8.0, gt=0)
     delta: float = Field(default=1e-5, gt=0)
+    behaviour: SiteBehaviour | None = Field(
+        default=None, description="Fault injection for robustness studies; honest if unset."
+    )
 
 
 class BankSpec(StrictModel):
@@ -36,23 +60,17 @@ class BankSpec(StrictModel):
     format: Literal["csv", "parquet"] = "csv"
     epsilon: float = Field(default=8.0, gt=0)
     delta: float = Field(default=1e-5, gt=0)
+    behaviour: SiteBehaviour | None = Field(
+        default=None, description="Fault injection for robustness studies; honest if unset."
+    )
 
 
 SiteSpec = Annotated[HospitalSpec | BankSpec, Field(discriminator="kind")]
 
 
-class TaskRunSpec(StrictModel):
-    """A FederationConfig without the parts the simulation supplies (base model path)."""
-
-    rounds: int = Field(default=5, ge=1)
-    local_epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=0.1, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    min_sites: int = Field(default=2, ge=1)
-    aggregator: str = "fedavg"
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    dp: DPSettings = Field(default_factory=DPSettings)
+class TaskRunSpec(FederationSettings):
+    """A FederationConfig without the parts the simulation supplies (task, base model,
+    seed)."""
 
 
 class Scenario(StrictModel):

@@ -86,7 +86,7 @@ def test_epsilon_accumulates_and_a_spent_site_refuses(tmp_path: Path) -> None:
     for site in ("bank-a", "bank-b"):
         assert third["sites"][site]["rounds_trained"] == 2
         assert third["sites"][site]["epsilon_spent"] == pytest.approx(3.0, abs=0.15)
-    refusal = next(r for r in task["refusals"] if r["site"] == "bank-small")
+    refusal = next(r for r in task["exclusions"] if r["site"] == "bank-small")
     assert refusal["status"] == "refused"
     assert "asks for ε=1.00 but only 0.5" in refusal["reason"]
 

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict
-from peft import get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 
 from client.app import build_client_app
 from client.ledger import PrivacyLedger
 from client.site import Site
-from common.adapters import arrays_to_record, record_to_arrays
+from common.adapters import (
+    arrays_to_record,
+    is_lora_a,
+    record_to_arrays,
+    seeded_lora_a,
+    without_lora_a,
+)
 from common.config import FederationConfig, LoraSettings, load_site_config
 from common.errors import PolicyError, UpdateError
 from common.protocol import (
@@ -322,3 +329,147 @@ def test_a_delta_not_below_one_over_people_is_refused(
     site = _site(small_scenario, site_workspace, tmp_path, delta=0.009)
     with pytest.raises(PolicyError, match="is not below 1/"):
         site.plan_round(_request(site), 200, site.open_ledger(site.load_data().dataset), "run-1")
+
+
+# ------------------------------------------------------------------- FFA-LoRA ---
+
+FFA_SEED = 11
+
+
+def _ffa_federation(site: Site, seed: int = FFA_SEED) -> FederationConfig:
+    return FederationConfig(
+        task=site.task.name,
+        base_model=site.config.site.base_model,
+        rounds=1,
+        batch_size=16,
+        learning_rate=0.5,
+        aggregator="fedavg-ffa",
+        seed=seed,
+        lora=LoraSettings(r=4),
+    )
+
+
+def _ffa_request(federation: FederationConfig, freeze_lora_a: bool = True) -> RoundRequest:
+    spec = TASKS.get(federation.task)
+    return RoundRequest.for_round(
+        federation,
+        model_fingerprint(federation.base_model),
+        1,
+        spec.default_lora_targets,
+        freeze_lora_a=freeze_lora_a,
+    )
+
+
+def _server_initial(
+    federation: FederationConfig,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(initial global adapter, its frozen A matrices), built as server/run.py builds them."""
+    spec = TASKS.get(federation.task)
+    torch.manual_seed(federation.seed)
+    model = spec.wrap_with_lora(spec.load_base_model(federation.base_model), federation.lora)
+    initial = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    frozen = seeded_lora_a({k: v.shape for k, v in initial.items()}, federation.seed)
+    initial.update(frozen)
+    return initial, frozen
+
+
+def test_an_ffa_round_trains_b_only_and_keeps_the_run_seeded_a(
+    small_scenario, site_workspace, tmp_path, monkeypatch
+) -> None:
+    site = _site(small_scenario, site_workspace, tmp_path, site_id="bank-a")
+    federation = _ffa_federation(site)
+    request = _ffa_request(federation)
+    initial, frozen = _server_initial(federation)
+    assert frozen and all(is_lora_a(name) for name in frozen)
+    sent = without_lora_a(initial)
+    assert not any(is_lora_a(name) for name in sent)
+
+    built: list[PeftModel] = []
+    build_model = Site.build_model
+
+    def keep_model(self: Site, request: RoundRequest, adapter: dict[str, np.ndarray]) -> PeftModel:
+        model = build_model(self, request, adapter)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(Site, "build_model", keep_model)
+    outcome = site.train(request, sent, run="ffa-run")
+
+    # Only B and the head come back, with the schema the coordinator sent.
+    assert set(outcome.adapter) == set(sent)
+    assert not any(is_lora_a(name) for name in outcome.adapter)
+    for name, value in outcome.adapter.items():
+        assert value.shape == sent[name].shape and value.dtype == sent[name].dtype, name
+    b_names = [name for name in sent if ".lora_B." in name]
+    assert len(b_names) == len(frozen)
+    for name in b_names:
+        assert not np.array_equal(outcome.adapter[name], sent[name]), f"{name} did not train"
+    assert outcome.epsilon > 0
+
+    # The site's model: A is the run's seeded A, frozen, and did not move in training.
+    (model,) = built
+    a_parameters = {n: p for n, p in model.named_parameters() if is_lora_a(n)}
+    assert len(a_parameters) == len(frozen)
+    assert not any(p.requires_grad for p in a_parameters.values())
+    b_parameters = [p for n, p in model.named_parameters() if ".lora_B." in n]
+    assert b_parameters and all(p.requires_grad for p in b_parameters)
+    state = get_peft_model_state_dict(model)
+    for name, value in frozen.items():
+        np.testing.assert_array_equal(state[name].detach().numpy(), value, err_msg=name)
+    # And what the site reports is the model it trained.
+    for name, value in outcome.adapter.items():
+        np.testing.assert_array_equal(state[name].detach().numpy(), value, err_msg=name)
+
+    # Evaluation under FFA fills in the same A: it matches evaluating B with the seeded A
+    # sent explicitly, and differs from B with another seed's A.
+    ffa_eval = site.evaluate(request, outcome.adapter, run="ffa-run")
+    plain = _ffa_request(federation, freeze_lora_a=False)
+    with_a = site.evaluate(plain, {**outcome.adapter, **frozen}, run="ffa-run")
+    assert ffa_eval.loss == pytest.approx(with_a.loss, rel=1e-6, abs=1e-7)
+    assert ffa_eval.accuracy == with_a.accuracy
+    other_a = seeded_lora_a({k: v.shape for k, v in initial.items()}, FFA_SEED + 1)
+    with_other_a = site.evaluate(plain, {**outcome.adapter, **other_a}, run="ffa-run")
+    assert with_other_a.loss != pytest.approx(ffa_eval.loss, rel=1e-6, abs=1e-7)
+
+
+def test_an_ffa_request_with_lora_a_in_the_adapter_is_refused(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    site = _site(small_scenario, site_workspace, tmp_path, site_id="bank-a")
+    federation = _ffa_federation(site)
+    request = _ffa_request(federation)
+    initial, _frozen = _server_initial(federation)
+    with pytest.raises(UpdateError, match=r"unexpected tensors: .*lora_A"):
+        site.train(request, initial, run="ffa-run")
+    with pytest.raises(UpdateError, match=r"unexpected tensors: .*lora_A"):
+        site.evaluate(request, initial, run="ffa-run")
+    # Refused before training: nothing was charged to the site's budget.
+    assert site.open_ledger(site.load_data().dataset).state.entries == []
+    # The other way round: a plain request needs the A matrices.
+    plain = _ffa_request(federation, freeze_lora_a=False)
+    with pytest.raises(UpdateError, match=r"missing tensors: .*lora_A"):
+        site.evaluate(plain, without_lora_a(initial), run="ffa-run")
+
+
+def test_the_client_app_runs_an_ffa_round(small_scenario, site_workspace, tmp_path) -> None:
+    config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
+    site = Site(load_site_config(config_path))
+    federation = _ffa_federation(site)
+    request = _ffa_request(federation)
+    initial, _frozen = _server_initial(federation)
+    sent = without_lora_a(initial)
+    app = build_client_app()
+
+    def message(kind: str) -> Message:
+        content = RecordDict({"arrays": arrays_to_record(sent), "config": request.to_record()})
+        return Message(content, dst_node_id=1, message_type=kind)
+
+    reply = app(message(MessageType.TRAIN), _context(config_path))
+    assert not reply.has_error(), reply.error
+    arrays = record_to_arrays(reply.content.array_records["arrays"])
+    assert set(arrays) == set(sent)
+    assert sum(a.nbytes for a in arrays.values()) < sum(a.nbytes for a in initial.values())
+
+    evaluation = app(message(MessageType.EVALUATE), _context(config_path))
+    assert not evaluation.has_error(), evaluation.error
+    assert 0.0 <= evaluation.content.metric_records["metrics"]["eval-accuracy"] <= 1.0

@@ -11,8 +11,12 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from common.adapters import (
     AdapterSchema,
     arrays_to_record,
+    is_lora_a,
+    lora_pairs,
     payload_bytes,
     record_to_arrays,
+    seeded_lora_a,
+    without_lora_a,
 )
 from common.errors import FedloraError, UpdateError
 
@@ -192,3 +196,211 @@ def test_schema_float16_is_rejected() -> None:
     update = {**_adapter(), "classifier.weight": np.zeros((2, 16), np.float16)}
     with pytest.raises(UpdateError, match=r"classifier\.weight: dtype float16"):
         schema.check(update)
+
+
+def test_schema_elements_and_payload_bytes() -> None:
+    schema = AdapterSchema.of(_adapter())
+    assert schema.elements == 64 + 64 + 32 + 2
+    assert schema.payload_bytes == 4 * (64 + 64 + 32 + 2)
+    assert schema.payload_bytes == payload_bytes(_adapter())
+
+
+def test_schema_payload_bytes_counts_each_dtype_and_empty_and_scalar_tensors() -> None:
+    arrays = {
+        "a": np.zeros((16, 4), np.float32),  # 64 elements, 256 bytes
+        "b": np.zeros((3,), np.float64),  # 3 elements, 24 bytes
+        "c": np.zeros((0, 8), np.float32),  # 0 elements
+        "d": np.zeros((), np.float16),  # 1 element, 2 bytes
+    }
+    schema = AdapterSchema.of(arrays)
+    assert schema.elements == 68
+    assert schema.payload_bytes == 282 == payload_bytes(arrays)
+    assert AdapterSchema.of({}).elements == 0
+    assert AdapterSchema.of({}).payload_bytes == 0
+
+
+def test_schema_elements_do_not_overflow_for_large_tensors() -> None:
+    # Only the schema is built here: the tensor itself would not fit in memory.
+    schema = AdapterSchema((("huge", (70_000, 70_000), "float32"),))
+    assert schema.elements == 4_900_000_000
+    assert schema.payload_bytes == 19_600_000_000
+
+
+# -------------------------------------------------------------------- FFA-LoRA ---
+
+PEFT_SHAPES: dict[str, tuple[int, ...]] = {
+    "base_model.model.layers.0.attention.q_proj.lora_A.weight": (4, 32),
+    "base_model.model.layers.0.attention.q_proj.lora_B.weight": (32, 4),
+    "base_model.model.layers.0.attention.v_proj.lora_A.weight": (4, 64),
+    "base_model.model.layers.0.attention.v_proj.lora_B.weight": (64, 4),
+    "base_model.model.layers.1.attention.q_proj.lora_A.weight": (8, 16),
+    "base_model.model.layers.1.attention.q_proj.lora_B.weight": (16, 8),
+    "base_model.model.classifier.weight": (2, 32),
+    "base_model.model.classifier.bias": (2,),
+}
+A_NAMES = sorted(name for name in PEFT_SHAPES if ".lora_A." in name)
+
+
+def _peft_adapter() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {
+        name: rng.standard_normal(shape).astype(np.float32) for name, shape in PEFT_SHAPES.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("base_model.model.layers.0.attention.q_proj.lora_A.weight", True),
+        ("base_model.model.layers.0.attention.q_proj.lora_A.default.weight", True),
+        ("base_model.model.layers.0.attention.q_proj.lora_B.weight", False),
+        ("base_model.model.classifier.weight", False),
+        ("lora_A.weight", False),  # the marker is a whole path component
+        ("base_model.model.lora_Alpha.weight", False),
+        ("base_model.model.x.lora_a.weight", False),
+    ],
+)
+def test_is_lora_a(name: str, expected: bool) -> None:
+    assert is_lora_a(name) is expected
+
+
+def test_seeded_lora_a_is_deterministic_for_the_same_seed_and_name() -> None:
+    first = seeded_lora_a(PEFT_SHAPES, seed=7)
+    second = seeded_lora_a(dict(PEFT_SHAPES), seed=7)
+    assert sorted(first) == A_NAMES == sorted(second)
+    for name in A_NAMES:
+        assert first[name].tobytes() == second[name].tobytes(), name
+    # A party that only knows one module gets the very same matrix for it.
+    alone = seeded_lora_a({A_NAMES[1]: PEFT_SHAPES[A_NAMES[1]]}, seed=7)
+    np.testing.assert_array_equal(alone[A_NAMES[1]], first[A_NAMES[1]])
+
+
+def test_seeded_lora_a_differs_across_seeds() -> None:
+    zero, one, other = (seeded_lora_a(PEFT_SHAPES, seed) for seed in (0, 1, 12345))
+    for name in A_NAMES:
+        assert not np.array_equal(zero[name], one[name]), name
+        assert not np.array_equal(one[name], other[name]), name
+        assert not np.array_equal(zero[name], other[name]), name
+
+
+def test_seeded_lora_a_differs_across_names_of_the_same_shape() -> None:
+    shapes = {
+        "m.layers.0.q.lora_A.weight": (4, 32),
+        "m.layers.1.q.lora_A.weight": (4, 32),
+        "m.layers.0.v.lora_A.weight": (4, 32),
+    }
+    frozen = seeded_lora_a(shapes, seed=3)
+    values = [frozen[name].tobytes() for name in shapes]
+    assert len(set(values)) == len(values)
+
+
+def test_seeded_lora_a_does_not_depend_on_the_order_of_the_mapping() -> None:
+    forward = seeded_lora_a(PEFT_SHAPES, seed=9)
+    backward = seeded_lora_a(dict(reversed(list(PEFT_SHAPES.items()))), seed=9)
+    assert set(forward) == set(backward)
+    for name in A_NAMES:
+        np.testing.assert_array_equal(forward[name], backward[name])
+
+
+def test_seeded_lora_a_returns_only_lora_a_tensors() -> None:
+    frozen = seeded_lora_a(PEFT_SHAPES, seed=1)
+    assert sorted(frozen) == A_NAMES
+    assert all(is_lora_a(name) for name in frozen)
+    assert seeded_lora_a({"m.classifier.weight": (2, 3), "m.x.lora_B.weight": (3, 2)}, 1) == {}
+    assert seeded_lora_a({}, 1) == {}
+
+
+def test_seeded_lora_a_values_follow_peft_init_bounds() -> None:
+    frozen = seeded_lora_a(PEFT_SHAPES, seed=2)
+    for name in A_NAMES:
+        value = frozen[name]
+        assert value.shape == PEFT_SHAPES[name]
+        assert value.dtype == np.float32
+        bound = 1.0 / np.sqrt(PEFT_SHAPES[name][1])
+        assert np.all(np.isfinite(value))
+        assert np.all(np.abs(value) <= bound), name
+        # Uniform over the whole interval, not a constant or a narrow band.
+        assert value.max() > 0.5 * bound and value.min() < -0.5 * bound, name
+        assert len(np.unique(value)) == value.size
+
+
+def test_seeded_lora_a_uses_fan_in_the_second_dimension() -> None:
+    wide = seeded_lora_a({"m.x.lora_A.weight": (2, 10_000)}, seed=0)["m.x.lora_A.weight"]
+    assert np.abs(wide).max() <= 0.01
+    assert np.abs(wide).max() > 0.009  # 20 000 draws reach close to the bound
+
+
+def test_seeded_lora_a_honours_the_dtype() -> None:
+    frozen = seeded_lora_a(PEFT_SHAPES, seed=2, dtype="float64")
+    assert all(value.dtype == np.float64 for value in frozen.values())
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4), ()])
+def test_seeded_lora_a_rejects_a_matrix_that_is_not_2d(shape: tuple[int, ...]) -> None:
+    shapes = {"m.layers.0.q.lora_A.weight": shape, "m.layers.0.q.lora_B.weight": (4, 2)}
+    with pytest.raises(UpdateError, match=r"m\.layers\.0\.q\.lora_A\.weight: .*must be 2-D"):
+        seeded_lora_a(shapes, seed=0)
+
+
+def test_seeded_lora_a_accepts_shapes_given_as_torch_sizes() -> None:
+    torch = pytest.importorskip("torch")
+    name = "m.layers.0.q.lora_A.weight"
+    from_torch = seeded_lora_a({name: torch.zeros(4, 8).shape}, seed=4)
+    from_tuple = seeded_lora_a({name: (4, 8)}, seed=4)
+    np.testing.assert_array_equal(from_torch[name], from_tuple[name])
+
+
+def test_lora_pairs_matches_each_a_with_its_b() -> None:
+    pairs = lora_pairs(PEFT_SHAPES)
+    assert pairs == [
+        (
+            "base_model.model.layers.0.attention.q_proj.lora_A.weight",
+            "base_model.model.layers.0.attention.q_proj.lora_B.weight",
+        ),
+        (
+            "base_model.model.layers.0.attention.v_proj.lora_A.weight",
+            "base_model.model.layers.0.attention.v_proj.lora_B.weight",
+        ),
+        (
+            "base_model.model.layers.1.attention.q_proj.lora_A.weight",
+            "base_model.model.layers.1.attention.q_proj.lora_B.weight",
+        ),
+    ]
+    # Any iterable of names: a generator, in any order.
+    assert lora_pairs(name for name in reversed(list(PEFT_SHAPES))) == pairs
+
+
+def test_lora_pairs_skips_unpaired_tensors() -> None:
+    names = [
+        "m.a.lora_A.weight",  # no B
+        "m.b.lora_B.weight",  # no A
+        "m.c.lora_A.weight",
+        "m.c.lora_B.weight",
+        "m.classifier.weight",
+    ]
+    assert lora_pairs(names) == [("m.c.lora_A.weight", "m.c.lora_B.weight")]
+    assert lora_pairs([]) == []
+    assert lora_pairs(without_lora_a(_peft_adapter())) == []
+
+
+def test_without_lora_a_keeps_everything_else_untouched() -> None:
+    adapter = _peft_adapter()
+    kept = without_lora_a(adapter)
+    assert sorted(kept) == sorted(set(PEFT_SHAPES) - set(A_NAMES))
+    for name, value in kept.items():
+        assert value is adapter[name]  # not copied, not converted
+    assert set(adapter) == set(PEFT_SHAPES)  # the input is not modified
+    assert without_lora_a({}) == {}
+
+
+def test_without_lora_a_plus_seeded_lora_a_has_the_full_schema() -> None:
+    adapter = _peft_adapter()
+    rebuilt = {
+        **without_lora_a(adapter),
+        **seeded_lora_a({k: v.shape for k, v in adapter.items()}, seed=0),
+    }
+    AdapterSchema.of(adapter).check(rebuilt)
+    full, sent = AdapterSchema.of(adapter), AdapterSchema.of(without_lora_a(adapter))
+    a_elements = sum(int(np.prod(PEFT_SHAPES[name])) for name in A_NAMES)
+    assert full.elements - sent.elements == a_elements
+    assert full.payload_bytes - sent.payload_bytes == 4 * a_elements

@@ -449,3 +449,221 @@ def test_state_dir_inside_the_data_is_refused(tmp_path: Path) -> None:
     )
     message = _error(load_site_config, _write(tmp_path, text))
     assert "state_dir must not lie inside data.path" in message
+
+
+# ---------------------------------------------------- update validation, rollback ---
+
+
+def _federation_with(tmp_path: Path, extra: str, top: str = "") -> Path:
+    """The FEDERATION file with ``top`` keys added at the top level and ``extra`` sections
+    appended."""
+    text = _replace(FEDERATION, "min_sites = 3\n", f"min_sites = 3\n{top}")
+    return _write(tmp_path, text + extra, "run.toml")
+
+
+def test_validation_and_rollback_defaults() -> None:
+    config = FederationConfig(task="t", base_model=Path("/m"))
+    assert config.validation.max_update_norm == "derived"
+    assert config.validation.max_payload_bytes is None
+    assert config.validation.min_examples == 20
+    assert config.validation.max_examples == 10_000_000
+    assert config.rollback.enabled is True
+    assert config.rollback.max_accuracy_drop == 0.03
+    assert config.trim_fraction == 0.2
+    assert config.round_timeout == 3600
+    assert config.aggregator == "fedavg"
+
+
+def test_a_file_without_the_new_sections_gets_the_defaults(tmp_path: Path) -> None:
+    config = load_federation_config(_write(tmp_path, FEDERATION, "run.toml"))
+    assert config.validation == FederationConfig(task="t", base_model=Path("/m")).validation
+    assert config.rollback.enabled is True
+    assert config.rollback.max_accuracy_drop == 0.03
+
+
+def test_federation_file_with_validation_and_rollback_sections(tmp_path: Path) -> None:
+    path = _federation_with(
+        tmp_path,
+        """
+[validation]
+max_update_norm = 2.5
+max_payload_bytes = 100000
+min_examples = 50
+max_examples = 5000
+
+[rollback]
+enabled = false
+max_accuracy_drop = 0.1
+""",
+        top='aggregator = "trimmed-mean"\ntrim_fraction = 0.25\nround_timeout = 90.5\n',
+    )
+    config = load_federation_config(path)
+    assert config.aggregator == "trimmed-mean"
+    assert config.trim_fraction == 0.25
+    assert config.round_timeout == 90.5
+    assert config.validation.max_update_norm == 2.5
+    assert isinstance(config.validation.max_update_norm, float)
+    assert config.validation.max_payload_bytes == 100_000
+    assert (config.validation.min_examples, config.validation.max_examples) == (50, 5000)
+    assert config.rollback.enabled is False
+    assert config.rollback.max_accuracy_drop == 0.1
+    # What the file did not touch is unchanged.
+    assert config.rounds == 7
+    assert config.dp.noise_multiplier == 1.1
+
+
+@pytest.mark.parametrize("value", ['"derived"', '"off"'])
+def test_max_update_norm_keywords(tmp_path: Path, value: str) -> None:
+    path = _federation_with(tmp_path, f"\n[validation]\nmax_update_norm = {value}\n")
+    assert load_federation_config(path).validation.max_update_norm == value.strip('"')
+
+
+def test_max_update_norm_given_as_an_integer_is_a_number(tmp_path: Path) -> None:
+    path = _federation_with(tmp_path, "\n[validation]\nmax_update_norm = 3\n")
+    norm = load_federation_config(path).validation.max_update_norm
+    assert norm == 3.0
+    assert not isinstance(norm, str)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("-1", "max_update_norm must be a finite positive number, 'derived' or 'off'"),
+        ("0", "max_update_norm must be a finite positive number, 'derived' or 'off'"),
+        ("0.0", "max_update_norm must be a finite positive number, 'derived' or 'off'"),
+        # NaN would switch the check off silently: no norm is ever greater than NaN.
+        ("nan", "max_update_norm must be a finite positive number, 'derived' or 'off'"),
+        ("inf", "max_update_norm must be a finite positive number, 'derived' or 'off'"),
+        ("true", "max_update_norm must be a number, 'derived' or 'off', not true/false"),
+    ],
+)
+def test_max_update_norm_must_be_a_finite_positive_number(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    path = _federation_with(tmp_path, f"\n[validation]\nmax_update_norm = {value}\n")
+    message = _error(load_federation_config, path)
+    assert "validation" in message
+    assert expected in message
+
+
+def test_round_timeout_must_be_finite(tmp_path: Path) -> None:
+    path = _federation_with(tmp_path, "", top="round_timeout = inf\n")
+    message = _error(load_federation_config, path)
+    assert "round_timeout: Input should be a finite number" in message
+
+
+@pytest.mark.parametrize("value", ['"sometimes"', '"Derived"', '""'])
+def test_max_update_norm_unknown_word(tmp_path: Path, value: str) -> None:
+    path = _federation_with(tmp_path, f"\n[validation]\nmax_update_norm = {value}\n")
+    message = _error(load_federation_config, path)
+    assert "validation.max_update_norm" in message
+    assert "'derived'" in message and "'off'" in message
+
+
+def test_min_examples_above_max_examples(tmp_path: Path) -> None:
+    path = _federation_with(tmp_path, "\n[validation]\nmin_examples = 500\nmax_examples = 100\n")
+    message = _error(load_federation_config, path)
+    assert "  - validation: " in message
+    assert "min_examples must not exceed max_examples" in message
+
+
+def test_min_examples_equal_to_max_examples_is_accepted(tmp_path: Path) -> None:
+    path = _federation_with(tmp_path, "\n[validation]\nmin_examples = 100\nmax_examples = 100\n")
+    config = load_federation_config(path)
+    assert config.validation.min_examples == config.validation.max_examples == 100
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("min_examples = 0", "validation.min_examples: Input should be greater than or equal to 1"),
+        ("max_examples = 0", "validation.max_examples: Input should be greater than or equal to 1"),
+        ("max_payload_bytes = 0", "validation.max_payload_bytes: Input should be greater than 0"),
+        (
+            "max_payload_bytes = 1.5",
+            "validation.max_payload_bytes: Input should be a valid integer",
+        ),
+    ],
+)
+def test_validation_bounds(tmp_path: Path, line: str, expected: str) -> None:
+    message = _error(
+        load_federation_config, _federation_with(tmp_path, f"\n[validation]\n{line}\n")
+    )
+    assert f"  - {expected}" in message
+
+
+@pytest.mark.parametrize("value", ["0.5", "0.7", "-0.1"])
+def test_trim_fraction_must_leave_sites(tmp_path: Path, value: str) -> None:
+    path = _federation_with(tmp_path, "", top=f"trim_fraction = {value}\n")
+    message = _error(load_federation_config, path)
+    assert "  - trim_fraction: Input should be" in message
+
+
+def test_trim_fraction_zero_and_just_below_half_are_accepted(tmp_path: Path) -> None:
+    for value in (0.0, 0.49):
+        path = _federation_with(tmp_path, "", top=f"trim_fraction = {value}\n")
+        assert load_federation_config(path).trim_fraction == value
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_round_timeout_must_be_positive(tmp_path: Path, value: str) -> None:
+    path = _federation_with(tmp_path, "", top=f"round_timeout = {value}\n")
+    message = _error(load_federation_config, path)
+    assert "  - round_timeout: Input should be greater than 0" in message
+
+
+def test_unknown_key_under_validation_is_reported(tmp_path: Path) -> None:
+    path = _federation_with(tmp_path, "\n[validation]\nmax_update_nrom = 2.0\n")
+    message = _error(load_federation_config, path)
+    assert "  - validation.max_update_nrom: unknown key (check the spelling)" in message
+
+
+def test_unknown_key_under_rollback_is_reported(tmp_path: Path) -> None:
+    path = _federation_with(tmp_path, "\n[rollback]\nenable = true\n")
+    message = _error(load_federation_config, path)
+    assert "  - rollback.enable: unknown key (check the spelling)" in message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("max_accuracy_drop = 1.5", "rollback.max_accuracy_drop: Input should be less than"),
+        ("max_accuracy_drop = -0.01", "rollback.max_accuracy_drop: Input should be greater"),
+        ('enabled = "sometimes"', "rollback.enabled: Input should be a valid boolean"),
+    ],
+)
+def test_rollback_bad_values(tmp_path: Path, line: str, expected: str) -> None:
+    message = _error(load_federation_config, _federation_with(tmp_path, f"\n[rollback]\n{line}\n"))
+    assert f"  - {expected}" in message
+
+
+def test_several_problems_in_the_new_sections_are_each_reported(tmp_path: Path) -> None:
+    path = _federation_with(
+        tmp_path,
+        '\n[validation]\nmax_update_norm = "sometimes"\nmin_examples = 0\n'
+        "\n[rollback]\nmax_accuracy_drop = 2\n",
+        top="trim_fraction = 0.5\n",
+    )
+    message = _error(load_federation_config, path)
+    for field in (
+        "trim_fraction",
+        "validation.max_update_norm",
+        "validation.min_examples",
+        "rollback.max_accuracy_drop",
+    ):
+        assert f"  - {field}" in message, field
+
+
+def test_the_settings_are_shared_with_the_simulation_task_spec() -> None:
+    from common.config import FederationSettings
+    from simulations.scenario import TaskRunSpec
+
+    assert issubclass(TaskRunSpec, FederationSettings)
+    assert issubclass(FederationConfig, FederationSettings)
+    spec = TaskRunSpec.model_validate(
+        {"validation": {"max_update_norm": "off"}, "rollback": {"enabled": False}}
+    )
+    assert spec.validation.max_update_norm == "off"
+    assert spec.rollback.enabled is False
+    with pytest.raises(ValidationError, match="min_examples must not exceed max_examples"):
+        TaskRunSpec.model_validate({"validation": {"min_examples": 9, "max_examples": 3}})

@@ -60,6 +60,7 @@ def test_for_round_copies_the_federation_settings() -> None:
         lora_r=4,
         lora_alpha=8.0,
         lora_targets=["q_proj", "v_proj"],
+        freeze_lora_a=False,
         seed=11,
     )
 
@@ -113,12 +114,35 @@ def test_to_record_uses_dashed_keys() -> None:
         "lora-r",
         "lora-alpha",
         "lora-targets",
+        "freeze-lora-a",
         "seed",
     }
     assert record["server-round"] == 2
     assert record["base-model-sha256"] == SHA
     assert record["noise-multiplier"] == -1.0
     assert record["lora-targets"] == ["q_proj"]
+    assert record["freeze-lora-a"] is False
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_lora_a_is_carried_over_the_wire(freeze: bool) -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 2, ("q_proj",), freeze_lora_a=freeze)
+    assert request.freeze_lora_a is freeze
+    record = request.to_record()
+    contents = {key: obj.deflate() for key, obj in get_all_nested_objects(record).items()}
+    inflated = inflate_object_from_contents(record.object_id, contents)
+    assert isinstance(inflated, ConfigRecord)
+    again = RoundRequest.from_record(inflated)
+    assert again == request
+    assert again.freeze_lora_a is freeze
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", 1.0])
+def test_freeze_lora_a_must_be_a_bool(value: object) -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",)).to_record()
+    record["freeze-lora-a"] = value  # type: ignore[assignment]
+    with pytest.raises(UpdateError, match="freeze_lora_a must be true or false"):
+        RoundRequest.from_record(record)
 
 
 @pytest.mark.parametrize("sigma", [None, 1.3])
@@ -146,7 +170,9 @@ def test_record_round_trip_over_flowers_wire_format() -> None:
     assert RoundRequest.from_record(inflated) == request
 
 
-@pytest.mark.parametrize("key", ["base-model-sha256", "lora-targets", "seed", "task"])
+@pytest.mark.parametrize(
+    "key", ["base-model-sha256", "lora-targets", "freeze-lora-a", "seed", "task"]
+)
 def test_missing_key_is_named(key: str) -> None:
     record = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",)).to_record()
     del record[key]

@@ -95,6 +95,6 @@ def test_builtin_task_registry() -> None:
 def test_builtin_aggregator_registry() -> None:
     assert AGGREGATORS.kind == "aggregator"
     assert "fedavg" in AGGREGATORS
-    assert AGGREGATORS.get("fedavg") is fedavg
+    assert AGGREGATORS.get("fedavg").build(0.2) is fedavg
     with pytest.raises(RegistryError, match=r"unknown aggregator 'krum'; known: .*fedavg"):
         AGGREGATORS.get("krum")

@@ -41,8 +41,17 @@ def metadata(node_id: int, message_type: str = MessageType.TRAIN) -> Metadata:
 
 
 def train_metrics(
-    examples: int, loss: float = 0.5, accuracy: float = 0.75, epsilon: float = 1.0
+    examples: int,
+    loss: float = 0.5,
+    accuracy: float = 0.75,
+    epsilon: float = 1.0,
+    *,
+    steps: int = 1,
+    noise_multiplier: float = 1.1,
 ) -> dict[str, float | int]:
+    """A training reply's metrics. The defaults pass server/validation.py's checks for
+    any plausible count (one step is always within ⌈num-examples / batch⌉ · epochs);
+    ``train-loss`` and ``train-accuracy`` are extras the strategy must not release."""
     return {
         "num-examples": examples,
         "train-loss": loss,
@@ -50,8 +59,20 @@ def train_metrics(
         "epsilon": epsilon,
         "epsilon-budget": 8.0,
         "delta": 1e-5,
-        "noise-multiplier": 1.1,
-        "steps": 10,
+        "noise-multiplier": noise_multiplier,
+        "steps": steps,
+    }
+
+
+def nudged(
+    reference: Mapping[str, np.ndarray], seed: int, scale: float = 0.01
+) -> dict[str, np.ndarray]:
+    """An honest-looking update: ``reference`` moved by a little seeded noise, well within
+    any norm bound DP-SGD derives for a step."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: (value + scale * rng.standard_normal(value.shape)).astype(value.dtype)
+        for name, value in reference.items()
     }
 
 

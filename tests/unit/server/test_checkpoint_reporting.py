@@ -1,4 +1,4 @@
-"""CheckpointStore (safetensors per round) and RunRecorder (metrics.csv, refusals)."""
+"""CheckpointStore (safetensors per round) and RunRecorder (metrics.csv, exclusions)."""
 
 from __future__ import annotations
 
@@ -135,16 +135,16 @@ def test_header_is_written_once(tmp_path: Path) -> None:
 
 def test_a_second_recorder_appends_to_the_same_file(tmp_path: Path) -> None:
     csv_path = tmp_path / "metrics.csv"
-    RunRecorder("a", csv_path).round_trained(1, 2, aggregated=True)
-    RunRecorder("b", csv_path).round_trained(1, 0, aggregated=False)
+    RunRecorder("a", csv_path).round_trained(1, 2, 0.0)
+    RunRecorder("b", csv_path).round_trained(1, 0, None, "no usable update")
     rows = _rows(csv_path)
-    assert [(r["task"], r["status"]) for r in rows] == [("a", "aggregated"), ("b", "skipped")]
+    assert [(r["task"], r["status"]) for r in rows] == [("a", "aggregated"), ("b", "failed")]
 
 
 def test_site_trained_row_and_record(tmp_path: Path) -> None:
     recorder = RunRecorder("dicom-classification", tmp_path / "metrics.csv")
     recorder.site_trained(1, "hospital-a", _train(30, 0.5))
-    recorder.site_trained(2, "hospital-a", _train(32, 0.9))
+    recorder.site_trained(2, "hospital-a", _train(32, 0.9), 0.125)
 
     assert recorder.sites == {
         "hospital-a": SiteRecord(
@@ -164,8 +164,12 @@ def test_site_trained_row_and_record(tmp_path: Path) -> None:
         "epsilon": "0.9",
         "epsilon_budget": "8.0",
         "delta": "1e-05",
+        "update_norm": "0.125",
+        "lora_error": "",
         "reason": "",
     }
+    # Without a norm (the default) the column stays empty.
+    assert _rows(tmp_path / "metrics.csv")[0]["update_norm"] == ""
 
 
 def test_site_evaluated_row(tmp_path: Path) -> None:
@@ -185,14 +189,14 @@ def test_site_evaluated_row(tmp_path: Path) -> None:
     assert recorder.sites == {}
 
 
-def test_site_failed_appends_to_refusals_and_logs(
+def test_site_failed_appends_to_exclusions_and_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     recorder = RunRecorder("t", tmp_path / "metrics.csv")
     with caplog.at_level(logging.WARNING, logger="fedlora.rounds"):
         recorder.site_failed(2, "bank-b", "train", "refused", "privacy budget spent")
         recorder.site_failed(2, "bank-c", "evaluate", "rejected", "bad update")
-    assert recorder.refusals == [
+    assert recorder.exclusions == [
         {
             "round": 2,
             "site": "bank-b",
@@ -227,8 +231,8 @@ def test_reason_with_commas_and_newlines_survives_csv(tmp_path: Path) -> None:
 
 def test_round_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     recorder = RunRecorder("t", tmp_path / "metrics.csv")
-    recorder.round_trained(1, 3, aggregated=True)
-    recorder.round_trained(2, 1, aggregated=False)
+    recorder.round_trained(1, 3, 0.25)
+    recorder.round_trained(2, 1, None, "1 usable update(s), fewer than the minimum of 2 sites")
     with caplog.at_level(logging.INFO, logger="fedlora.rounds"):
         recorder.round_evaluated(2, loss=0.4, accuracy=0.8, examples=120)
 
@@ -236,11 +240,48 @@ def test_round_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = _rows(tmp_path / "metrics.csv")
     assert [(r["round"], r["site"], r["phase"], r["status"]) for r in rows] == [
         ("1", FEDERATED, "train", "aggregated"),
-        ("2", FEDERATED, "train", "skipped"),
+        ("2", FEDERATED, "train", "failed"),
         ("2", FEDERATED, "evaluate", "ok"),
     ]
+    assert (rows[0]["examples"], rows[0]["lora_error"], rows[0]["reason"]) == ("3", "0.25", "")
+    assert (rows[1]["examples"], rows[1]["lora_error"]) == ("1", "")
+    assert rows[1]["reason"] == "1 usable update(s), fewer than the minimum of 2 sites"
+    assert recorder.failed_rounds == [2]
     assert (rows[2]["examples"], rows[2]["loss"], rows[2]["accuracy"]) == ("120", "0.4", "0.8")
     (record,) = [r for r in caplog.records if r.name == "fedlora.rounds"]
     assert record.fedlora_task == "t"  # type: ignore[attr-defined]
     assert record.fedlora_round == 2  # type: ignore[attr-defined]
     assert record.accuracy == 0.8  # type: ignore[attr-defined]
+
+
+def test_round_trained_failure_defaults_to_none(tmp_path: Path) -> None:
+    recorder = RunRecorder("t", tmp_path / "metrics.csv")
+    recorder.round_trained(4, 80, 0.0)
+    (row,) = _rows(tmp_path / "metrics.csv")
+    assert (row["status"], row["lora_error"], row["reason"]) == ("aggregated", "0.0", "")
+    assert recorder.failed_rounds == []
+
+
+def test_rolled_back_row_and_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = RunRecorder("t", tmp_path / "metrics.csv")
+    reason = "federated accuracy 0.700 is more than 0.030 below the best so far"
+    recorder.rolled_back(5, 3, reason)
+    assert recorder.rollbacks == [{"round": 5, "kept_round": 3, "reason": reason}]
+    (row,) = _rows(tmp_path / "metrics.csv")
+    assert row == {
+        "task": "t",
+        "round": "5",
+        "site": FEDERATED,
+        "phase": "rollback",
+        "status": "rolled-back",
+        "examples": "",
+        "loss": "",
+        "accuracy": "",
+        "epsilon": "",
+        "epsilon_budget": "",
+        "delta": "",
+        "update_norm": "",
+        "lora_error": "",
+        "reason": reason,
+    }
+    assert recorder.failed_rounds == []

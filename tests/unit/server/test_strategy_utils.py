@@ -1,31 +1,75 @@
-"""parse_replies and weighted_mean: every reply is accepted or failed with its reason."""
+"""parse_replies, missing_replies, readable_reason, rollback_reason and weighted_mean:
+every reply is accepted or failed with its reason."""
 
 from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from common.adapters import AdapterSchema
-from common.protocol import BAD_GLOBAL_ADAPTER, REFUSED_BY_POLICY, SITE_MISCONFIGURED
+from common.adapters import AdapterArrays, AdapterSchema, record_to_arrays
+from common.config import FederationConfig
+from common.errors import UpdateError
+from common.protocol import (
+    BAD_GLOBAL_ADAPTER,
+    REFUSED_BY_POLICY,
+    SITE_MISCONFIGURED,
+    TRAIN_METRICS,
+    RoundRequest,
+)
 from server.strategy_utils import (
+    MAX_REASON_CHARS,
     FailedReply,
     SiteReply,
     metric_record,
+    missing_replies,
     parse_replies,
+    readable_reason,
+    rollback_reason,
     weighted_mean,
 )
-from tests.unit.server.replies import error_reply, eval_metrics, metadata, reply, train_metrics
+from server.validation import UpdateLimits, update_norm, validate_update
+from tests.unit.server.replies import (
+    error_reply,
+    eval_metrics,
+    metadata,
+    nudged,
+    reply,
+    train_metrics,
+)
 
 SHAPES = {"q.lora_A": (2, 6), "q.lora_B": (6, 2), "classifier.weight": (2, 6)}
 
 
-def _adapter(seed: int = 0) -> dict[str, np.ndarray]:
+def _global(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
 
 
-SCHEMA = AdapterSchema.of(_adapter())
+GLOBAL = _global()
+"""The adapter the coordinator sent; honest updates are small moves away from it."""
+SCHEMA = AdapterSchema.of(GLOBAL)
+REQUEST = RoundRequest.for_round(
+    FederationConfig(task="tabular-classification", base_model=Path("/m")), "f" * 64, 1, ("q",)
+)
+LIMITS = UpdateLimits(
+    # These toy tensors are smaller than their .npy headers: size is not what is tested here.
+    max_payload_bytes=1_000_000,
+    min_examples=1,
+    max_examples=10_000_000,
+    norm_bound="derived",
+)
+CHECK = partial(validate_update, reference=GLOBAL, schema=SCHEMA, request=REQUEST, limits=LIMITS)
+"""The strategy's own check (server/validation.py), bound as the strategy binds it."""
+
+
+def _adapter(seed: int = 0) -> dict[str, np.ndarray]:
+    """An update that passes CHECK."""
+    return nudged(GLOBAL, seed)
 
 
 def test_good_train_reply_is_parsed() -> None:
@@ -34,7 +78,7 @@ def test_good_train_reply_is_parsed() -> None:
     good, bad = parse_replies(
         [reply(11, metrics=train_metrics(120, loss=0.4), arrays=arrays, site="bank-a")],
         known,
-        SCHEMA,
+        CHECK,
     )
     assert bad == []
     assert len(good) == 1
@@ -49,6 +93,10 @@ def test_good_train_reply_is_parsed() -> None:
     assert set(parsed.arrays) == set(arrays)
     for name, value in arrays.items():
         np.testing.assert_array_equal(parsed.arrays[name], value)
+    # The norm of the update, measured from the adapter the site was sent.
+    assert parsed.norm is not None
+    assert parsed.norm == pytest.approx(update_norm(arrays, GLOBAL), rel=1e-12)
+    assert 0 < parsed.norm < 1
     # The node is now known by its site name.
     assert known == {11: "bank-a"}
 
@@ -56,26 +104,26 @@ def test_good_train_reply_is_parsed() -> None:
 def test_refused_reply_keeps_the_sites_reason() -> None:
     known = {5: "hospital-b"}
     reason = "site hospital-b has spent its privacy budget"
-    good, bad = parse_replies([error_reply(5, REFUSED_BY_POLICY, reason)], known, SCHEMA)
+    good, bad = parse_replies([error_reply(5, REFUSED_BY_POLICY, reason)], known, CHECK)
     assert good == []
     assert bad == [FailedReply(5, "hospital-b", "refused", reason)]
 
 
 @pytest.mark.parametrize("code", [SITE_MISCONFIGURED, BAD_GLOBAL_ADAPTER, 0, 3])
 def test_other_error_codes_are_failures(code: int) -> None:
-    good, bad = parse_replies([error_reply(6, code, "boom")], {}, SCHEMA)
+    good, bad = parse_replies([error_reply(6, code, "boom")], {}, CHECK)
     assert good == []
     assert bad == [FailedReply(6, "node-6", "failed", "boom")]
 
 
 def test_error_without_reason() -> None:
-    _, bad = parse_replies([error_reply(6, SITE_MISCONFIGURED, None)], {}, SCHEMA)
+    _, bad = parse_replies([error_reply(6, SITE_MISCONFIGURED, None)], {}, CHECK)
     assert bad[0].reason == "no reason given"
 
 
 def test_error_reply_does_not_change_the_known_sites() -> None:
     known = {5: "hospital-b"}
-    parse_replies([error_reply(7, REFUSED_BY_POLICY, "no")], known, SCHEMA)
+    parse_replies([error_reply(7, REFUSED_BY_POLICY, "no")], known, CHECK)
     assert known == {5: "hospital-b"}
 
 
@@ -106,14 +154,14 @@ def test_malformed_update_is_rejected_and_others_still_accepted(mutate, expected
         reply(2, metrics=train_metrics(20), arrays=broken, site="bank-b"),
         reply(3, metrics=train_metrics(30), arrays=_adapter(3), site="bank-c"),
     ]
-    good, bad = parse_replies(replies, {}, SCHEMA)
+    good, bad = parse_replies(replies, {}, CHECK)
     assert [r.site for r in good] == ["bank-a", "bank-c"]
     assert [r.metrics["num-examples"] for r in good] == [10.0, 30.0]
     assert bad == [FailedReply(2, "bank-b", "rejected", expected)]
 
 
 def test_reply_without_metrics_is_rejected() -> None:
-    good, bad = parse_replies([reply(4, metrics=None, arrays=_adapter(), site="b")], {}, SCHEMA)
+    good, bad = parse_replies([reply(4, metrics=None, arrays=_adapter(), site="b")], {}, CHECK)
     assert good == []
     assert bad == [FailedReply(4, "b", "rejected", "expected one metric record, got 0")]
 
@@ -121,27 +169,27 @@ def test_reply_without_metrics_is_rejected() -> None:
 def test_metrics_without_num_examples_are_rejected() -> None:
     metrics = train_metrics(10)
     del metrics["num-examples"]
-    _, bad = parse_replies([reply(4, metrics=metrics, arrays=_adapter())], {}, SCHEMA)
+    _, bad = parse_replies([reply(4, metrics=metrics, arrays=_adapter())], {}, CHECK)
     assert bad == [FailedReply(4, "node-4", "rejected", "reply lacks metric(s) num-examples")]
 
 
 def test_two_metric_records_are_rejected() -> None:
     message = reply(4, metrics=train_metrics(10), arrays=_adapter())
     message.content["more"] = MetricRecord({"num-examples": 3})
-    _, bad = parse_replies([message], {}, SCHEMA)
+    _, bad = parse_replies([message], {}, CHECK)
     assert [f.reason for f in bad] == ["expected one metric record, got 2"]
 
 
 def test_train_reply_without_adapter_is_rejected() -> None:
-    _, bad = parse_replies([reply(8, metrics=train_metrics(10), site="a1")], {}, SCHEMA)
-    assert bad == [FailedReply(8, "a1", "rejected", "reply carries no adapter")]
+    _, bad = parse_replies([reply(8, metrics=train_metrics(10), site="a1")], {}, CHECK)
+    assert bad == [FailedReply(8, "a1", "rejected", "malformed update: reply carries no adapter")]
 
 
 def test_adapter_under_another_record_name_is_rejected() -> None:
     message = reply(8, metrics=train_metrics(10))
     message.content["weights"] = ArrayRecord()
-    _, bad = parse_replies([message], {}, SCHEMA)
-    assert [f.reason for f in bad] == ["reply carries no adapter"]
+    _, bad = parse_replies([message], {}, CHECK)
+    assert [f.reason for f in bad] == ["malformed update: reply carries no adapter"]
 
 
 def test_evaluation_replies_carry_metrics_only() -> None:
@@ -150,7 +198,7 @@ def test_evaluation_replies_carry_metrics_only() -> None:
         reply(2, metrics=eval_metrics(60, 0.5, 0.9), site="h2", message_type=MessageType.EVALUATE),
         error_reply(3, REFUSED_BY_POLICY, "cohort too small", MessageType.EVALUATE),
     ]
-    good, bad = parse_replies(replies, {}, schema=None)
+    good, bad = parse_replies(replies, {}, check_update=None)
     assert [(r.site, r.arrays) for r in good] == [("h1", None), ("h2", None)]
     assert good[1].metrics == {"num-examples": 60.0, "eval-loss": 0.5, "eval-accuracy": 0.9}
     assert bad == [FailedReply(3, "node-3", "refused", "cohort too small")]
@@ -158,7 +206,7 @@ def test_evaluation_replies_carry_metrics_only() -> None:
 
 def test_evaluation_ignores_arrays_it_did_not_ask_for() -> None:
     message = reply(1, metrics=eval_metrics(4, 0.1, 0.2), arrays={"junk": np.zeros(2)})
-    good, bad = parse_replies([message], {}, schema=None)
+    good, bad = parse_replies([message], {}, check_update=None)
     assert bad == []
     assert good[0].arrays is None
 
@@ -171,7 +219,7 @@ def test_site_name_falls_back_to_known_node_then_node_id() -> None:
         error_reply(21, SITE_MISCONFIGURED, "x"),
         error_reply(23, SITE_MISCONFIGURED, "y"),
     ]
-    good, bad = parse_replies(replies, known, schema=None)
+    good, bad = parse_replies(replies, known, check_update=None)
     assert [r.site for r in good] == ["hospital-a", "node-22"]
     assert [f.site for f in bad] == ["hospital-a", "node-23"]
     assert known == {21: "hospital-a"}  # a fallback name is never bound to a node
@@ -180,33 +228,34 @@ def test_site_name_falls_back_to_known_node_then_node_id() -> None:
 def test_site_name_learnt_in_training_names_a_later_error() -> None:
     known: dict[int, str] = {}
     parse_replies(
-        [reply(9, metrics=train_metrics(5), arrays=_adapter(), site="bank-z")], known, SCHEMA
+        [reply(9, metrics=train_metrics(5), arrays=_adapter(), site="bank-z")], known, CHECK
     )
-    _, bad = parse_replies([error_reply(9, REFUSED_BY_POLICY, "budget")], known, schema=None)
+    _, bad = parse_replies([error_reply(9, REFUSED_BY_POLICY, "budget")], known, check_update=None)
     assert bad[0].site == "bank-z"
 
 
 def test_site_record_without_a_text_name_is_ignored() -> None:
     message = reply(30, metrics=eval_metrics(1, 0.0, 1.0))
     message.content["site"] = ConfigRecord({"site-id": 7})
-    good, _ = parse_replies([message], {30: "bank-q"}, schema=None)
+    good, _ = parse_replies([message], {30: "bank-q"}, check_update=None)
     assert good[0].site == "bank-q"
 
 
 def test_replies_may_be_a_generator() -> None:
     good, bad = parse_replies(
-        (reply(n, metrics=eval_metrics(n, 0.1, 0.2)) for n in (1, 2, 3)), {}, schema=None
+        (reply(n, metrics=eval_metrics(n, 0.1, 0.2)) for n in (1, 2, 3)), {}, check_update=None
     )
     assert [r.node_id for r in good] == [1, 2, 3]
     assert bad == []
 
 
 def test_empty_replies() -> None:
-    assert parse_replies([], {}, SCHEMA) == ([], [])
+    assert parse_replies([], {}, CHECK) == ([], [])
+    assert parse_replies([], {}, None) == ([], [])
 
 
 def test_a_reply_with_empty_content_is_rejected() -> None:
-    good, bad = parse_replies([Message(RecordDict(), metadata=metadata(3))], {}, SCHEMA)
+    good, bad = parse_replies([Message(RecordDict(), metadata=metadata(3))], {}, CHECK)
     assert good == []
     assert bad == [FailedReply(3, "node-3", "rejected", "expected one metric record, got 0")]
 
@@ -217,19 +266,285 @@ def test_list_valued_metric_rejects_only_that_reply() -> None:
         reply(1, metrics=metrics, arrays=_adapter(), site="bank-a"),
         reply(2, metrics=train_metrics(20), arrays=_adapter(), site="bank-b"),
     ]
-    good, bad = parse_replies(replies, {}, SCHEMA)
+    good, bad = parse_replies(replies, {}, CHECK)
     assert [r.site for r in good] == ["bank-b"]
     assert [(f.site, f.status) for f in bad] == [("bank-a", "rejected")]
 
 
-def test_non_finite_update_is_rejected() -> None:
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_update_is_rejected(bad_value: float) -> None:
     poisoned = _adapter(4)
-    poisoned["q.lora_A"][0, 0] = np.nan
+    poisoned["q.lora_A"][0, 0] = bad_value
     good, bad = parse_replies(
-        [reply(1, metrics=train_metrics(10), arrays=poisoned, site="bank-a")], {}, SCHEMA
+        [reply(1, metrics=train_metrics(10), arrays=poisoned, site="bank-a")], {}, CHECK
     )
     assert good == []
-    assert [(f.site, f.status) for f in bad] == [("bank-a", "rejected")]
+    assert bad == [
+        FailedReply(1, "bank-a", "rejected", "malformed update: non-finite values in q.lora_A")
+    ]
+
+
+def test_update_beyond_the_norm_bound_is_rejected() -> None:
+    """A scaled update (a model-replacement attack) fails the check; its honest twin passes."""
+    honest = _adapter(5)
+    scaled = {name: GLOBAL[name] + 1000 * (honest[name] - GLOBAL[name]) for name in SHAPES}
+    good, bad = parse_replies(
+        [
+            reply(1, metrics=train_metrics(40), arrays=honest, site="bank-a"),
+            reply(2, metrics=train_metrics(40), arrays=scaled, site="bank-b"),
+        ],
+        {},
+        CHECK,
+    )
+    assert [r.site for r in good] == ["bank-a"]
+    assert [(f.site, f.status) for f in bad] == [("bank-b", "rejected")]
+    assert bad[0].reason.startswith("malformed update: update norm ")
+    assert "exceeds the bound" in bad[0].reason
+
+
+# ------------------------------------------------- parse_replies with a stand-in check ---
+
+
+class RecordingCheck:
+    """A check_update stand-in: records what it was given, answers as told."""
+
+    def __init__(self, norm: float = 0.5, error: str | None = None) -> None:
+        self.norm = norm
+        self.error = error
+        self.calls: list[tuple[ArrayRecord | None, dict[str, float]]] = []
+
+    def __call__(
+        self, record: ArrayRecord | None, metrics: dict[str, float]
+    ) -> tuple[AdapterArrays, float]:
+        self.calls.append((record, metrics))
+        if self.error is not None:
+            raise UpdateError(self.error)
+        assert record is not None
+        return record_to_arrays(record), self.norm
+
+
+def test_check_update_gets_the_arrays_record_and_the_parsed_metrics() -> None:
+    check = RecordingCheck(norm=0.25)
+    arrays = _adapter(1)
+    good, bad = parse_replies(
+        [reply(3, metrics=train_metrics(50, steps=2), arrays=arrays, site="bank-a")], {}, check
+    )
+    assert bad == []
+    ((record, metrics),) = check.calls
+    assert isinstance(record, ArrayRecord)
+    assert set(record) == set(SHAPES)
+    assert metrics["steps"] == 2.0
+    assert metrics["num-examples"] == 50.0
+    assert good[0].norm == 0.25
+    assert good[0].arrays is not None
+    np.testing.assert_array_equal(good[0].arrays["q.lora_B"], arrays["q.lora_B"])
+
+
+def test_check_update_gets_none_when_the_reply_has_no_adapter() -> None:
+    check = RecordingCheck(error="reply carries no adapter")
+    _, bad = parse_replies([reply(3, metrics=train_metrics(50), site="bank-a")], {}, check)
+    assert [record for record, _ in check.calls] == [None]
+    assert bad == [
+        FailedReply(3, "bank-a", "rejected", "malformed update: reply carries no adapter")
+    ]
+
+
+def test_update_error_from_the_check_rejects_only_that_reply() -> None:
+    check = RecordingCheck(error="payload of 9999 bytes exceeds the limit of 10")
+    good, bad = parse_replies(
+        [
+            reply(3, metrics=train_metrics(50), arrays=_adapter(1), site="bank-a"),
+            reply(4, metrics=train_metrics(50), arrays=_adapter(2), site="bank-b"),
+        ],
+        {},
+        check,
+    )
+    assert good == []
+    assert bad == [
+        FailedReply(
+            node,
+            site,
+            "rejected",
+            "malformed update: payload of 9999 bytes exceeds the limit of 10",
+        )
+        for node, site in ((3, "bank-a"), (4, "bank-b"))
+    ]
+
+
+def test_the_check_is_not_run_for_errors_bad_metrics_or_identity_problems() -> None:
+    check = RecordingCheck()
+    known = {1: "bank-a"}
+    replies = [
+        error_reply(7, SITE_MISCONFIGURED, "no data"),
+        reply(8, metrics={"num-examples": 5}, arrays=_adapter(1), site="bank-q"),
+        reply(1, metrics=train_metrics(50), arrays=_adapter(2), site="bank-z"),
+    ]
+    good, bad = parse_replies(replies, known, check, TRAIN_METRICS)
+    assert good == []
+    assert [(f.node_id, f.status) for f in bad] == [(7, "failed"), (8, "rejected"), (1, "rejected")]
+    assert check.calls == []
+
+
+def test_a_check_that_breaks_rejects_that_reply_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A reply is another party's data: whatever it makes a check raise, the round goes
+    on without it, and the traceback is in the coordinator's log for the developers."""
+
+    def broken(
+        record: ArrayRecord | None, metrics: dict[str, float]
+    ) -> tuple[AdapterArrays, float]:
+        raise KeyError("steps")
+
+    with caplog.at_level("ERROR"):
+        good, bad = parse_replies(
+            [reply(3, metrics=train_metrics(50), arrays=_adapter(1))], {}, broken
+        )
+    assert good == []
+    assert [(f.status, f.reason) for f in bad] == [
+        ("rejected", "the reply could not be checked (KeyError)")
+    ]
+    assert "checking a reply of node-3 failed" in caplog.text
+
+
+# ---------------------------------------------------------------- readable_reason ---
+
+RAY_REASON = (
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=48213, ip=10.0.0.7, "
+    "actor_id=5c1e9a0e4f, repr=<flwr.simulation.ray_transport.ray_actor.ClientAppActor "
+    "object at 0x7f3c2a1b5e50>)\n"
+    '  File "/opt/venv/lib/python3.11/site-packages/flwr/simulation/ray_transport/'
+    'ray_actor.py", line 65, in run\n'
+    "    raise ClientAppException(str(ex)) from ex\n"
+    "\x1b[1m\x1b[31mflwr.clientapp.client_app.ClientAppException\x1b[0m: \n"
+    "Exception ClientAppException occurred. Message: "
+    "the site's process died during training (exit code 137)'>"
+)
+"""What Flower's simulation engine puts in an error reply when a ClientApp raised
+(vce_api: str(type(ex)) + ":<'" + str(ex) + "'>", with Ray's coloured traceback)."""
+
+
+def test_readable_reason_keeps_the_message_of_a_remote_traceback() -> None:
+    assert "\x1b[" in RAY_REASON and "\n" in RAY_REASON
+    assert readable_reason(RAY_REASON) == "the site's process died during training (exit code 137)"
+
+
+def test_readable_reason_of_flowers_plain_client_app_format() -> None:
+    """run_clientapp's format: "<class 'X'>:<'message'>", with ClientAppException's prefix."""
+    reason = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\n"
+        "Exception ClientAppException occurred. Message: site data folder is empty'>"
+    )
+    assert readable_reason(reason) == "site data folder is empty"
+
+
+@pytest.mark.parametrize("reason", [None, ""])
+def test_readable_reason_without_a_reason(reason: str | None) -> None:
+    assert readable_reason(reason) == "no reason given"
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "  \n\t ",
+        "\x1b[0m",
+        "\x1b[31m \x1b[0m\n",
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nMessage: '>",
+    ],
+)
+def test_readable_reason_with_nothing_readable_left(reason: str) -> None:
+    """Whitespace, colour codes or an empty remote message are no reason either."""
+    assert readable_reason(reason) == "no reason given"
+
+
+def test_readable_reason_of_a_sites_own_one_line_reason_is_unchanged() -> None:
+    reason = "site hospital-b has spent its privacy budget (ε 8.0 of 8.0)"
+    assert readable_reason(reason) == reason
+
+
+def test_readable_reason_folds_whitespace_and_strips_colours() -> None:
+    reason = "\x1b[31mdisk\x1b[0m   full:\n\n  no space\tleft "
+    assert readable_reason(reason) == "disk full: no space left"
+
+
+def test_readable_reason_caps_long_text() -> None:
+    text = readable_reason("Message: " + "x" * 5000 + "'>")
+    assert len(text) == MAX_REASON_CHARS
+    assert text == "x" * (MAX_REASON_CHARS - 1) + "…"
+    exactly = "y" * MAX_REASON_CHARS
+    assert readable_reason(exactly) == exactly
+    assert readable_reason(exactly + "y") == "y" * (MAX_REASON_CHARS - 1) + "…"
+
+
+def test_error_replies_carry_the_readable_reason() -> None:
+    good, bad = parse_replies([error_reply(6, 0, RAY_REASON)], {6: "hospital-a"}, CHECK)
+    assert good == []
+    assert bad == [
+        FailedReply(
+            6, "hospital-a", "failed", "the site's process died during training (exit code 137)"
+        )
+    ]
+
+
+# ---------------------------------------------------------------- missing_replies ---
+
+
+def test_missing_replies_are_the_silent_nodes_by_name() -> None:
+    replies = [
+        reply(2, metrics=eval_metrics(40, 0.5, 0.5), message_type=MessageType.EVALUATE),
+        error_reply(4, REFUSED_BY_POLICY, "no"),  # an error reply is an answer
+        reply(9, metrics=eval_metrics(40, 0.5, 0.5)),  # not asked: not this function's concern
+    ]
+    missing = missing_replies([4, 3, 2, 1], replies, {3: "bank-c", 2: "bank-b"}, 30.0)
+    assert missing == [
+        FailedReply(1, "node-1", "timed-out", "no reply within 30 s"),
+        FailedReply(3, "bank-c", "timed-out", "no reply within 30 s"),
+    ]
+
+
+def test_missing_replies_when_everyone_answered_or_nobody_was_asked() -> None:
+    replies = [reply(n, metrics=eval_metrics(40, 0.5, 0.5)) for n in (1, 2)]
+    assert missing_replies({1, 2}, replies, {}, 10) == []
+    assert missing_replies(set(), replies, {}, 10) == []
+    assert missing_replies(set(), [], {}, 10) == []
+
+
+@pytest.mark.parametrize(("timeout", "text"), [(3600.0, "3600 s"), (2.5, "2.5 s"), (90, "90 s")])
+def test_missing_replies_name_the_timeout(timeout: float, text: str) -> None:
+    (missing,) = missing_replies(iter([5]), [], {}, timeout)
+    assert missing == FailedReply(5, "node-5", "timed-out", f"no reply within {text}")
+
+
+# ---------------------------------------------------------------- rollback_reason ---
+
+
+def test_no_rollback_without_a_best_round() -> None:
+    assert rollback_reason(0.1, None, None, 0.03) is None
+    assert rollback_reason(0.1, 0.9, None, 0.03) is None
+
+
+def test_a_drop_beyond_the_allowance_rolls_back() -> None:
+    reason = rollback_reason(0.70, 0.80, 1, 0.03)
+    assert reason is not None
+    assert "accuracy 0.700" in reason
+    assert "0.030 below" in reason
+    assert "(0.800, round 1)" in reason
+    assert "round 1 adapter is kept" in reason
+
+
+def test_exactly_best_minus_drop_is_not_a_rollback() -> None:
+    assert rollback_reason(0.80 - 0.03, 0.80, 1, 0.03) is None
+    assert rollback_reason(0.5, 0.75, 2, 0.25) is None  # every number exact in binary
+    assert rollback_reason(math.nextafter(0.5, 0.0), 0.75, 2, 0.25) is not None
+
+
+@pytest.mark.parametrize("accuracy", [0.78, 0.80, 0.95])
+def test_a_drop_within_the_allowance_or_a_gain_is_kept(accuracy: float) -> None:
+    assert rollback_reason(accuracy, 0.80, 1, 0.03) is None
+
+
+def test_a_zero_allowance_rolls_back_any_drop() -> None:
+    assert rollback_reason(0.80, 0.80, 1, 0.0) is None
+    assert rollback_reason(0.7999, 0.80, 1, 0.0) is not None
 
 
 # ------------------------------------------------------------------ weighted_mean ---
@@ -281,14 +596,14 @@ def test_metric_record_copies_the_values() -> None:
 def test_a_node_cannot_change_or_borrow_a_site_name() -> None:
     known: dict[int, str] = {}
     first = [reply(1, site="bank-a", metrics=eval_metrics(5, 0.1, 0.9))]
-    assert parse_replies(first, known, schema=None)[1] == []
+    assert parse_replies(first, known, check_update=None)[1] == []
     good, bad = parse_replies(
         [
             reply(1, site="bank-b", metrics=eval_metrics(5, 0.1, 0.9)),
             reply(2, site="bank-a", metrics=eval_metrics(5, 0.1, 0.9)),
         ],
         known,
-        schema=None,
+        check_update=None,
     )
     assert good == []
     assert [(f.node_id, f.status) for f in bad] == [(1, "rejected"), (2, "rejected")]

@@ -1,0 +1,213 @@
+"""Checks every site update must pass before it may be aggregated.
+
+Pure functions over NumPy arrays and plain numbers: a bug, a disk error, a poisoned
+update or a lying site each fails one named check, and the reason is what the round's
+metrics and logs show. The order matters: the cheap checks that need no decoding (the
+payload size, the reported numbers) come before the arrays are even read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import ArrayRecord
+
+from common.adapters import AdapterArrays, AdapterSchema, record_to_arrays
+from common.config import SMALLEST_COHORT, UpdateValidation
+from common.errors import UpdateError
+from common.protocol import RoundRequest
+
+SGD_MOMENTUM = 0.9
+"""The momentum of the sites' SGD (client/training.py): it lets past steps add up."""
+ADAM_STEP_BOUND = 0.1 / math.sqrt(1 - 0.999)
+"""Adam moves each coordinate at most lr·(1-β1)/√(1-β2) per step (Kingma & Ba, §2.1)."""
+NPY_HEADER_ALLOWANCE = 256
+"""Bytes per tensor beyond its values that a serialised Flower Array may carry."""
+POISSON_SLACK_SIGMAS = 4.0
+"""How far above its expectation a Poisson batch (or a noise vector's norm) is allowed."""
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """The run's limits, with the derived defaults filled in."""
+
+    max_payload_bytes: int
+    min_examples: int
+    max_examples: int
+    norm_bound: float | Literal["derived", "off"]
+
+    @classmethod
+    def for_run(cls, settings: UpdateValidation, schema: AdapterSchema) -> UpdateLimits:
+        return cls(
+            max_payload_bytes=settings.max_payload_bytes
+            or 2 * (schema.payload_bytes + NPY_HEADER_ALLOWANCE * len(schema.entries)),
+            min_examples=settings.min_examples,
+            max_examples=settings.max_examples,
+            norm_bound=settings.max_update_norm,
+        )
+
+
+def record_payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of every array in a record, read from the serialised buffers (no decoding)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def max_local_steps(num_examples: int, request: RoundRequest) -> int:
+    """The most optimiser steps an honest site with ``num_examples`` records takes in a
+    round: Opacus runs ⌈people / batch⌉ batches an epoch, and people ≤ records."""
+    return request.local_epochs * max(1, math.ceil(num_examples / request.batch_size))
+
+
+def _expected_batch(people: int, batch_size: int) -> int:
+    """Opacus's expected batch for ``people``: int(people · q), q = 1/⌈people / B⌉."""
+    return max(1, int(people * (1.0 / math.ceil(people / batch_size))))
+
+
+def smallest_expected_batch(records: int, batch_size: int, min_people: int) -> int:
+    """The smallest expected batch Opacus can divide by at an honest site.
+
+    Opacus divides the noisy sum by int(people · q) with q = 1/⌈people / B⌉: all the
+    people when they are fewer than B, and about B/2 or more above. The server knows
+    records, not people (min_people ≤ people ≤ records), so it takes the least value
+    over that range. Within a block of people sharing ⌈people / B⌉ the value grows with
+    people, and each block's least value exceeds the one before, so the least over the
+    range is at its lower end or at the start of the next block.
+    """
+    low = max(1, min(min_people, records))
+    candidates = [low]
+    next_block = math.ceil(low / batch_size) * batch_size + 1
+    if next_block <= records:
+        candidates.append(next_block)
+    return min(_expected_batch(people, batch_size) for people in candidates)
+
+
+def derived_norm_bound(
+    request: RoundRequest,
+    steps: int,
+    noise_multiplier: float,
+    trainable: int,
+    expected_batch: int | None = None,
+) -> float:
+    """The largest L2 norm an honest DP-SGD round can give an update (w.h.p.).
+
+    Per step: the clipped sum over a Poisson batch (at most E + 1 + 4√(E + 1) people,
+    each at most C) plus Gaussian noise of norm at most σC(√d + 4), divided by the
+    expected batch E (``expected_batch``; the run's batch size when not given). SGD's
+    momentum lets the steps add up to 1/(1 - β) times each; Adam normalises the
+    gradient away, so its bound comes from its per-coordinate step limit instead.
+    """
+    if request.optimizer == "adam":
+        return request.learning_rate * ADAM_STEP_BOUND * math.sqrt(trainable) * steps
+    batch = expected_batch or request.batch_size
+    clip = request.max_grad_norm
+    per_step = clip * (
+        1
+        + (1 + POISSON_SLACK_SIGMAS * math.sqrt(batch + 1)) / batch
+        + noise_multiplier * (math.sqrt(trainable) + POISSON_SLACK_SIGMAS) / batch
+    )
+    return request.learning_rate * per_step * steps / (1 - SGD_MOMENTUM)
+
+
+def update_norm(
+    update: Mapping[str, npt.NDArray[np.floating]],
+    reference: Mapping[str, npt.NDArray[np.floating]],
+) -> float:
+    """L2 norm of ``update - reference`` over every tensor, in float64."""
+    total = 0.0
+    for name, value in update.items():
+        difference = np.asarray(value, dtype=np.float64) - np.asarray(
+            reference[name], dtype=np.float64
+        )
+        total += float(np.dot(difference.ravel(), difference.ravel()))
+    return math.sqrt(total)
+
+
+def check_reported(
+    metrics: Mapping[str, float], request: RoundRequest, limits: UpdateLimits
+) -> None:
+    """The numbers a training reply reports must be ones an honest site could report."""
+    examples = metrics["num-examples"]
+    if not limits.min_examples <= examples <= limits.max_examples:
+        raise UpdateError(
+            f"num-examples {examples:g} outside the accepted range "
+            f"[{limits.min_examples}, {limits.max_examples}]"
+        )
+    steps = metrics["steps"]
+    if (
+        steps < 1
+        or not float(steps).is_integer()
+        or steps > max_local_steps(int(examples), request)
+    ):
+        raise UpdateError(
+            f"reports {steps:g} steps; {int(examples)} records allow 1 to "
+            f"{max_local_steps(int(examples), request)}"
+        )
+    sigma = metrics["noise-multiplier"]
+    if request.noise_multiplier > 0 and not math.isclose(sigma, request.noise_multiplier):
+        raise UpdateError(f"reports σ={sigma:g}; the run fixed σ={request.noise_multiplier:g}")
+    if not 0 <= sigma <= 1000:
+        raise UpdateError(f"reports an implausible noise multiplier {sigma:g}")
+
+
+def validate_update(
+    record: ArrayRecord | None,
+    metrics: Mapping[str, float],
+    reference: Mapping[str, npt.NDArray[np.floating]],
+    schema: AdapterSchema,
+    request: RoundRequest,
+    limits: UpdateLimits,
+) -> tuple[AdapterArrays, float]:
+    """The update's arrays and its norm, or UpdateError naming the first failed check.
+
+    ``reference`` is the global adapter the site was sent (what the update moved from).
+    """
+    if record is None:
+        raise UpdateError("reply carries no adapter")
+    size = record_payload_bytes(record)
+    if size > limits.max_payload_bytes:
+        raise UpdateError(
+            f"payload of {size} bytes exceeds the limit of {limits.max_payload_bytes}"
+        )
+    check_reported(metrics, request, limits)
+    try:
+        arrays = record_to_arrays(record)
+    except Exception as exc:  # any way bytes from another party fail to decode
+        raise UpdateError(f"undecodable arrays: {type(exc).__name__}: {exc}") from None
+    schema.check(arrays)
+    not_finite = sorted(name for name, value in arrays.items() if not np.isfinite(value).all())
+    if not_finite:
+        raise UpdateError(f"non-finite values in {', '.join(not_finite[:3])}")
+    norm = update_norm(arrays, reference)
+    bound = limits.norm_bound
+    if bound == "derived":
+        examples = int(metrics["num-examples"])
+        bound = derived_norm_bound(
+            request,
+            int(metrics["steps"]),
+            metrics["noise-multiplier"],
+            schema.elements,
+            smallest_expected_batch(examples, request.batch_size, SMALLEST_COHORT),
+        )
+    if bound != "off" and norm > bound:
+        raise UpdateError(f"update norm {norm:.4g} exceeds the bound of {bound:.4g}")
+    return arrays, norm
+
+
+def check_evaluation(metrics: Mapping[str, float], limits: UpdateLimits) -> None:
+    """An evaluation reply's numbers must be ones an honest site could report: they feed
+    the federated accuracy and, through it, the rollback guard."""
+    examples = metrics["num-examples"]
+    if not limits.min_examples <= examples <= limits.max_examples:
+        raise UpdateError(
+            f"num-examples {examples:g} outside the accepted range "
+            f"[{limits.min_examples}, {limits.max_examples}]"
+        )
+    if not 0.0 <= metrics["eval-accuracy"] <= 1.0:
+        raise UpdateError(f"eval-accuracy {metrics['eval-accuracy']:g} is not in [0, 1]")
+    if metrics["eval-loss"] < 0:
+        raise UpdateError(f"eval-loss {metrics['eval-loss']:g} is negative")
