@@ -33,6 +33,7 @@ from common.adapters import (
     AdapterArrays,
     AdapterSchema,
     is_lora_a,
+    lora_a_dtype,
     seeded_lora_a,
     without_lora_a,
 )
@@ -147,7 +148,7 @@ class Site:
         local = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
         if request.freeze_lora_a:
             frozen = seeded_lora_a(
-                {k: v.shape for k, v in local.items()}, request.seed, dtype=_lora_a_dtype(local)
+                {k: v.shape for k, v in local.items()}, request.seed, dtype=lora_a_dtype(local)
             )
             AdapterSchema.of(without_lora_a(local)).check(adapter)
             adapter = {**adapter, **frozen}
@@ -343,11 +344,6 @@ class Site:
             check_cohort(self.config, data.holdout.persons, purpose="report metrics")
         model = self.build_model(request, adapter)
         return DPTrainer(model, self.task.input_names).evaluate(data.holdout)
-
-
-def _lora_a_dtype(adapter: AdapterArrays) -> str:
-    """The dtype of the model's LoRA A matrices (FFA-LoRA regenerates them in it)."""
-    return next((str(v.dtype) for k, v in adapter.items() if is_lora_a(k)), "float32")
 
 
 def load_site(path: Path) -> Site:

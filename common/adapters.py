@@ -107,6 +107,11 @@ def without_lora_a(arrays: Mapping[str, npt.NDArray[np.floating]]) -> AdapterArr
     return {name: value for name, value in arrays.items() if not is_lora_a(name)}
 
 
+def lora_a_dtype(arrays: Mapping[str, npt.NDArray[np.generic]]) -> str:
+    """The dtype of an adapter's LoRA A matrices: FFA-LoRA regenerates them in it."""
+    return next((str(v.dtype) for k, v in sorted(arrays.items()) if is_lora_a(k)), "float32")
+
+
 def seeded_lora_a(
     shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: str = "float32"
 ) -> AdapterArrays:

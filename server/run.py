@@ -13,7 +13,7 @@ import torch
 from flwr.serverapp import Grid
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from common.adapters import AdapterSchema, arrays_to_record, is_lora_a, seeded_lora_a
+from common.adapters import AdapterSchema, arrays_to_record, lora_a_dtype, seeded_lora_a
 from common.config import FederationConfig
 from common.protocol import RoundRequest
 from common.tasks import TASKS, model_fingerprint
@@ -43,9 +43,8 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path) -> d
     initial = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
     frozen: dict[str, Any] = {}
     if aggregation.freezes_lora_a:
-        dtypes = {str(v.dtype) for k, v in initial.items() if is_lora_a(k)}
         frozen = seeded_lora_a(
-            {k: v.shape for k, v in initial.items()}, federation.seed, dtype=min(dtypes)
+            {k: v.shape for k, v in initial.items()}, federation.seed, dtype=lora_a_dtype(initial)
         )
         initial.update(frozen)
     recorder = RunRecorder(federation.task, run_dir / "metrics.csv")
