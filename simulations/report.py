@@ -59,6 +59,7 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
                 # also for a site that refused every round of this run.
                 "epsilon_spent": site.open_ledger(site.load_data().dataset).epsilon(),
                 "epsilon_budget": site.config.privacy.epsilon,
+                "behaviour": spec.behaviour.model_dump() if spec.behaviour else None,
                 "delta": site.config.privacy.delta,
             }
     summary = {
@@ -208,9 +209,23 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
         "refused: rounds a site's policy or budget said no; excluded: updates rejected by "
         "validation, error replies and timeouts (reasons in metrics.csv)"
     )
+    faulty = [
+        f"{name} ({_describe(site['behaviour'])})"
+        for name, site in summary["sites"].items()
+        if site.get("behaviour")
+    ]
+    if faulty:
+        console.print("injected faults: " + ", ".join(faulty))
     for name, task in summary["tasks"].items():
         counts = {k: v for k, v in task["excluded_updates"].items() if v}
         if counts:
             details = ", ".join(f"{count} {status}" for status, count in counts.items())
             console.print(f"{name}: {details}")
     console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
+
+
+def _describe(behaviour: dict[str, Any]) -> str:
+    kind = behaviour["kind"]
+    detail = {"scaled": f" ×{behaviour['factor']:g}", "slow": f" {behaviour['delay']:g} s"}
+    since = f" from round {behaviour['from_round']}" if behaviour["from_round"] > 1 else ""
+    return f"{kind}{detail.get(kind, '')}{since}"

@@ -1,0 +1,71 @@
+"""The end-of-run summary a researcher reads first: narrow, complete, and explicit about
+every excluded update and injected fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from simulations.report import print_summary
+
+
+def _summary() -> dict[str, Any]:
+    task = {
+        "aggregator": "trimmed-mean",
+        "rounds_completed": 10,
+        "rounds_planned": 10,
+        "final": {"accuracy": 0.8654, "loss": 0.582},
+        "sites": ["bank-1", "bank-5"],
+        "excluded_updates": {"refused": 1, "rejected": 2, "failed": 0, "timed-out": 1},
+        "rollbacks": [{"round": 4, "kept_round": 3, "reason": "…"}],
+    }
+    site = {
+        "examples": 968,
+        "rounds_trained": 10,
+        "rounds_refused": 0,
+        "updates_excluded": 0,
+        "epsilon_spent": 8.0,
+        "epsilon_budget": 80.0,
+        "delta": 1e-5,
+        "behaviour": None,
+    }
+    faulty = {
+        **site,
+        "updates_excluded": 3,
+        "behaviour": {"kind": "scaled", "factor": 1000.0, "delay": 0.0, "from_round": 3},
+    }
+    return {
+        "scenario": "robustness",
+        "wall_seconds": 78.0,
+        "tasks": {"tabular-classification": task},
+        "sites": {"bank-1": site, "bank-5": faulty},
+    }
+
+
+def test_summary_fits_80_columns_and_names_exclusions_and_faults() -> None:
+    console = Console(width=80, record=True)
+    print_summary(_summary(), Path("runs/x"), console)
+    text = console.export_text()
+    assert "…" not in text  # nothing truncated at 80 columns
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "trimmed-mean" in text and "0.865" in text and "10/10" in text
+    assert "injected faults: bank-5 (scaled ×1000 from round 3)" in text
+    assert "tabular-classification: 1 refused, 2 rejected, 1 timed-out" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    assert rows["excluded"].split("│")[2].strip() == "3"  # rejected + failed + timed out
+    assert rows["rollbacks"].split("│")[2].strip() == "1"
+
+
+def test_an_honest_run_prints_no_fault_or_exclusion_lines() -> None:
+    summary = _summary()
+    summary["tasks"]["tabular-classification"]["excluded_updates"] = dict.fromkeys(
+        ("refused", "rejected", "failed", "timed-out"), 0
+    )
+    summary["sites"]["bank-5"]["behaviour"] = None
+    console = Console(width=80, record=True)
+    print_summary(summary, Path("runs/x"), console)
+    text = console.export_text()
+    assert "injected faults" not in text
+    assert "tabular-classification:" not in text
