@@ -77,6 +77,11 @@ class Case:
     defenses: bool = False
     """The default defenses on: the derived update-norm check and the rollback guard."""
 
+    @property
+    def slug(self) -> str:
+        """The case as a name for folders and result keys: ``fedavg-defenses-attacked``."""
+        return self.name.replace(",", "").replace(" + ", "-").replace(" ", "-")
+
 
 CASES = (
     Case("fedavg, honest", "fedavg", attacked=False),
@@ -117,8 +122,8 @@ def prepare_template(base: dict[str, Any], root: Path) -> Path:
 def run_case(
     base: dict[str, Any], case: Case, template: Path, root: Path, repeat: int
 ) -> dict[str, Any]:
-    slug = case.name.replace(",", "").replace(" + ", "-").replace(" ", "-") + f"-{repeat}"
-    data_dir, run_dir = root / slug / "data", root / slug / "run"
+    folder = root / f"{case.slug}-{repeat}"
+    data_dir, run_dir = folder / "data", folder / "run"
     shutil.copytree(template, data_dir)
     prepared = prepare(variant(base, case), run_dir, data_dir)
     started = time.monotonic()
@@ -157,8 +162,9 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return summary
     honest = results["fedavg, honest"]["accuracy"]
     summary["honest_fedavg_accuracy"] = honest
+    slugs = {case.name: case.slug for case in CASES}
     for name, case in results.items():
-        key = name.replace(",", "").replace(" + ", "_").replace(" ", "_").replace("-", "_")
+        key = slugs[name].replace("-", "_")
         summary[f"{key}_change_points"] = round(100 * (case["accuracy"] - honest), 2)
     summary["fedavg_lora_product_error_max"] = results["fedavg, honest"]["lora_product_error_max"]
     if "fedavg-ffa, honest" in results:

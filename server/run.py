@@ -13,7 +13,7 @@ import torch
 from flwr.serverapp import Grid
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from common.adapters import AdapterSchema, arrays_to_record, lora_a_dtype, seeded_lora_a
+from common.adapters import arrays_to_record, lora_a_dtype, seeded_lora_a
 from common.config import FederationConfig
 from common.protocol import RoundRequest
 from common.tasks import TASKS, model_fingerprint
@@ -21,7 +21,6 @@ from server.aggregation import AGGREGATORS
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
 from server.strategy import FedLoraStrategy
-from server.validation import UpdateLimits
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +58,7 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path) -> d
         initial=initial,
         frozen=frozen,
         aggregator=aggregation.build(federation.trim_fraction),
-        limits=UpdateLimits.for_run(
-            federation.validation,
-            AdapterSchema.of({k: v for k, v in initial.items() if k not in frozen}),
-        ),
+        validation=federation.validation,
         min_sites=federation.min_sites,
         rollback=federation.rollback,
         round_timeout=federation.round_timeout,

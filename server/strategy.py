@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import AdapterArrays, AdapterSchema, arrays_to_record
-from common.config import RollbackGuard
+from common.config import RollbackGuard, UpdateValidation
 from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
 from server.aggregation import Aggregator, lora_product_error
 from server.checkpoint import CheckpointStore
@@ -62,7 +62,7 @@ class FedLoraStrategy(FedAvg):
         initial: AdapterArrays,
         frozen: AdapterArrays,
         aggregator: Aggregator,
-        limits: UpdateLimits,
+        validation: UpdateValidation,
         min_sites: int,
         rollback: RollbackGuard,
         round_timeout: float,
@@ -82,7 +82,7 @@ class FedLoraStrategy(FedAvg):
         """The global adapter's trained tensors: what travels each round."""
         self.schema = AdapterSchema.of(self.trained)
         self.aggregator = aggregator
-        self.limits = limits
+        self.limits = UpdateLimits.for_run(validation, self.schema)
         self.min_sites = min_sites
         self.rollback = rollback
         self.round_timeout = round_timeout

@@ -127,16 +127,20 @@ def update_norm(
     return math.sqrt(total)
 
 
-def check_reported(
-    metrics: Mapping[str, float], request: RoundRequest, limits: UpdateLimits
-) -> None:
-    """The numbers a training reply reports must be ones an honest site could report."""
-    examples = metrics["num-examples"]
+def _check_examples(examples: float, limits: UpdateLimits) -> None:
     if not limits.min_examples <= examples <= limits.max_examples:
         raise UpdateError(
             f"num-examples {examples:g} outside the accepted range "
             f"[{limits.min_examples}, {limits.max_examples}]"
         )
+
+
+def check_reported(
+    metrics: Mapping[str, float], request: RoundRequest, limits: UpdateLimits
+) -> None:
+    """The numbers a training reply reports must be ones an honest site could report."""
+    examples = metrics["num-examples"]
+    _check_examples(examples, limits)
     steps = metrics["steps"]
     if (
         steps < 1
@@ -201,12 +205,7 @@ def validate_update(
 def check_evaluation(metrics: Mapping[str, float], limits: UpdateLimits) -> None:
     """An evaluation reply's numbers must be ones an honest site could report: they feed
     the federated accuracy and, through it, the rollback guard."""
-    examples = metrics["num-examples"]
-    if not limits.min_examples <= examples <= limits.max_examples:
-        raise UpdateError(
-            f"num-examples {examples:g} outside the accepted range "
-            f"[{limits.min_examples}, {limits.max_examples}]"
-        )
+    _check_examples(metrics["num-examples"], limits)
     if not 0.0 <= metrics["eval-accuracy"] <= 1.0:
         raise UpdateError(f"eval-accuracy {metrics['eval-accuracy']:g} is not in [0, 1]")
     if metrics["eval-loss"] < 0:

@@ -10,17 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from peft import get_peft_model_state_dict
 
 from client.ledger import LEDGER_DIR
 from client.site import Site
-from common.config import FederationConfig, LoraSettings, load_site_config
+from common.config import load_site_config
 from common.errors import PolicyError
-from common.protocol import RoundRequest
-from common.tasks import model_fingerprint
 from tests.conftest import write_site_config
+from tests.unit.client.rounds import initial_adapter, round_request
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 RUN = "run-crash"
@@ -34,32 +31,14 @@ import signal
 import sys
 from pathlib import Path
 
-from peft import get_peft_model_state_dict
-
 import client.ledger
 from client.site import Site
-from common.config import FederationConfig, LoraSettings, load_site_config
-from common.protocol import RoundRequest
-from common.tasks import model_fingerprint
+from common.config import load_site_config
+from tests.unit.client.rounds import initial_adapter, round_request
 
 site = Site(load_site_config(Path(sys.argv[1])))
-federation = FederationConfig(
-    task=site.task.name,
-    base_model=site.config.site.base_model,
-    rounds=3,
-    batch_size=16,
-    lora=LoraSettings(r=4),
-)
-request = RoundRequest.for_round(
-    federation,
-    model_fingerprint(site.config.site.base_model),
-    1,
-    site.task.default_lora_targets,
-)
-model = site.task.wrap_with_lora(
-    site.task.load_base_model(site.config.site.base_model), request.lora
-)
-adapter = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+request = round_request(site)
+adapter = initial_adapter(site, request)
 
 original = client.ledger.PrivacyLedger.record_round
 
@@ -75,29 +54,6 @@ client.ledger.PrivacyLedger.record_round = record_then_die
 site.train(request, adapter, run=sys.argv[2])
 print("REPLY SENT", flush=True)
 """
-
-
-def _request(site: Site, server_round: int = 1) -> RoundRequest:
-    federation = FederationConfig(
-        task=site.task.name,
-        base_model=site.config.site.base_model,
-        rounds=3,
-        batch_size=16,
-        lora=LoraSettings(r=4),
-    )
-    return RoundRequest.for_round(
-        federation,
-        model_fingerprint(site.config.site.base_model),
-        server_round,
-        site.task.default_lora_targets,
-    )
-
-
-def _global_adapter(site: Site, request: RoundRequest) -> dict[str, np.ndarray]:
-    model = site.task.wrap_with_lora(
-        site.task.load_base_model(site.config.site.base_model), request.lora
-    )
-    return {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _crash_after_ledger_write(config_path: Path) -> subprocess.CompletedProcess[str]:
@@ -151,8 +107,8 @@ def test_a_round_recorded_before_a_crash_is_charged_after_restart(
     assert events == [("run-planned", RUN)]
 
     # Round 2 of the same run starts from the crashed round's ε, with the same σ.
-    request = _request(site, 2)
-    outcome = site.train(request, _global_adapter(site, request), run=RUN)
+    request = round_request(site, 2)
+    outcome = site.train(request, initial_adapter(site, request), run=RUN)
     assert outcome.noise_multiplier == plan.noise_multiplier
     assert outcome.epsilon > epsilon_at_crash
     assert outcome.epsilon <= plan.epsilon_target + 0.05
@@ -181,7 +137,7 @@ def test_a_damaged_ledger_after_restart_makes_the_site_refuse(
     path.write_text(json.dumps(document))
 
     restarted = Site(load_site_config(config_path))
-    request = _request(restarted, 2)
+    request = round_request(restarted, 2)
     with pytest.raises(PolicyError, match="checksum"):
         restarted.train(request, {}, run=RUN)
     refusal = restarted.log.entries()[-1]

@@ -34,6 +34,7 @@ from common.protocol import (
 from common.tasks import TASKS, model_fingerprint
 from server.run import full_model_bytes
 from tests.conftest import write_site_config
+from tests.unit.client.rounds import initial_adapter, round_request
 
 
 def _site(scenario, workspace, tmp_path, site_id="hospital-a", **privacy) -> Site:
@@ -42,34 +43,10 @@ def _site(scenario, workspace, tmp_path, site_id="hospital-a", **privacy) -> Sit
     )
 
 
-def _request(site: Site, server_round: int = 1, **overrides: object) -> RoundRequest:
-    federation = FederationConfig(
-        task=site.task.name,
-        base_model=site.config.site.base_model,
-        rounds=3,
-        batch_size=16,
-        lora=LoraSettings(r=4),
-        **overrides,  # type: ignore[arg-type]
-    )
-    return RoundRequest.for_round(
-        federation,
-        model_fingerprint(site.config.site.base_model),
-        server_round,
-        site.task.default_lora_targets,
-    )
-
-
-def _global_adapter(site: Site, request: RoundRequest) -> dict[str, np.ndarray]:
-    model = site.task.wrap_with_lora(
-        site.task.load_base_model(site.config.site.base_model), request.lora
-    )
-    return {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
-
-
 def test_train_returns_an_adapter_within_budget(small_scenario, site_workspace, tmp_path) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=6.0)
-    request = _request(site)
-    adapter = _global_adapter(site, request)
+    request = round_request(site)
+    adapter = initial_adapter(site, request)
     outcome = site.train(request, adapter, run="run-1")
     assert set(outcome.adapter) == set(adapter)
     assert 0 < outcome.epsilon <= 6.0
@@ -100,14 +77,14 @@ def test_noise_is_calibrated_once_per_run_for_all_planned_rounds(
     ledger = site.open_ledger(site.load_data().dataset)
     sigmas, epsilons = [], []
     for server_round in (1, 2, 3):
-        sigmas.append(_charge(ledger, site, _request(site, server_round), "run-1"))
+        sigmas.append(_charge(ledger, site, round_request(site, server_round), "run-1"))
         epsilons.append(ledger.epsilon())
     assert sigmas[0] == sigmas[1] == sigmas[2]
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 5.0
     assert epsilons[2] > 4.9  # the plan uses the budget, not a fraction of it
     # A fourth round was never planned: the run cannot overspend what it asked for.
     with pytest.raises(PolicyError, match=r"over the site's budget|planned to reach"):
-        site.plan_round(_request(site, 4), site.load_data().train.persons, ledger, "run-1")
+        site.plan_round(round_request(site, 4), site.load_data().train.persons, ledger, "run-1")
 
 
 def test_budget_accumulates_across_runs_and_restarts(
@@ -119,13 +96,13 @@ def test_budget_accumulates_across_runs_and_restarts(
     for run in ("run-1", "run-2"):
         ledger = Site(site.config).open_ledger(dataset)  # a restarted daemon each run
         for server_round in (1, 2, 3):
-            _charge(ledger, site, _request(site, server_round, **per_run), run)
+            _charge(ledger, site, round_request(site, server_round, **per_run), run)
     ledger = site.open_ledger(dataset)
     assert [r["run"] for r in ledger.runs()] == ["run-1", "run-2"]
     assert ledger.runs()[0]["epsilon_after"] == pytest.approx(2.0, abs=0.05)
     assert ledger.epsilon() == pytest.approx(4.0, abs=0.1)
     with pytest.raises(PolicyError, match=r"asks for ε=2\.00 but only 1\.0\d? .*left"):
-        site.train(_request(site, 1, **per_run), {}, run="run-3")
+        site.train(round_request(site, 1, **per_run), {}, run="run-3")
     assert site.log.entries()[-1]["event"] == "refused"
 
 
@@ -133,9 +110,9 @@ def test_a_round_over_budget_is_refused_and_logged(
     small_scenario, site_workspace, tmp_path
 ) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=0.5)
-    request = _request(site, dp={"noise_multiplier": 0.3})
+    request = round_request(site, dp={"noise_multiplier": 0.3})
     with pytest.raises(PolicyError, match=r"over the site's budget of 0\.50"):
-        site.train(request, _global_adapter(site, request), run="run-1")
+        site.train(request, initial_adapter(site, request), run="run-1")
     refusal = site.log.entries()[-1]
     assert refusal["event"] == "refused" and "budget" in refusal["reason"]
     assert site.open_ledger(site.load_data().dataset).state.entries == []
@@ -143,8 +120,8 @@ def test_a_round_over_budget_is_refused_and_logged(
 
 def test_foreign_task_and_base_model_are_refused(small_scenario, site_workspace, tmp_path) -> None:
     site = _site(small_scenario, site_workspace, tmp_path)
-    request = _request(site)
-    adapter = _global_adapter(site, request)
+    request = round_request(site)
+    adapter = initial_adapter(site, request)
     wrong_task = RoundRequest(**{**request.__dict__, "task": "tabular-classification"})
     with pytest.raises(PolicyError, match="serves task 'dicom-classification'"):
         site.train(wrong_task, adapter, run="run-1")
@@ -158,19 +135,19 @@ def test_too_few_people_is_refused(small_scenario, site_workspace, tmp_path) -> 
     text = path.read_text().replace("min_cohort = 20", "min_cohort = 500")
     path.write_text(text)
     site = Site(load_site_config(path))
-    request = _request(site)
+    request = round_request(site)
     with pytest.raises(PolicyError, match="fewer than its minimum cohort of 500"):
-        site.train(request, _global_adapter(site, request), run="run-1")
+        site.train(request, initial_adapter(site, request), run="run-1")
     with pytest.raises(PolicyError, match="refuses to report metrics"):
-        site.evaluate(request, _global_adapter(site, request), run="run-1")
+        site.evaluate(request, initial_adapter(site, request), run="run-1")
 
 
 def test_a_global_adapter_of_the_wrong_shape_is_rejected(
     small_scenario, site_workspace, tmp_path
 ) -> None:
     site = _site(small_scenario, site_workspace, tmp_path)
-    request = _request(site)
-    adapter = _global_adapter(site, request)
+    request = round_request(site)
+    adapter = initial_adapter(site, request)
     name = next(iter(adapter))
     adapter[name] = np.zeros((3, 3), dtype=np.float32)
     with pytest.raises(UpdateError, match="shape"):
@@ -186,7 +163,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 def _message(site: Site, request: RoundRequest, kind: str) -> Message:
     content = RecordDict(
         {
-            "arrays": arrays_to_record(_global_adapter(site, request)),
+            "arrays": arrays_to_record(initial_adapter(site, request)),
             "config": request.to_record(),
         }
     )
@@ -208,7 +185,7 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
 ) -> None:
     config_path = write_site_config(small_scenario, site_workspace, "hospital-a", tmp_path)
     site = Site(load_site_config(config_path))
-    request = _request(site)
+    request = round_request(site)
     app = build_client_app()
     context = _context(config_path)
 
@@ -231,7 +208,7 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     # The round was charged to the site's ledger on disk before the reply went out.
     ledger = site.open_ledger(site.load_data().dataset)
     assert len(ledger.state.entries) == 1
-    second = app(_message(site, _request(site, 2), MessageType.TRAIN), context)
+    second = app(_message(site, round_request(site, 2), MessageType.TRAIN), context)
     assert (
         second.content.metric_records["metrics"]["epsilon"]
         > reply.content.metric_records["metrics"]["epsilon"]
@@ -243,7 +220,7 @@ def test_client_app_turns_a_refusal_into_an_error_reply(
 ) -> None:
     config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=0.2)
     site = Site(load_site_config(config_path))
-    request = _request(site, dp={"noise_multiplier": 0.5})
+    request = round_request(site, dp={"noise_multiplier": 0.5})
     reply = build_client_app()(_message(site, request, MessageType.TRAIN), _context(config_path))
     assert reply.has_error()
     assert reply.error.code == REFUSED_BY_POLICY
@@ -254,7 +231,7 @@ def test_client_app_evaluates_on_held_out_people(small_scenario, site_workspace,
     config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
     site = Site(load_site_config(config_path))
     reply = build_client_app()(
-        _message(site, _request(site), MessageType.EVALUATE), _context(config_path)
+        _message(site, round_request(site), MessageType.EVALUATE), _context(config_path)
     )
     metrics = reply.content.metric_records["metrics"]
     assert set(EVALUATE_METRICS) <= set(metrics)
@@ -271,7 +248,7 @@ def test_local_errors_leave_the_site_without_paths(
 ) -> None:
     config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
     site = Site(load_site_config(config_path))
-    request = _request(site)
+    request = round_request(site)
     broken = tmp_path / "broken.toml"
     broken.write_text(config_path.read_text().replace("loans.csv", "missing.csv"))
     reply = build_client_app()(_message(site, request, MessageType.TRAIN), _context(broken))
@@ -287,8 +264,8 @@ def test_the_noise_does_not_depend_on_anything_the_server_sends(
     """Same request, same data, same global adapter: different noise, so the coordinator
     cannot regenerate it from the round's seed."""
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=50.0)
-    request = _request(site, dp={"noise_multiplier": 1.0})
-    adapter = _global_adapter(site, request)
+    request = round_request(site, dp={"noise_multiplier": 1.0})
+    adapter = initial_adapter(site, request)
     first = site.train(request, adapter, run="run-a").adapter
     second = site.train(request, adapter, run="run-b").adapter
     assert any(not np.array_equal(first[name], second[name]) for name in first)
@@ -328,7 +305,9 @@ def test_a_delta_not_below_one_over_people_is_refused(
 ) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, delta=0.009)
     with pytest.raises(PolicyError, match="is not below 1/"):
-        site.plan_round(_request(site), 200, site.open_ledger(site.load_data().dataset), "run-1")
+        site.plan_round(
+            round_request(site), 200, site.open_ledger(site.load_data().dataset), "run-1"
+        )
 
 
 # ------------------------------------------------------------------- FFA-LoRA ---

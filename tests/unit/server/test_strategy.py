@@ -18,7 +18,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from common.adapters import (
     AdapterArrays,
-    AdapterSchema,
     arrays_to_record,
     is_lora_a,
     record_to_arrays,
@@ -29,7 +28,7 @@ from server.aggregation import fedavg
 from server.checkpoint import CheckpointStore
 from server.reporting import METRIC_COLUMNS, RunRecorder
 from server.strategy import FedLoraStrategy
-from server.validation import UpdateLimits, derived_norm_bound, update_norm
+from server.validation import derived_norm_bound, update_norm
 from tests.unit.server.replies import error_reply, eval_metrics, nudged, reply, train_metrics
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -66,13 +65,12 @@ def _strategy(
     rollback: RollbackGuard | None = None,
 ) -> FedLoraStrategy:
     frozen = frozen or {}
-    trained = {k: v for k, v in INITIAL.items() if k not in frozen}
     return FedLoraStrategy(
         request_for_round=lambda r: _request(r, freeze_lora_a=bool(frozen)),
         initial=INITIAL,
         frozen=frozen,
         aggregator=fedavg,
-        limits=UpdateLimits.for_run(UpdateValidation(), AdapterSchema.of(trained)),
+        validation=UpdateValidation(),
         min_sites=min_sites,
         rollback=rollback or RollbackGuard(),
         round_timeout=TIMEOUT,
