@@ -19,6 +19,7 @@ from client.site import Site, load_site
 from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
 from common.errors import ConfigError, DataError, FedloraError, PolicyError, UpdateError
 from common.protocol import (
+    AUDIT_KEY,
     BAD_GLOBAL_ADAPTER,
     REFUSED_BY_POLICY,
     SITE_FAILED,
@@ -131,9 +132,12 @@ def build_client_app(
 
     @app.query()
     def introduce(message: Message, context: Context) -> Message:
-        """Who this node is: the public site name and the task it serves."""
+        """Who this node is: the public site name, the task it serves and the fingerprint
+        of its audit key. The coordinator asks once per run, so this is where the site
+        joins the run."""
         try:
             site = load_site(resolve_site(context))
+            site.joined(str(message.metadata.run_id))
         except Exception as exc:
             return _error_reply(message, exc)
         return Message(
@@ -144,6 +148,7 @@ def build_client_app(
                             SITE_ID_KEY: site.site_id,
                             "task": site.task.name,
                             "kind": site.config.site.kind,
+                            AUDIT_KEY: site.audit.key_fingerprint,
                         }
                     )
                 }

@@ -243,7 +243,7 @@ def budget(site_config: Path, as_json: bool, accept_new_data: bool) -> None:
         ledger = runtime.open_ledger(dataset, accept_new=True)
         if not ledger.path.exists():
             ledger.create()
-            runtime.log.record("new-data-accepted", dataset=dataset)
+            runtime.audit.record("new-data-accepted", dataset_sha256=dataset)
     privacy = config.privacy
     datasets: list[dict[str, Any]] = []
     for state in ledgers_of(config.site.state_dir):

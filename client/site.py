@@ -21,24 +21,25 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
+from client.audit import SiteAudit
 from client.data import SiteData, dataset_fingerprint, split_holdout
 from client.data.dicom import load_dicom_dataset
 from client.data.tabular import load_tabular_dataset
 from client.ledger import LedgerError, PrivacyLedger, RunPlan, read_index
 from client.policy import check_cohort, check_request
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
-from client.sitelog import SiteLog
 from client.training import DPTrainer, EvalResult, TrainingPlan, TrainResult
 from common.adapters import (
     AdapterArrays,
     AdapterSchema,
+    adapter_sha256,
     is_lora_a,
     lora_a_dtype,
     seeded_lora_a,
     without_lora_a,
 )
 from common.config import DicomDataConfig, SiteConfig, load_site_config
-from common.errors import PolicyError
+from common.errors import BudgetError, PolicyError
 from common.protocol import SITE_CALIBRATED, SITE_REMAINING_BUDGET, RoundRequest
 from common.tasks import TASKS, TaskSpec
 
@@ -83,7 +84,7 @@ class Site:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.task: TaskSpec = TASKS.get(config.site.task)
-        self.log = SiteLog(config.site.state_dir)
+        self.audit = SiteAudit(config)
 
     @property
     def site_id(self) -> str:
@@ -199,13 +200,13 @@ class Site:
         sigma = run_plan.noise_multiplier
         epsilon_after = ledger.epsilon([(sigma, sample_rate, steps)])
         if not math.isfinite(epsilon_after) or epsilon_after > budget.epsilon + EPSILON_TOLERANCE:
-            raise PolicyError(
+            raise BudgetError(
                 f"site {self.site_id} refuses round {request.server_round}: it would bring ε "
                 f"from {spent:.2f} to {epsilon_after:.2f}, over the site's budget of "
                 f"{budget.epsilon:.2f} (δ={budget.delta:g})"
             )
         if epsilon_after > run_plan.epsilon_target + max(1e-3, 0.01 * run_plan.epsilon_target):
-            raise PolicyError(
+            raise BudgetError(
                 f"site {self.site_id} refuses round {request.server_round}: the run planned "
                 f"to reach ε={run_plan.epsilon_target:.2f} here and this round would bring "
                 f"it to {epsilon_after:.2f} (more rounds or data than planned)"
@@ -232,7 +233,7 @@ class Site:
         else:
             target = spent + request.epsilon_per_run
             if target > budget.epsilon + EPSILON_TOLERANCE:
-                raise PolicyError(
+                raise BudgetError(
                     f"site {self.site_id} refuses the run: it asks for "
                     f"ε={request.epsilon_per_run:.2f} but only "
                     f"{max(budget.epsilon - spent, 0):.2f} of the site's budget of "
@@ -268,7 +269,7 @@ class Site:
         kept = ledger.record_plan(plan)
         if kept is not plan:  # another process of this site planned the run first
             return kept
-        self.log.record(
+        self.audit.record(
             "run-planned",
             run=run,
             noise_multiplier=sigma,
@@ -282,46 +283,75 @@ class Site:
     # ------------------------------------------------------------------- rounds ---
 
     @contextmanager
-    def _logging_refusals(self, run: str, request: RoundRequest, phase: str) -> Iterator[None]:
-        """Every refusal is a policy decision: it goes in the site's log, then up."""
+    def _deciding(self, run: str, request: RoundRequest, phase: str) -> Iterator[None]:
+        """The policy decision on a request: audited whichever way it goes."""
+        where = {"run": run, "round": request.server_round, "phase": phase}
         try:
             yield
-        except PolicyError as exc:
-            self.log.record(
-                "refused", run=run, round=request.server_round, phase=phase, reason=str(exc)
-            )
+        except BudgetError as exc:
+            self.audit.record("budget-refused", **where, reason=str(exc))
             raise
+        except PolicyError as exc:
+            self.audit.record("policy-decision", **where, decision="refused", reason=str(exc))
+            raise
+        self.audit.record("policy-decision", **where, decision="accepted")
+
+    def joined(self, run: str) -> None:
+        """The coordinator introduced itself for ``run``; the site names its audit key."""
+        self.audit.record(
+            "run-joined", run=run, task=self.task.name, audit_key=self.audit.key_fingerprint
+        )
+
+    def _data_summary(self, run: str, data: LoadedData) -> None:
+        """Counts only: how much data the run uses, never which."""
+        self.audit.record(
+            "data-summary",
+            run=run,
+            dataset_sha256=data.dataset,
+            records=len(data.all.labels),
+            people=data.all.persons,
+            train_records=len(data.train.labels),
+            holdout_records=len(data.holdout.labels),
+            rejected_records=len(data.all.rejected),
+            class_counts=data.all.label_counts(),
+        )
 
     def train(self, request: RoundRequest, adapter: AdapterArrays, run: str) -> TrainOutcome:
         """One round of DP training; the ledger is written before this returns."""
-        with self._logging_refusals(run, request, "train"):
+        with self._deciding(run, request, "train"):
             check_request(self.config, request)
             data = self.load_data()
             check_cohort(self.config, data.train.persons, purpose="train")
             ledger = self.open_ledger(data.dataset)
+            first_round_of_run = ledger.plan_for(run) is None
             plan = self.plan_round(request, data.train.persons, ledger, run)
+        if first_round_of_run:
+            self._data_summary(run, data)
         model = self.build_model(request, adapter)
         trainer = DPTrainer(model, self.task.input_names, data.class_weights)
         result = trainer.train(data.train, plan.training, ledger.history)
         entry = ledger.record_round(
             run, request.server_round, result.round_entry, limit=self.config.privacy.epsilon
         )
-        self.log.record(
-            "trained",
+        adapter_out = {
+            k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
+        }
+        if request.freeze_lora_a:
+            adapter_out = without_lora_a(adapter_out)
+        self.audit.record(
+            "training-done",
             run=run,
             round=request.server_round,
+            update_sha256=adapter_sha256(adapter_out),
             people=plan.people,
             records=result.examples,
             steps=result.steps,
             noise_multiplier=plan.training.noise_multiplier,
             epsilon_before=plan.epsilon_before,
             epsilon_after=entry.epsilon_after,
+            epsilon_budget=self.config.privacy.epsilon,
+            delta=self.config.privacy.delta,
         )
-        adapter_out = {
-            k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
-        }
-        if request.freeze_lora_a:
-            adapter_out = without_lora_a(adapter_out)
         logger.info(
             "site %s trained round %d: %d steps, ε=%.3f of %.3f",
             self.site_id,
@@ -338,12 +368,21 @@ class Site:
         )
 
     def evaluate(self, request: RoundRequest, adapter: AdapterArrays, run: str) -> EvalResult:
-        with self._logging_refusals(run, request, "evaluate"):
+        with self._deciding(run, request, "evaluate"):
             check_request(self.config, request)
             data = self.load_data()
             check_cohort(self.config, data.holdout.persons, purpose="report metrics")
         model = self.build_model(request, adapter)
-        return DPTrainer(model, self.task.input_names).evaluate(data.holdout)
+        result = DPTrainer(model, self.task.input_names).evaluate(data.holdout)
+        self.audit.record(
+            "evaluation-done",
+            run=run,
+            round=request.server_round,
+            records=result.examples,
+            accuracy=result.accuracy,
+            loss=result.loss,
+        )
+        return result
 
 
 def load_site(path: Path) -> Site:

@@ -29,6 +29,18 @@ def record_to_arrays(record: ArrayRecord) -> AdapterArrays:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def adapter_sha256(arrays: Mapping[str, npt.NDArray[np.generic]]) -> str:
+    """One hash of an adapter (names, dtypes, shapes, bytes), the same at the site that
+    sent it and at the coordinator that received it: the audit trail's update hash."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        header = f"{name}|{value.dtype.str}|{','.join(map(str, value.shape))}|"
+        digest.update(header.encode("utf-8"))
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def payload_bytes(arrays: Mapping[str, npt.NDArray[np.generic]]) -> int:
     return sum(int(value.nbytes) for value in arrays.values())
 

@@ -61,6 +61,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     Roles:
       simulate      run a multi-site federation on this machine (researchers)
       site          check a site's data and configuration (site operators)
+      audit         verify, reconcile and review the signed audit trail (auditors)
     """
     ctx.obj = {"verbose": verbose}
     configure_logging(verbose)

@@ -128,6 +128,15 @@ class SiteIdentity(StrictModel):
     state_dir: Path = Field(
         default=Path("state"), description="Private state: ledger, salt, site logs."
     )
+    signing_key: Path | None = Field(
+        default=None,
+        description="The site's Ed25519 key (PEM, mode 0600) that signs its audit log; "
+        "created as <state_dir>/audit-key.pem on first use when omitted.",
+    )
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.signing_key or self.state_dir / "audit-key.pem"
 
 
 class SiteConfig(StrictModel):
@@ -349,6 +358,11 @@ def load_site_config(path: Path | str) -> SiteConfig:
                 update={
                     "state_dir": _resolve(base, config.site.state_dir),
                     "base_model": _resolve(base, config.site.base_model),
+                    "signing_key": (
+                        _resolve(base, config.site.signing_key)
+                        if config.site.signing_key is not None
+                        else None
+                    ),
                 }
             ),
             "data": config.data.model_copy(update={"path": _resolve(base, config.data.path)}),

@@ -8,8 +8,11 @@ traceback) and exit non-zero::
     ├── ConfigError            a TOML file is missing, unreadable or invalid
     ├── DataError              site data cannot be used (schema, empty, too few records)
     ├── PolicyError            the site refuses to take part (budget, cohort, task)
+    │   └── BudgetError        … because the round would cross its privacy budget
     ├── UpdateError            an adapter update does not match the run's schema
-    └── RegistryError          an unknown or duplicate task / aggregator name
+    ├── RegistryError          an unknown or duplicate task / aggregator name
+    ├── SigningError           a key is missing, unreadable or of the wrong kind
+    └── AuditError             an audit log cannot be written or read as a log
 """
 
 from __future__ import annotations
@@ -37,3 +40,16 @@ class UpdateError(FedloraError):
 
 class RegistryError(FedloraError):
     """A registry lookup or registration failed."""
+
+
+class BudgetError(PolicyError):
+    """The round would cross the site's privacy budget (or the run's planned share)."""
+
+
+class SigningError(FedloraError):
+    """A signing or verification key cannot be used."""
+
+
+class AuditError(FedloraError):
+    """An audit log cannot be appended to or parsed (tampering is a verification
+    finding, not an exception)."""

@@ -16,6 +16,9 @@ from common.config import FederationConfig, LoraSettings
 from common.errors import UpdateError
 
 SITE_ID_KEY = "site-id"
+AUDIT_KEY = "audit-key"
+"""In a site's introduction: the fingerprint of the key that signs its audit log, so the
+coordinator's log vouches for which key each site's log must be signed with."""
 """Key of the reply's ConfigRecord that names the replying site (public site name)."""
 
 TRAIN_METRICS = (

@@ -1,7 +1,9 @@
 """The Flower ServerApp: reads the run's configuration and hands over to ``run_federation``.
 
 In a deployment the run config names the federation TOML (``federation-config``) and
-the output directory (``run-dir``); a simulation builds the app with both bound.
+the output directory (``run-dir``), and optionally the coordinator's Ed25519 key
+(``signing-key``; without it the run makes its own under ``run-dir/keys``); a simulation
+builds the app with the first two bound.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def build_server_app(source: RunSource = run_from_run_config) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         federation, run_dir = source(context)
-        run_federation(grid, federation, run_dir)
+        signing_key = context.run_config.get("signing-key")
+        run_federation(grid, federation, run_dir, Path(str(signing_key)) if signing_key else None)
 
     return app
 

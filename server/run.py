@@ -16,8 +16,10 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from common.adapters import arrays_to_record, lora_a_dtype, seeded_lora_a
 from common.config import FederationConfig
 from common.protocol import RoundRequest
+from common.signing import load_or_create_private_key, write_public_key
 from common.tasks import TASKS, model_fingerprint
 from server.aggregation import AGGREGATORS
+from server.audit import CoordinatorAudit
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
 from server.strategy import FedLoraStrategy
@@ -25,6 +27,21 @@ from server.strategy import FedLoraStrategy
 logger = logging.getLogger(__name__)
 
 RESULT_DIR = "tasks"
+KEYS_DIR = "keys"
+COORDINATOR_KEY = "coordinator.key"
+COORDINATOR_PUBLIC_KEY = "coordinator.pub"
+
+
+def coordinator_signing_key(run_dir: Path, signing_key: Path | None) -> Path:
+    """The coordinator's Ed25519 key; a run without one (a simulation) makes its own.
+
+    Its public half is written to ``RUN_DIR/keys/coordinator.pub`` for reviewers."""
+    path = signing_key or run_dir / KEYS_DIR / COORDINATOR_KEY
+    public = load_or_create_private_key(path).public_key()
+    public_path = run_dir / KEYS_DIR / COORDINATOR_PUBLIC_KEY
+    if not public_path.exists():
+        write_public_key(public_path, public)
+    return path
 
 
 def full_model_bytes(model: torch.nn.Module) -> int:
@@ -32,8 +49,24 @@ def full_model_bytes(model: torch.nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path) -> dict[str, Any]:
-    """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out."""
+def run_federation(
+    grid: Grid, federation: FederationConfig, run_dir: Path, signing_key: Path | None = None
+) -> dict[str, Any]:
+    """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out;
+    every step is recorded in the run's signed audit log."""
+    audit = CoordinatorAudit.open(
+        run_dir, federation.task, coordinator_signing_key(run_dir, signing_key)
+    )
+    try:
+        return _run_federation(grid, federation, run_dir, audit)
+    except BaseException as exc:
+        audit.run_failed(exc)
+        raise
+
+
+def _run_federation(
+    grid: Grid, federation: FederationConfig, run_dir: Path, audit: CoordinatorAudit
+) -> dict[str, Any]:
     spec = TASKS.get(federation.task)
     aggregation = AGGREGATORS.get(federation.aggregator)
     base_sha256 = model_fingerprint(federation.base_model)
@@ -64,7 +97,18 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path) -> d
         round_timeout=federation.round_timeout,
         recorder=recorder,
         checkpoints=CheckpointStore(run_dir / "checkpoints" / federation.task),
+        audit=audit,
     )
+    joined = strategy.introduce(grid, sorted(grid.get_node_ids()))
+    audit.run_started(
+        run=str(grid.run.run_id),
+        federation=federation,
+        base_model_sha256=base_sha256,
+        initial=strategy.global_adapter,
+        sites=list(joined),
+    )
+    for site, details in joined.items():
+        audit.site_joined(site, details)
     logger.info(
         "%s: %d rounds, aggregator %s, %d bytes per update",
         federation.task,
@@ -106,4 +150,5 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path) -> d
     results = run_dir / RESULT_DIR
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{federation.task}.json").write_text(json.dumps(result, indent=2))
+    audit.run_finished(result, final)
     return result

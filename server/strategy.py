@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,24 +25,30 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import AdapterArrays, AdapterSchema, arrays_to_record
 from common.config import RollbackGuard, UpdateValidation
-from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
+from common.protocol import AUDIT_KEY, EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
 from server.aggregation import Aggregator, lora_product_error
+from server.audit import CoordinatorAudit
 from server.checkpoint import CheckpointStore
 from server.reporting import RunRecorder
 from server.strategy_utils import (
     EXCLUSION_STATUSES,
     FailedReply,
     SiteReply,
+    UpdateReceipt,
     metric_record,
     missing_replies,
     parse_replies,
     remember_site,
     rollback_reason,
+    update_receipt,
     weighted_mean,
 )
 from server.validation import UpdateLimits, check_evaluation, validate_update
 
 logger = logging.getLogger(__name__)
+
+SITE_DETAILS = ("kind", "task", AUDIT_KEY)
+"""What a site's introduction tells the coordinator (and its audit log) of the site."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class FedLoraStrategy(FedAvg):
         round_timeout: float,
         recorder: RunRecorder,
         checkpoints: CheckpointStore,
+        audit: CoordinatorAudit,
     ) -> None:
         """``initial`` is the whole adapter; ``frozen`` the tensors no site trains or
         sends (FFA-LoRA's A matrices; empty otherwise)."""
@@ -88,6 +95,7 @@ class FedLoraStrategy(FedAvg):
         self.round_timeout = round_timeout
         self.recorder = recorder
         self.checkpoints = checkpoints
+        self.audit = audit
         self.known_sites: dict[int, str] = {}
         self.introduction_timeout = min(120.0, round_timeout)
         self.rounds_aggregated = 0
@@ -121,34 +129,64 @@ class FedLoraStrategy(FedAvg):
             )
         )
         self._sent_to = {m.metadata.dst_node_id for m in messages}
-        self.introduce(grid, sorted(self._sent_to))
+        for site, details in self.introduce(grid, sorted(self._sent_to)).items():
+            self.audit.site_joined(site, details)
+        self.audit.round_started(server_round, "train", self._site_names(self._sent_to))
         return messages
 
-    def introduce(self, grid: Grid, node_ids: list[int]) -> None:
+    def _site_names(self, node_ids: Iterable[int]) -> list[str]:
+        return [self.known_sites.get(node, f"node-{node}") for node in node_ids]
+
+    def introduce(self, grid: Grid, node_ids: list[int]) -> dict[str, dict[str, str]]:
         """Ask nodes we have not heard from which site they are, so that even a site that
-        refuses every round is reported by name."""
+        refuses every round is reported by name. Returns the sites that joined, each with
+        what it said of itself (kind, task, audit key fingerprint)."""
         unknown = [
             node
             for node in node_ids
             if node not in self.known_sites and node not in self._introduced
         ]
         if not unknown:
-            return
+            return {}
         self._introduced.update(unknown)  # asked once: a silent node must not stall rounds
         queries = [
             Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
             for node in unknown
         ]
-        replies = grid.send_and_receive(queries, timeout=self.introduction_timeout)
-        for reply in replies:
-            if not reply.has_error():
-                remember_site(reply, self.known_sites)
+        joined: dict[str, dict[str, str]] = {}
+        for reply in grid.send_and_receive(queries, timeout=self.introduction_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or remember_site(reply, self.known_sites) is not None:
+                continue
+            if node in self.known_sites:
+                details = reply.content.config_records.get("site") or ConfigRecord()
+                joined[self.known_sites[node]] = {
+                    key: str(details[key]) for key in SITE_DETAILS if key in details
+                }
+        return joined
 
-    def _failures(self, server_round: int, phase: str, failures: list[FailedReply]) -> None:
+    def _failures(
+        self,
+        server_round: int,
+        phase: str,
+        failures: list[FailedReply],
+        receipts: Mapping[int, UpdateReceipt] | None = None,
+    ) -> None:
+        """Record each failure; a rejected training reply is audited as a received
+        update (with its hash) when ``receipts`` are given."""
         for failure in failures:
             self.recorder.site_failed(
                 server_round, failure.site, phase, failure.status, failure.reason
             )
+            receipt = (receipts or {}).get(failure.node_id)
+            if failure.status == "rejected" and receipt is not None:
+                self.audit.update_received(
+                    server_round, failure.site, receipt, accepted=False, reason=failure.reason
+                )
+            else:
+                self.audit.site_excluded(
+                    server_round, failure.site, phase, failure.status, failure.reason
+                )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -156,6 +194,7 @@ class FedLoraStrategy(FedAvg):
         if self._request is None:
             raise RuntimeError("aggregate_train before configure_train")
         received = list(replies)
+        receipts = {m.metadata.src_node_id: update_receipt(m) for m in received}
         check = partial(
             validate_update,
             reference=self._sent_adapter,
@@ -172,9 +211,12 @@ class FedLoraStrategy(FedAvg):
                 bad.append(FailedReply(reply.node_id, reply.site, "rejected", changed))
             else:
                 good.append(reply)
-        self._failures(server_round, "train", bad)
+        self._failures(server_round, "train", bad, receipts)
         for reply in good:
             self.recorder.site_trained(server_round, reply.site, reply.metrics, reply.norm)
+            self.audit.update_received(
+                server_round, reply.site, receipts[reply.node_id], accepted=True, norm=reply.norm
+            )
         counts = {
             status: float(sum(1 for failure in bad if failure.status == status))
             for status in EXCLUSION_STATUSES
@@ -188,6 +230,7 @@ class FedLoraStrategy(FedAvg):
             )
             logger.warning("%s round %d failed: %s", self.recorder.task, server_round, reason)
             self.recorder.round_trained(server_round, int(sum(weights)), None, reason)
+            self.audit.round_failed(server_round, reason)
             return None, metric_record({"sites": float(len(good)), **counts})
         aggregate = self.aggregator(updates, weights)
         error = lora_product_error(
@@ -202,6 +245,13 @@ class FedLoraStrategy(FedAvg):
         self.checkpoints.save(server_round, self.global_adapter)
         self.rounds_aggregated += 1
         self.recorder.round_trained(server_round, int(sum(weights)), lora_error, None)
+        self.audit.aggregated(
+            server_round,
+            self.global_adapter,
+            [reply.site for reply in good],
+            int(sum(weights)),
+            lora_error,
+        )
         metrics = {
             "examples": float(sum(weights)),
             "sites": float(len(good)),
@@ -220,6 +270,7 @@ class FedLoraStrategy(FedAvg):
             super().configure_evaluate(server_round, arrays_to_record(self.trained), request, grid)
         )
         self._sent_to = {m.metadata.dst_node_id for m in messages}
+        self.audit.round_started(server_round, "evaluate", self._site_names(self._sent_to))
         return messages
 
     def aggregate_evaluate(
@@ -243,6 +294,9 @@ class FedLoraStrategy(FedAvg):
         loss = weighted_mean([r.metrics["eval-loss"] for r in good], weights)
         accuracy = weighted_mean([r.metrics["eval-accuracy"] for r in good], weights)
         self.recorder.round_evaluated(server_round, loss, accuracy, int(sum(weights)))
+        self.audit.evaluated(
+            server_round, accuracy, loss, int(sum(weights)), [reply.site for reply in good]
+        )
         self._guard(server_round, accuracy, loss)
         return metric_record({"eval-loss": loss, "eval-accuracy": accuracy})
 
@@ -262,6 +316,7 @@ class FedLoraStrategy(FedAvg):
             logger.warning("%s round %d rolled back: %s", self.recorder.task, server_round, reason)
             self.recorder.rolled_back(server_round, best.server_round, reason)
             self.trained = best.trained
+            self.audit.rolled_back(server_round, best.server_round, self.global_adapter, reason)
             self.adapter_round = best.server_round
             self.adapter_evaluation = {
                 "round": best.server_round,

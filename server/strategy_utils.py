@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from common.adapters import AdapterArrays
+from common.adapters import AdapterArrays, adapter_sha256, record_to_arrays
+from common.audit.chain import sha256_hex
 from common.errors import UpdateError
 from common.protocol import REFUSED_BY_POLICY, SITE_ID_KEY
 
@@ -41,6 +42,38 @@ class FailedReply:
     """'refused' (the site's policy said no), 'rejected' (bad update), 'failed' (an error
     reply) or 'timed-out' (no reply in time)."""
     reason: str
+
+
+@dataclass(frozen=True)
+class UpdateReceipt:
+    """What a training reply carried, as the audit trail records it."""
+
+    sha256: str | None
+    """The update's hash (as the site computes it), ``raw:``-prefixed when the arrays do
+    not decode, None when the reply carried none."""
+    examples: float | None
+    epsilon: float | None
+
+
+def update_receipt(message: Message) -> UpdateReceipt:
+    """Hash and reported numbers of a reply, taken before (and whatever) validation says."""
+    if message.has_error() or not message.has_content():
+        return UpdateReceipt(None, None, None)
+    record = message.content.array_records.get("arrays")
+    digest: str | None = None
+    if record is not None:
+        try:
+            digest = adapter_sha256(record_to_arrays(record))
+        except Exception:
+            raw = b"".join(name.encode() + bytes(array.data) for name, array in record.items())
+            digest = "raw:" + sha256_hex(raw)
+    reported: dict[str, float] = {}
+    for metrics in message.content.metric_records.values():
+        for key in ("num-examples", "epsilon"):
+            value = metrics.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                reported[key] = float(value)
+    return UpdateReceipt(digest, reported.get("num-examples"), reported.get("epsilon"))
 
 
 def _claimed_site(message: Message) -> str | None:

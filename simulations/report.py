@@ -10,6 +10,9 @@ from typing import Any
 
 import matplotlib
 
+from common.audit.report import write_report
+from common.audit.review import verify_path
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
@@ -67,9 +70,26 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
         "wall_seconds": round(wall_seconds, 1),
         "tasks": tasks,
         "sites": sites,
+        "audit": audit_summary(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def audit_summary(run_dir: Path) -> dict[str, Any]:
+    """Verify the run's audit trail and write its HTML report, as a reviewer would."""
+    reports = verify_path(run_dir)
+    report = write_report(run_dir)
+    return {
+        "logs": len(reports),
+        "intact": all(r.verification.ok for r in reports),
+        "problems": [
+            f"{r.path.name}: {r.verification.first_problem}"
+            for r in reports
+            if not r.verification.ok
+        ],
+        "report": str(report.relative_to(run_dir)),
+    }
 
 
 def _count_statuses(exclusions: list[dict[str, Any]], phase: str) -> dict[str, int]:
@@ -221,6 +241,12 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
         if counts:
             details = ", ".join(f"{count} {status}" for status, count in counts.items())
             console.print(f"{name}: {details}")
+    audit = summary["audit"]
+    if audit["intact"]:
+        console.print(f"audit trail: {audit['logs']} signed logs verified intact")
+    else:
+        console.print(f"[red]audit trail: NOT intact[/red]: {'; '.join(audit['problems'])}")
+    console.print(f"audit report: {run_dir / audit['report']}")
     console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
 
 

@@ -23,6 +23,9 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import build_client_app
+from client.audit import SITE_AUDIT_LOG
+from common.audit.log import head_path
+from common.audit.review import AUDIT_DIR, SITE_LOGS_DIR
 from common.config import FederationConfig, load_site_config
 from common.tasks import TASKS
 from server.app import build_server_app
@@ -297,6 +300,25 @@ def run_task(
         _run_on_simulation_engine(server_app, client_app, len(site_configs), verbose)
     finally:
         flower_logger.removeFilter(notice_filter)
+        collect_site_logs(site_configs, run_dir)
+
+
+def collect_site_logs(site_configs: Sequence[Path], run_dir: Path) -> None:
+    """Copy each site's audit log (and its signed head) into ``RUN_DIR/audit/sites``.
+
+    In a deployment each log stays at its site; a simulation's sites all live here, so
+    the run directory can hold a copy for review (``fedlora audit verify RUN_DIR``).
+    """
+    target = run_dir / AUDIT_DIR / SITE_LOGS_DIR
+    for path in site_configs:
+        config = load_site_config(path)
+        log = config.site.state_dir / SITE_AUDIT_LOG
+        if not log.exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, target / f"{config.site.id}.jsonl")
+        if head_path(log).exists():
+            shutil.copyfile(head_path(log), head_path(target / f"{config.site.id}.jsonl"))
 
 
 def _run_on_simulation_engine(

@@ -92,5 +92,6 @@ def test_epsilon_accumulates_and_a_spent_site_refuses(tmp_path: Path) -> None:
 
     # The refusal is in the site's own log too.
     state = tmp_path / "data" / "sites" / "bank-small" / "state"
-    events = [json.loads(line) for line in (state / "site-log.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "refused" and "budget" in events[-1]["reason"]
+    entries = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    refusal = entries[-1]
+    assert refusal["event"] == "budget-refused" and "asks for" in refusal["data"]["reason"]

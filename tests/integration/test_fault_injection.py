@@ -20,6 +20,9 @@ import tomli_w
 from click.testing import CliRunner
 
 from client.site import SALT_FILE
+from common.audit.log import read_entries
+from common.audit.reconcile import reconcile
+from common.audit.review import verify_path
 from common.cli import cli
 
 pytestmark = pytest.mark.slow
@@ -180,3 +183,67 @@ def test_a_straggler_is_recorded_as_timed_out_and_skipped(
     assert "no reply within 20 s" in rows[0]["reason"]
     assert "timed-out" in straggler_run.output
     _assert_matches_honest_run(straggler_run, honest_run)
+
+
+def _coordinator_entries(run: Run) -> list[dict[str, Any]]:
+    return read_entries(run.directory / "audit" / f"coordinator-{TASK}.jsonl")
+
+
+def test_every_rejected_update_and_failure_is_audited(corrupted_run: Run) -> None:
+    """A malformed update is rejected *and* audited (hash, reported numbers, reason),
+    and the trail of a run full of faults still verifies."""
+    reports = verify_path(corrupted_run.directory)
+    assert len(reports) == 1 + len(HONEST) + len(CORRUPTING)
+    assert all(r.verification.ok for r in reports), [
+        f"{r.path.name}: {r.verification.first_problem}" for r in reports if not r.verification.ok
+    ]
+    entries = _coordinator_entries(corrupted_run)
+    received = [e["data"] for e in entries if e["event"] == "update-received"]
+    excluded = [e["data"] for e in entries if e["event"] == "site-excluded"]
+    for kind, reason in CORRUPTING.items():
+        site = f"bank-{kind}"
+        if kind in ("error", "crash"):
+            failures = [d for d in excluded if d["site"] == site and d["phase"] == "train"]
+            assert [d["status"] for d in failures] == ["failed", "failed"]
+            assert all(reason in d["reason"] for d in failures)
+            continue
+        updates = [d for d in received if d["site"] == site]
+        assert [(d["round"], d["status"]) for d in updates] == [(1, "rejected"), (2, "rejected")]
+        assert all(reason in d["reason"] and d["update_sha256"] for d in updates)
+    accepted = {(d["round"], d["site"]) for d in received if d["status"] == "accepted"}
+    assert accepted == {(r, s) for r in (1, 2) for s in ("bank-a", "bank-b")}
+
+
+def test_reconcile_shows_what_the_faults_did_to_the_updates(corrupted_run: Run) -> None:
+    """The site logged the update it trained; the fault changed it on the way out, so
+    the coordinator rejected a different update: a note, since nothing was aggregated.
+    An honest site reconciles exactly."""
+    coordinator = _coordinator_entries(corrupted_run)
+    honest = reconcile(coordinator, read_entries(_site_log(corrupted_run, "bank-a")))
+    assert honest.ok and honest.matched == 2 and not honest.notes
+    scaled = reconcile(coordinator, read_entries(_site_log(corrupted_run, "bank-scaled")))
+    assert scaled.ok and scaled.matched == 0
+    assert len(scaled.notes) == 2 and all("rejected" in note for note in scaled.notes)
+    crashed = reconcile(coordinator, read_entries(_site_log(corrupted_run, "bank-crash")))
+    assert crashed.ok and crashed.matched == 0  # it never logged an update sent
+
+
+def test_a_straggler_is_audited_as_timed_out(straggler_run: Run) -> None:
+    entries = _coordinator_entries(straggler_run)
+    timed_out = [
+        e["data"]
+        for e in entries
+        if e["event"] == "site-excluded" and e["data"]["site"] == "bank-slow"
+    ]
+    assert [(d["round"], d["status"]) for d in timed_out if d["phase"] == "train"] == [
+        (1, "timed-out"),
+        (2, "timed-out"),
+    ]
+    # The straggler did train and log its update; it arrived after the round closed.
+    late = reconcile(entries, read_entries(_site_log(straggler_run, "bank-slow")))
+    assert late.ok
+    assert any("timed-out" in note for note in late.notes)
+
+
+def _site_log(run: Run, site: str) -> Path:
+    return run.directory / "audit" / "sites" / f"{site}.jsonl"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 from click.testing import CliRunner
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.numpy import load_file
@@ -19,22 +18,6 @@ from common.tasks import TASKS
 from tests.conftest import SMALL_SCENARIO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("simulation")
-    scenario = root / "scenario.toml"
-    scenario.write_text(tomli_w.dumps(SMALL_SCENARIO))
-    run_dir = root / "run"
-    result = CliRunner().invoke(
-        cli,
-        ["simulate", str(scenario), "--out", str(run_dir), "--data-dir", str(root / "data")],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    assert "dicom-classification" in result.output  # the summary table was printed
-    return run_dir
 
 
 def test_summary_reports_every_task_and_site(finished_run: Path) -> None:

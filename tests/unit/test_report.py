@@ -41,6 +41,7 @@ def _summary() -> dict[str, Any]:
         "wall_seconds": 78.0,
         "tasks": {"tabular-classification": task},
         "sites": {"bank-1": site, "bank-5": faulty},
+        "audit": {"logs": 3, "intact": True, "problems": [], "report": "audit/report.html"},
     }
 
 
@@ -56,6 +57,22 @@ def test_summary_fits_80_columns_and_names_exclusions_and_faults() -> None:
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
     assert rows["excluded"].split("│")[2].strip() == "3"  # rejected + failed + timed out
     assert rows["rollbacks"].split("│")[2].strip() == "1"
+    assert "audit trail: 3 signed logs verified intact" in text
+
+
+def test_a_broken_audit_trail_is_named_in_the_summary() -> None:
+    summary = _summary()
+    summary["audit"] = {
+        "logs": 3,
+        "intact": False,
+        "problems": ["bank-5.jsonl: line 4: entry 3 was edited"],
+        "report": "audit/report.html",
+    }
+    console = Console(width=80, record=True)
+    print_summary(summary, Path("runs/x"), console)
+    text = " ".join(console.export_text().split())
+    assert "audit trail: NOT intact" in text and "bank-5.jsonl: line 4" in text
+    assert "verified intact" not in text
 
 
 def test_an_honest_run_prints_no_fault_or_exclusion_lines() -> None:

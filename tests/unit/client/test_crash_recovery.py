@@ -103,8 +103,8 @@ def test_a_round_recorded_before_a_crash_is_charged_after_restart(
     assert ledger.state.entries[0].noise_multiplier == plan.noise_multiplier
 
     # The site's log has the plan of the crashed run, but no "trained" (it never returned).
-    events = [(e["event"], e.get("run")) for e in site.log.entries()]
-    assert events == [("run-planned", RUN)]
+    events = [(e["event"], e.get("run")) for e in site.audit.events()]
+    assert events == [("run-planned", RUN), ("policy-decision", RUN), ("data-summary", RUN)]
 
     # Round 2 of the same run starts from the crashed round's ε, with the same σ.
     request = round_request(site, 2)
@@ -115,11 +115,11 @@ def test_a_round_recorded_before_a_crash_is_charged_after_restart(
     ledger = site.open_ledger(dataset)
     assert [(e.run, e.round) for e in ledger.state.entries] == [(RUN, 1), (RUN, 2)]
     assert ledger.epsilon() == pytest.approx(outcome.epsilon)
-    trained = site.log.entries()[-1]
-    assert trained["event"] == "trained" and trained["round"] == 2
+    trained = site.audit.events()[-1]
+    assert trained["event"] == "training-done" and trained["round"] == 2
     assert trained["epsilon_before"] == pytest.approx(epsilon_at_crash)
     # Planned once, before the crash: the restart did not re-plan the run.
-    assert [e["event"] for e in site.log.entries()].count("run-planned") == 1
+    assert [e["event"] for e in site.audit.events()].count("run-planned") == 1
 
 
 def test_a_damaged_ledger_after_restart_makes_the_site_refuse(
@@ -140,8 +140,11 @@ def test_a_damaged_ledger_after_restart_makes_the_site_refuse(
     request = round_request(restarted, 2)
     with pytest.raises(PolicyError, match="checksum"):
         restarted.train(request, {}, run=RUN)
-    refusal = restarted.log.entries()[-1]
-    assert refusal["event"] == "refused" and "checksum" in refusal["reason"]
+    refusal = restarted.audit.events()[-1]
+    assert (
+        refusal["event"] in ("policy-decision", "budget-refused")
+        and "checksum" in refusal["reason"]
+    )
     assert str(tmp_path) not in refusal["reason"]
 
     path.unlink()

@@ -15,15 +15,18 @@ from client.app import build_client_app
 from client.ledger import PrivacyLedger
 from client.site import Site
 from common.adapters import (
+    adapter_sha256,
     arrays_to_record,
     is_lora_a,
     record_to_arrays,
     seeded_lora_a,
     without_lora_a,
 )
+from common.audit.log import verify_log
 from common.config import FederationConfig, LoraSettings, load_site_config
 from common.errors import PolicyError, UpdateError
 from common.protocol import (
+    AUDIT_KEY,
     EVALUATE_METRICS,
     REFUSED_BY_POLICY,
     SITE_ID_KEY,
@@ -31,6 +34,7 @@ from common.protocol import (
     TRAIN_METRICS,
     RoundRequest,
 )
+from common.signing import fingerprint, load_public_key
 from common.tasks import TASKS, model_fingerprint
 from server.run import full_model_bytes
 from tests.conftest import write_site_config
@@ -54,7 +58,12 @@ def test_train_returns_an_adapter_within_budget(small_scenario, site_workspace, 
     ledger = site.open_ledger(site.load_data().dataset)
     assert [(e.run, e.round) for e in ledger.state.entries] == [("run-1", 1)]
     assert ledger.epsilon() == pytest.approx(outcome.epsilon)
-    assert [e["event"] for e in site.log.entries()] == ["run-planned", "trained"]
+    assert [e["event"] for e in site.audit.events()] == [
+        "run-planned",
+        "policy-decision",
+        "data-summary",
+        "training-done",
+    ]
 
 
 def _charge(ledger: PrivacyLedger, site: Site, request: RoundRequest, run: str) -> float:
@@ -103,7 +112,7 @@ def test_budget_accumulates_across_runs_and_restarts(
     assert ledger.epsilon() == pytest.approx(4.0, abs=0.1)
     with pytest.raises(PolicyError, match=r"asks for ε=2\.00 but only 1\.0\d? .*left"):
         site.train(round_request(site, 1, **per_run), {}, run="run-3")
-    assert site.log.entries()[-1]["event"] == "refused"
+    assert site.audit.events()[-1]["event"] in ("policy-decision", "budget-refused")
 
 
 def test_a_round_over_budget_is_refused_and_logged(
@@ -113,8 +122,10 @@ def test_a_round_over_budget_is_refused_and_logged(
     request = round_request(site, dp={"noise_multiplier": 0.3})
     with pytest.raises(PolicyError, match=r"over the site's budget of 0\.50"):
         site.train(request, initial_adapter(site, request), run="run-1")
-    refusal = site.log.entries()[-1]
-    assert refusal["event"] == "refused" and "budget" in refusal["reason"]
+    refusal = site.audit.events()[-1]
+    assert (
+        refusal["event"] in ("policy-decision", "budget-refused") and "budget" in refusal["reason"]
+    )
     assert site.open_ledger(site.load_data().dataset).state.entries == []
 
 
@@ -215,6 +226,61 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     )
 
 
+def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=3.0)
+    site = Site(load_site_config(config_path))
+    app, context = build_client_app(), _context(config_path)
+
+    introduction = app(
+        Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context
+    )
+    details = introduction.content.config_records["site"]
+    key = load_public_key(site.config.site.audit_key_path)
+    assert details[AUDIT_KEY] == fingerprint(key)
+    assert (site.config.site.audit_key_path.stat().st_mode & 0o777) == 0o600
+
+    request = round_request(site)
+    reply = app(_message(site, request, MessageType.TRAIN), context)
+    sent = record_to_arrays(reply.content.array_records["arrays"])
+    # A second run asking for more ε than is left is refused: a budget refusal.
+    with pytest.raises(PolicyError, match="asks for"):
+        site.train(round_request(site, 1, dp={"epsilon_per_run": 2.9}), {}, run="run-2")
+
+    events = site.audit.events()
+    run = str(introduction.metadata.run_id)
+    assert [e["event"] for e in events] == [
+        "run-joined",
+        "run-planned",
+        "policy-decision",
+        "data-summary",
+        "training-done",
+        "budget-refused",
+    ]
+    assert events[0] == {
+        "event": "run-joined",
+        "run": run,
+        "task": "tabular-classification",
+        "audit_key": fingerprint(key),
+    }
+    done = events[4]
+    assert done["update_sha256"] == adapter_sha256(sent)  # what the coordinator will hash
+    metrics = reply.content.metric_records["metrics"]
+    assert done["epsilon_after"] == metrics["epsilon"] and done["epsilon_before"] == 0.0
+    assert done["records"] == metrics["num-examples"] and done["round"] == 1
+    summary = events[3]
+    data = site.load_data()
+    assert summary["records"] == len(data.all.labels)
+    assert summary["people"] == data.all.persons
+    assert sum(summary["class_counts"].values()) == len(data.all.labels)
+    assert events[5]["run"] == "run-2" and "asks for ε=2.90" in events[5]["reason"]
+    # Signed by the site's key, with an intact chain and head; no path in it.
+    verification = verify_log(site.audit.path, key)
+    assert verification.ok, verification.findings
+    assert str(tmp_path) not in site.audit.path.read_text()
+
+
 def test_client_app_turns_a_refusal_into_an_error_reply(
     small_scenario, site_workspace, tmp_path
 ) -> None:
@@ -293,7 +359,7 @@ def test_changed_data_needs_an_operator_to_start_a_new_budget(
     assert result.exit_code == 0, result.output
     moved = Site(load_site_config(config_path))
     assert moved.open_ledger(moved.load_data().dataset).epsilon() == 0.0
-    assert moved.log.entries()[-1]["event"] == "new-data-accepted"
+    assert moved.audit.events()[-1]["event"] == "new-data-accepted"
     report = json.loads(
         CliRunner().invoke(cli, ["site", "budget", str(config_path), "--json"]).stdout
     )

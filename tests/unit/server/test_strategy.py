@@ -14,17 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from common.adapters import (
     AdapterArrays,
+    adapter_sha256,
     arrays_to_record,
     is_lora_a,
     record_to_arrays,
 )
+from common.audit.log import AuditLog, read_entries, verify_log
 from common.config import FederationConfig, RollbackGuard, UpdateValidation
-from common.protocol import REFUSED_BY_POLICY, SITE_ID_KEY, SITE_MISCONFIGURED, RoundRequest
+from common.protocol import (
+    AUDIT_KEY,
+    REFUSED_BY_POLICY,
+    SITE_ID_KEY,
+    SITE_MISCONFIGURED,
+    RoundRequest,
+)
 from server.aggregation import fedavg
+from server.audit import COORDINATOR, CoordinatorAudit
 from server.checkpoint import CheckpointStore
 from server.reporting import METRIC_COLUMNS, RunRecorder
 from server.strategy import FedLoraStrategy
@@ -40,6 +50,7 @@ SHAPES = {A_NAME: (4, 16), B_NAME: (64, 4), "head.weight": (2, 64), "head.bias":
 big enough that honest replies fit the default payload limit with room to spare."""
 FEDERATION = FederationConfig(task="tabular-classification", base_model=Path("/m"), rounds=3)
 TIMEOUT = 600.0
+SIGNING_KEY = Ed25519PrivateKey.generate()
 
 
 def _adapter(seed: int) -> dict[str, np.ndarray]:
@@ -76,6 +87,9 @@ def _strategy(
         round_timeout=TIMEOUT,
         recorder=RunRecorder("tabular-classification", tmp_path / "metrics.csv"),
         checkpoints=CheckpointStore(tmp_path / "checkpoints"),
+        audit=CoordinatorAudit(
+            AuditLog(tmp_path / "audit" / "coordinator.jsonl", COORDINATOR, SIGNING_KEY)
+        ),
     )
 
 
@@ -102,7 +116,9 @@ class FakeGrid:
             node = message.metadata.dst_node_id
             self.introduced.append(node)
             if node in self.names:
-                site = ConfigRecord({SITE_ID_KEY: self.names[node]})
+                site = ConfigRecord(
+                    {SITE_ID_KEY: self.names[node], "kind": "bank", AUDIT_KEY: f"ed25519:{node}"}
+                )
                 answers.append(Message(RecordDict({"site": site}), reply_to=message))
         return answers
 
@@ -942,3 +958,112 @@ def test_plain_fedavg_with_a_per_site_has_a_product_error(tmp_path: Path) -> Non
     assert math.isfinite(error)
     assert error > 1e-4
     assert error == pytest.approx(expected, rel=1e-3)
+
+
+# ---------------------------------------------------------------------- audit ---
+
+
+def _audit_entries(tmp_path: Path) -> list[dict]:
+    log = tmp_path / "audit" / "coordinator.jsonl"
+    verification = verify_log(log, SIGNING_KEY.public_key())
+    assert verification.ok, verification.findings
+    return read_entries(log)[1:]  # without log-opened
+
+
+def test_the_audit_log_records_every_reply_and_the_aggregate(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2)
+    names = {21: "bank-1", 22: "bank-2", 23: "bank-3", 24: "bank-4", 25: "bank-5"}
+    instructions = _configure(strategy, 1, list(names), names=names)
+    updates, replies = _honest_round(instructions, {21: 40, 22: 80}, names)
+    malformed = {**nudged(INITIAL, 9), "head.bias": np.zeros((3,), np.float32)}
+    replies += [
+        _answer(instructions[23], malformed, train_metrics(60, epsilon=0.5), "bank-3"),
+        error_reply(24, REFUSED_BY_POLICY, "site bank-4 refuses round 1: over budget"),
+    ]  # bank-5 stays silent
+
+    strategy.aggregate_train(1, replies)
+
+    entries = _audit_entries(tmp_path)
+    assert [e["event"] for e in entries] == [
+        *["site-joined"] * 5,
+        "round-started",
+        "update-received",  # bank-3 rejected (failures are recorded first)
+        "site-refused",
+        "site-excluded",
+        "update-received",
+        "update-received",
+        "aggregation-done",
+    ]
+    joined = entries[0]["data"]
+    assert joined == {"site": "bank-1", "kind": "bank", "audit-key": "ed25519:21"}
+    assert entries[5]["data"] == {"round": 1, "phase": "train", "sites": sorted(names.values())}
+    rejected, refused, silent, *accepted = (e["data"] for e in entries[6:11])
+    assert rejected["status"] == "rejected" and rejected["site"] == "bank-3"
+    assert rejected["update_sha256"] == adapter_sha256(malformed)
+    assert rejected["epsilon"] == 0.5 and rejected["examples"] == 60.0
+    assert "head.bias: shape (3,), expected (2,)" in rejected["reason"]
+    assert refused == {
+        "round": 1,
+        "site": "bank-4",
+        "phase": "train",
+        "status": "refused",
+        "reason": "site bank-4 refuses round 1: over budget",
+    }
+    assert silent["site"] == "bank-5" and silent["status"] == "timed-out"
+    for data, node in zip(accepted, (21, 22), strict=True):
+        assert data["status"] == "accepted" and data["site"] == names[node]
+        assert data["update_sha256"] == adapter_sha256(updates[node])
+        assert data["epsilon"] == pytest.approx(0.01 * node)
+        assert data["norm"] == pytest.approx(update_norm(updates[node], _sent(instructions[node])))
+    aggregated = entries[-1]["data"]
+    assert aggregated["adapter_sha256"] == adapter_sha256(strategy.global_adapter)
+    assert aggregated["sites"] == ["bank-1", "bank-2"] and aggregated["examples"] == 120
+
+
+def test_the_audit_log_records_failed_rounds_evaluations_and_rollbacks(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2, rollback=RollbackGuard(max_accuracy_drop=0.05))
+    names = {31: "bank-1", 32: "bank-2"}
+    for server_round, accuracy in ((1, 0.8), (2, 0.5)):
+        instructions = _configure(strategy, server_round, list(names), names=names)
+        _, replies = _honest_round(instructions, {31: 40, 32: 80}, names)
+        strategy.aggregate_train(server_round, replies)
+        evaluation = list(
+            strategy.configure_evaluate(
+                server_round,
+                ArrayRecord(),
+                ConfigRecord(),
+                FakeGrid(list(names)),  # type: ignore[arg-type]
+            )
+        )
+        answers = [
+            _answer(m, None, eval_metrics(30, 0.4, accuracy), names[m.metadata.dst_node_id])
+            for m in evaluation
+        ]
+        strategy.aggregate_evaluate(server_round, answers)
+    instructions = _configure(strategy, 3, list(names), names=names)
+    _, replies = _honest_round(instructions, {31: 40}, names)
+    strategy.aggregate_train(3, replies)  # one of two: below min_sites
+
+    entries = _audit_entries(tmp_path)
+    evaluations = [e["data"] for e in entries if e["event"] == "evaluation"]
+    assert [(d["round"], d["accuracy"], d["examples"]) for d in evaluations] == [
+        (1, pytest.approx(0.8), 60),
+        (2, pytest.approx(0.5), 60),
+    ]
+    rollback = next(e["data"] for e in entries if e["event"] == "rolled-back")
+    assert rollback["round"] == 2 and rollback["to_round"] == 1
+    assert rollback["adapter_sha256"] == adapter_sha256(strategy.global_adapter)
+    round_one = next(
+        e["data"] for e in entries if e["event"] == "aggregation-done" and e["data"]["round"] == 1
+    )
+    assert rollback["adapter_sha256"] == round_one["adapter_sha256"]
+    failed = [e["data"] for e in entries if e["event"] == "round-failed"]
+    assert len(failed) == 1 and failed[0]["round"] == 3
+    assert "fewer than the minimum of 2" in failed[0]["reason"]
+    assert [e["data"]["phase"] for e in entries if e["event"] == "round-started"] == [
+        "train",
+        "evaluate",
+        "train",
+        "evaluate",
+        "train",
+    ]

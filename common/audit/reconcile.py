@@ -1,0 +1,162 @@
+"""Reconciling the coordinator's log with one site's: pure functions over entries.
+
+Every update the coordinator accepted from the site must be one the site logged as sent
+(same run, round, hash and ε), and every update the site logged for the run must have
+reached the coordinator's log. Anything else is a finding; a site update that arrived
+too late, or that the coordinator rejected as sent, is a note.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import AuditError
+
+EPSILON_TOLERANCE = 1e-9
+ROUND_EVENTS = ("update-received", "site-excluded", "site-refused")
+
+
+@dataclass
+class Reconciliation:
+    site: str
+    run: str
+    matched: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _data(entry: dict[str, Any]) -> dict[str, Any]:
+    data = entry.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _same_epsilon(left: object, right: object) -> bool:
+    if not isinstance(left, int | float) or not isinstance(right, int | float):
+        return False
+    return math.isclose(float(left), float(right), rel_tol=EPSILON_TOLERANCE, abs_tol=1e-12)
+
+
+def run_of(coordinator: Sequence[dict[str, Any]]) -> str:
+    for entry in coordinator:
+        if entry.get("event") == "run-started":
+            return str(_data(entry).get("run"))
+    raise AuditError("the coordinator's log has no 'run-started' entry: which run is it?")
+
+
+def site_of(site_entries: Sequence[dict[str, Any]]) -> str:
+    if not site_entries:
+        raise AuditError("the site's log is empty")
+    return str(site_entries[0].get("actor"))
+
+
+def reconcile(
+    coordinator: Sequence[dict[str, Any]], site_entries: Sequence[dict[str, Any]]
+) -> Reconciliation:
+    run, site = run_of(coordinator), site_of(site_entries)
+    result = Reconciliation(site=site, run=run)
+    received: dict[int, dict[str, Any]] = {}
+    excluded: dict[int, dict[str, Any]] = {}
+    for entry in coordinator:
+        data = _data(entry)
+        if data.get("site") != site or entry.get("event") not in ROUND_EVENTS:
+            continue
+        if not isinstance(data.get("round"), int):
+            result.problems.append(f"a coordinator entry about {site} has no round number")
+            continue
+        if entry.get("event") == "update-received":
+            if int(data["round"]) in received:
+                result.problems.append(
+                    f"round {data['round']}: the coordinator recorded two updates from {site}"
+                )
+            received[int(data["round"])] = data
+        elif entry.get("event") in ("site-excluded", "site-refused") and data.get("phase") in (
+            "train",
+            None,
+        ):
+            excluded[int(data["round"])] = data
+    sent: dict[int, dict[str, Any]] = {}
+    for entry in site_entries:
+        data = _data(entry)
+        if entry.get("event") != "training-done" or str(data.get("run")) != run:
+            continue
+        if not isinstance(data.get("round"), int):
+            result.problems.append("a training-done entry of the site has no round number")
+            continue
+        if int(data["round"]) in sent:
+            result.problems.append(f"round {data['round']}: the site logged two updates sent")
+        sent[int(data["round"])] = data
+    for server_round in sorted(set(received) | set(sent)):
+        _reconcile_round(
+            result,
+            server_round,
+            received.get(server_round),
+            sent.get(server_round),
+            excluded.get(server_round),
+        )
+    if not received and not sent:
+        result.notes.append(f"site {site} sent no update in run {run}")
+    return result
+
+
+def _reconcile_round(
+    result: Reconciliation,
+    server_round: int,
+    got: dict[str, Any] | None,
+    logged: dict[str, Any] | None,
+    exclusion: dict[str, Any] | None,
+) -> None:
+    where = f"round {server_round}"
+    if got is None:
+        assert logged is not None
+        if exclusion is not None:
+            result.notes.append(
+                f"{where}: the site sent update {str(logged['update_sha256'])[:12]}…, the "
+                f"coordinator recorded {exclusion.get('status')} ({exclusion.get('reason')})"
+            )
+        else:
+            result.problems.append(
+                f"{where}: the site logged update {str(logged['update_sha256'])[:12]}… "
+                "(ε {:.4f}) that the coordinator's log never mentions".format(
+                    float(logged.get("epsilon_after") or 0.0)
+                )
+            )
+        return
+    accepted = got.get("status") == "accepted"
+    if logged is None:
+        if accepted:
+            result.problems.append(
+                f"{where}: the coordinator accepted update {str(got.get('update_sha256'))[:12]}"
+                "… that the site never logged sending"
+            )
+        else:
+            result.notes.append(f"{where}: a rejected update the site never logged sending")
+        return
+    same_hash = got.get("update_sha256") == logged.get("update_sha256")
+    same_epsilon = _same_epsilon(got.get("epsilon"), logged.get("epsilon_after"))
+    if same_hash and same_epsilon:
+        result.matched += 1
+        if not accepted:
+            result.notes.append(f"{where}: rejected as the site sent it ({got.get('reason')})")
+        return
+    differences = []
+    if not same_hash:
+        differences.append(
+            f"hash {str(logged.get('update_sha256'))[:12]}… at the site, "
+            f"{str(got.get('update_sha256'))[:12]}… at the coordinator"
+        )
+    if not same_epsilon:
+        differences.append(
+            f"ε {logged.get('epsilon_after')} at the site, {got.get('epsilon')} at the coordinator"
+        )
+    message = f"{where}: " + "; ".join(differences)
+    if accepted:
+        result.problems.append(message + " (the coordinator aggregated it)")
+    else:
+        result.notes.append(message + f" (rejected: {got.get('reason')})")

@@ -1,0 +1,465 @@
+"""``fedlora audit report``: one self-contained HTML page per run, built from its logs.
+
+Everything shown is read from the signed logs (not from summary files an operator could
+edit), next to the verdict of verifying them. Plots are inline SVG, styles and the
+timeline filter inline too: the page opens from disk, offline, in any browser.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.audit.log import read_entries
+from common.audit.reconcile import Reconciliation, reconcile
+from common.audit.review import (
+    AUDIT_DIR,
+    LogReport,
+    entries_of,
+    entry_row,
+    find_logs,
+    verify_path,
+)
+
+REPORT_NAME = "report.html"
+
+PARTICIPATION_MARKS = {
+    "accepted": ("✓", "accepted"),
+    "rejected": ("✗", "rejected"),
+    "refused": ("R", "refused"),
+    "timed-out": ("T", "timed-out"),
+    "failed": ("F", "failed"),
+}
+
+
+@dataclass
+class TaskRun:
+    """What one coordinator log says about its run."""
+
+    log: Path
+    started: dict[str, Any] = field(default_factory=dict)
+    finished: dict[str, Any] | None = None
+    failed: dict[str, Any] | None = None
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accuracy: dict[int, float] = field(default_factory=dict)
+    loss: dict[int, float] = field(default_factory=dict)
+    epsilon: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    participation: dict[str, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return str(self.started.get("task", self.log.stem))
+
+    @property
+    def rounds(self) -> list[int]:
+        planned = int(self.started.get("planned_rounds") or 0)
+        seen = {r for marks in self.participation.values() for r in marks}
+        return sorted(set(range(1, planned + 1)) | seen | set(self.accuracy))
+
+
+def _round(data: dict[str, Any]) -> int | None:
+    value = data.get("round")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _real(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def read_task_run(log: Path) -> TaskRun:
+    """The run as its coordinator log tells it. Entries that do not have the expected
+    shape (a tampered log, which verification flags) are left out, never fatal."""
+    run = TaskRun(log)
+    for entry in read_entries(log):
+        event, data = entry.get("event"), entry.get("data")
+        if not isinstance(data, dict):
+            continue
+        server_round, site = _round(data), data.get("site")
+        if event == "run-started":
+            run.started = data
+        elif event == "site-joined" and isinstance(site, str):
+            run.sites[site] = data
+        elif event == "update-received" and isinstance(site, str) and server_round is not None:
+            run.participation[site][server_round] = str(data.get("status"))
+            # The site's lifetime ε as it reported it: spent even when the update was
+            # rejected, since the site trained.
+            epsilon = _real(data.get("epsilon"))
+            if epsilon is not None:
+                run.epsilon[site][server_round] = epsilon
+        elif (
+            event in ("site-refused", "site-excluded")
+            and data.get("phase") == "train"
+            and isinstance(site, str)
+            and server_round is not None
+        ):
+            run.participation[site][server_round] = str(data.get("status"))
+        elif event == "evaluation" and server_round is not None:
+            accuracy, loss = _real(data.get("accuracy")), _real(data.get("loss"))
+            if accuracy is not None and loss is not None:
+                run.accuracy[server_round], run.loss[server_round] = accuracy, loss
+        elif event == "rolled-back":
+            run.rollbacks.append(data)
+        elif event == "run-finished":
+            run.finished = data
+        elif event == "run-failed":
+            run.failed = data
+    return run
+
+
+# ---------------------------------------------------------------------- plots ---
+
+
+def _svg(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
+
+
+def accuracy_plot(run: TaskRun) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    # Text stays text in the SVG; a '$' in a (tampered) name is not read as math.
+    with plt.rc_context({"svg.fonttype": "none", "text.parse_math": False}):
+        figure, axis = plt.subplots(figsize=(5.5, 3.2))
+        rounds = sorted(run.accuracy)
+        axis.plot(rounds, [run.accuracy[r] for r in rounds], marker="o", label="accuracy")
+        axis.set_ylim(0, 1.02)
+        axis.set_xlabel("round")
+        axis.set_ylabel("federated accuracy")
+        axis.grid(alpha=0.3)
+        twin = axis.twinx()
+        twin.plot(rounds, [run.loss[r] for r in rounds], color="tab:red", ls="--", label="loss")
+        twin.set_ylabel("loss")
+        axis.set_title(f"{run.task}: accuracy and loss per round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles, labels = axis.get_legend_handles_labels()
+        twin_handles, twin_labels = twin.get_legend_handles_labels()
+        axis.legend(
+            handles + twin_handles, labels + twin_labels, fontsize="small", loc="center left"
+        )
+        return _svg(figure)
+
+
+def epsilon_plot(run: TaskRun, budgets: dict[str, float]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    # Text stays text in the SVG; a '$' in a (tampered) name is not read as math.
+    with plt.rc_context({"svg.fonttype": "none", "text.parse_math": False}):
+        figure, axis = plt.subplots(figsize=(5.5, 3.2))
+        for site in sorted(run.epsilon):
+            rounds = sorted(run.epsilon[site])
+            line = axis.plot(
+                rounds, [run.epsilon[site][r] for r in rounds], marker="o", label=site
+            )[0]
+            if site in budgets:
+                axis.axhline(budgets[site], color=line.get_color(), ls=":", lw=1)
+        axis.set_xlabel("round")
+        axis.set_ylabel("ε reported (lifetime)")
+        axis.set_ylim(bottom=0)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_title(f"{run.task}: ε per site (dotted: budget)")
+        axis.grid(alpha=0.3)
+        if run.epsilon:
+            axis.legend(fontsize="small")
+        return _svg(figure)
+
+
+# ----------------------------------------------------------------------- page ---
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #1d2430; padding: 0 1rem; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
+.muted { color: #57606a; font-size: 0.9rem; }
+.status { padding: .8rem 1rem; border-radius: 6px; font-weight: 600; margin: 1rem 0; }
+.status.ok { background: #dafbe1; color: #116329; border: 1px solid #4ac26b; }
+.status.bad { background: #ffebe9; color: #82071e; border: 1px solid #ff8182; }
+table { border-collapse: collapse; width: 100%; font-size: .86rem; margin: .5rem 0 1rem; }
+th, td { border: 1px solid #d0d7de; padding: .25rem .45rem; text-align: left;
+         vertical-align: top; }
+th { background: #f6f8fa; }
+td.mono, .mono { font-family: ui-monospace, monospace; font-size: .8rem; word-break: break-all; }
+td.accepted { background: #dafbe1; } td.rejected { background: #ffebe9; }
+td.refused, td.timed-out, td.failed { background: #fff8c5; }
+td.cell { text-align: center; width: 2rem; }
+.plots { display: flex; flex-wrap: wrap; gap: 1rem; }
+.plot { flex: 1 1 480px; min-width: 320px; }
+.plot svg { width: 100%; height: auto; }
+.filters { display: flex; gap: 1rem; align-items: center; margin: .5rem 0; flex-wrap: wrap; }
+tr.hidden { display: none; }
+td.nowrap { white-space: nowrap; }
+"""
+
+SCRIPT = """
+(function () {
+  const rows = Array.from(document.querySelectorAll('#timeline tbody tr'));
+  const site = document.getElementById('filter-site');
+  const event = document.getElementById('filter-event');
+  const round = document.getElementById('filter-round');
+  const count = document.getElementById('timeline-count');
+  function apply() {
+    let shown = 0;
+    for (const row of rows) {
+      const keep = (!site.value || row.dataset.site === site.value ||
+                    row.dataset.log === site.value) &&
+                   (!event.value || row.dataset.event === event.value) &&
+                   (!round.value || row.dataset.round === round.value.trim());
+      row.classList.toggle('hidden', !keep);
+      if (keep) shown += 1;
+    }
+    count.textContent = shown + ' of ' + rows.length + ' entries shown';
+  }
+  site.addEventListener('change', apply);
+  event.addEventListener('change', apply);
+  round.addEventListener('input', apply);
+  apply();
+})();
+"""
+
+
+def _cell(value: object, css: str = "") -> str:
+    attribute = f' class="{css}"' if css else ""
+    return f"<td{attribute}>{escape('' if value is None else str(value))}</td>"
+
+
+def _short(digest: object) -> str:
+    text = "" if digest is None else str(digest)
+    return text[:16] + "…" if len(text) > 16 else text
+
+
+def _verification_section(reports: list[LogReport]) -> str:
+    intact = all(report.verification.ok for report in reports)
+    bad = [report for report in reports if not report.verification.ok]
+    verdict = (
+        f"All {len(reports)} audit logs intact: chains, signatures and signed heads verified."
+        if intact
+        else f"{len(bad)} of {len(reports)} audit logs are NOT intact: "
+        + ", ".join(report.path.name for report in bad)
+        + " (see below)."
+    )
+    rows = []
+    for report in reports:
+        verification = report.verification
+        first = verification.first_problem
+        rows.append(
+            "<tr>"
+            + _cell(report.path.name, "mono")
+            + _cell(verification.actor)
+            + _cell(verification.entries)
+            + _cell(verification.key, "mono")
+            + _cell(report.key_source)
+            + _cell(
+                "intact" if verification.ok else "NOT INTACT",
+                "accepted" if verification.ok else "rejected",
+            )
+            + _cell("" if first is None else str(first))
+            + "</tr>"
+        )
+    return (
+        f'<div id="verification-status" class="status {"ok" if intact else "bad"}">'
+        f"{escape(verdict)}</div>"
+        '<h2>Verification</h2><table id="verification"><thead><tr><th>log</th><th>party</th>'
+        "<th>entries</th><th>key</th><th>key checked against</th><th>status</th>"
+        "<th>first problem</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
+
+
+def _site_budgets(site_logs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    budgets: dict[str, float] = {}
+    for site, entries in site_logs.items():
+        for entry in entries:
+            data = entry.get("data") or {}
+            if entry.get("event") == "training-done" and "epsilon_budget" in data:
+                budgets[site] = float(data["epsilon_budget"])
+    return budgets
+
+
+def _task_section(
+    run: TaskRun,
+    site_logs: dict[str, list[dict[str, Any]]],
+    coordinator_entries: list[dict[str, Any]],
+) -> str:
+    started, finished = run.started, run.finished or {}
+    budgets = _site_budgets(site_logs)
+    outcome = (
+        f"finished: {finished.get('rounds_completed')} rounds aggregated, final adapter from "
+        f"round {finished.get('final_adapter_round')}, accuracy "
+        f"{float(finished.get('accuracy') or 0):.3f}"
+        if run.finished
+        else (f"FAILED ({run.failed.get('error')})" if run.failed else "not finished")
+    )
+    facts = [
+        ("run", started.get("run")),
+        ("task", run.task),
+        ("planned rounds", started.get("planned_rounds")),
+        ("aggregator", started.get("aggregator")),
+        ("outcome", outcome),
+        ("config hash", started.get("config_sha256")),
+        ("base model hash", started.get("base_model_sha256")),
+        ("final adapter hash", finished.get("final_adapter_sha256")),
+    ]
+    fact_rows = "".join(
+        f"<tr><th>{escape(name)}</th>" + _cell(value, "mono" if "hash" in name else "") + "</tr>"
+        for name, value in facts
+    )
+    rounds = run.rounds
+    sites = sorted(set(run.sites) | set(run.participation))
+    grid_rows = []
+    for site in sites:
+        cells = []
+        for server_round in rounds:
+            status = run.participation[site].get(server_round)
+            mark, css = PARTICIPATION_MARKS.get(status or "", ("", ""))
+            cells.append(f'<td class="cell {css}" title="{escape(status or "absent")}">{mark}</td>')
+        grid_rows.append(f"<tr><th>{escape(site)}</th>{''.join(cells)}</tr>")
+    header = "".join(f"<th>{r}</th>" for r in rounds)
+    site_rows = []
+    for site in sites:
+        marks = list(run.participation[site].values())
+        spent = run.epsilon[site][max(run.epsilon[site])] if run.epsilon[site] else None
+        reconciliation = _reconcile_cell(coordinator_entries, site_logs.get(site))
+        site_rows.append(
+            "<tr>"
+            + _cell(site)
+            + _cell((run.sites.get(site) or {}).get("kind"))
+            + _cell(marks.count("accepted"))
+            + _cell(marks.count("rejected"))
+            + _cell(marks.count("refused"))
+            + _cell(marks.count("timed-out") + marks.count("failed"))
+            + _cell("" if spent is None else f"{spent:.3f}")
+            + _cell("" if site not in budgets else f"{budgets[site]:.2f}")
+            + _cell(_short((run.sites.get(site) or {}).get("audit-key")), "mono")
+            + reconciliation
+            + "</tr>"
+        )
+    rollbacks = "".join(
+        f"<li>round {escape(str(r.get('round')))}: {escape(str(r.get('reason')))}</li>"
+        for r in run.rollbacks
+    )
+    return (
+        f'<section class="task" id="task-{escape(run.task)}"><h2>Task {escape(run.task)}</h2>'
+        f"<table>{fact_rows}</table>"
+        '<div class="plots">'
+        f'<div class="plot accuracy-plot">{accuracy_plot(run)}</div>'
+        f'<div class="plot epsilon-plot">{epsilon_plot(run, budgets)}</div></div>'
+        "<h3>Sites: ε and participation</h3>"
+        "<table><thead><tr><th>site</th><th>kind</th><th>accepted</th><th>rejected</th>"
+        "<th>refused</th><th>timed out / failed</th><th>ε (last reported)</th>"
+        "<th>ε budget</th><th>audit key</th><th>reconciliation</th></tr></thead><tbody>"
+        + "".join(site_rows)
+        + "</tbody></table>"
+        "<h3>Participation per round</h3>"
+        '<p class="muted">✓ accepted, ✗ rejected, R refused, T timed out, F failed.</p>'
+        f'<table class="participation"><thead><tr><th>site</th>{header}</tr></thead><tbody>'
+        + "".join(grid_rows)
+        + "</tbody></table>"
+        + (f"<h3>Rollbacks</h3><ul>{rollbacks}</ul>" if rollbacks else "")
+        + "</section>"
+    )
+
+
+def _reconcile_cell(
+    coordinator_entries: list[dict[str, Any]], site_entries: list[dict[str, Any]] | None
+) -> str:
+    if site_entries is None:
+        return _cell("site log not in this run directory")
+    result: Reconciliation = reconcile(coordinator_entries, site_entries)
+    if result.ok:
+        return _cell(f"{result.matched} update(s) match", "accepted")
+    return _cell("; ".join(result.problems), "rejected")
+
+
+def _timeline(entries: list[dict[str, Any]]) -> str:
+    rows = [entry_row(entry) for entry in entries]
+    sites = sorted({row["site"] for row in rows if row["site"]} | {row["log"] for row in rows})
+    events = sorted({row["event"] for row in rows})
+    options = lambda values: "".join(  # noqa: E731
+        f'<option value="{escape(v)}">{escape(v)}</option>' for v in values
+    )
+    body = "".join(
+        f'<tr data-site="{escape(row["site"])}" data-log="{escape(row["log"])}" '
+        f'data-event="{escape(row["event"])}" data-round="{escape(row["round"])}">'
+        + _cell(row["time"].replace("T", " "), "nowrap")
+        + _cell(row["log"], "nowrap")
+        + _cell(row["seq"])
+        + _cell(row["event"], "nowrap")
+        + _cell(row["round"])
+        + _cell(row["site"], "nowrap")
+        + _cell(row["status"])
+        + _cell(row["epsilon"])
+        + _cell(_short(row["hash"]), "mono")
+        + _cell(row["detail"])
+        + "</tr>"
+        for row in rows
+    )
+    return (
+        "<h2>Timeline</h2>"
+        '<div class="filters">'
+        f'<label>party or site <select id="filter-site"><option value="">all</option>'
+        f"{options(sites)}</select></label>"
+        f'<label>event <select id="filter-event"><option value="">all</option>'
+        f"{options(events)}</select></label>"
+        '<label>round <input id="filter-round" size="4" inputmode="numeric"></label>'
+        '<span id="timeline-count" class="muted"></span></div>'
+        '<table id="timeline"><thead><tr><th>time (UTC)</th><th>log</th><th>seq</th>'
+        "<th>event</th><th>round</th><th>site</th><th>status</th><th>ε</th><th>hash</th>"
+        f"<th>detail</th></tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
+def render_report(run_dir: Path, key: Ed25519PublicKey | None = None) -> str:
+    logs = find_logs(run_dir)
+    reports = verify_path(run_dir, key)
+    site_logs = {}
+    for path in logs.sites:
+        entries = read_entries(path)
+        if entries:
+            site_logs[str(entries[0].get("actor"))] = entries
+    sections = []
+    for path in logs.coordinator:
+        sections.append(_task_section(read_task_run(path), site_logs, read_entries(path)))
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>fedlora audit report: {escape(run_dir.name)}</title>"
+        f"<style>{STYLE}</style></head><body>"
+        f"<h1>Audit report: {escape(run_dir.name)}</h1>"
+        f'<p class="muted">Generated {generated} by fedlora from the signed audit logs of '
+        "this run directory. Every figure below is read from those logs.</p>"
+        + _verification_section(reports)
+        + "".join(sections)
+        + _timeline(entries_of(logs.all))
+        + f"<script>{SCRIPT}</script></body></html>"
+    )
+
+
+def write_report(
+    run_dir: Path, out: Path | None = None, key: Ed25519PublicKey | None = None
+) -> Path:
+    path = out or run_dir / AUDIT_DIR / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(run_dir, key), encoding="utf-8")
+    return path

@@ -1,0 +1,228 @@
+"""Finding, verifying and tabulating the logs of a run directory.
+
+A run directory keeps its audit trail under ``audit/``: one coordinator log per task
+(``coordinator-<task>.jsonl``) and, in a simulation, a copy of each site's log
+(``sites/<site>.jsonl``), each with its signed head beside it. The coordinator's public
+key is in ``keys/coordinator.pub``; each site's key fingerprint is vouched for by the
+coordinator's log (the ``site-joined`` entries), so pinning the coordinator's key pins
+them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.audit.chain import Verification
+from common.audit.log import read_entries, verify_log
+from common.errors import AuditError
+from common.signing import load_public_key
+
+AUDIT_DIR = "audit"
+SITE_LOGS_DIR = "sites"
+COORDINATOR_PUBLIC_KEY = Path("keys") / "coordinator.pub"
+LOG_SUFFIX = ".jsonl"
+
+
+def coordinator_log_name(task: str) -> str:
+    return f"coordinator-{task}{LOG_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class RunLogs:
+    coordinator: list[Path]
+    sites: list[Path]
+
+    @property
+    def all(self) -> list[Path]:
+        return [*self.coordinator, *self.sites]
+
+
+def find_logs(path: Path) -> RunLogs:
+    """The logs at ``path``: one log file, or every log of a run directory."""
+    if path.is_file():
+        return RunLogs([path], [])
+    audit = path / AUDIT_DIR
+    if not audit.is_dir():
+        raise AuditError(f"{path} is neither an audit log nor a run directory with audit/")
+    coordinator = sorted(audit.glob(f"coordinator-*{LOG_SUFFIX}"))
+    sites = sorted((audit / SITE_LOGS_DIR).glob(f"*{LOG_SUFFIX}"))
+    if not coordinator and not sites:
+        raise AuditError(f"{audit} holds no audit logs")
+    return RunLogs(coordinator, sites)
+
+
+@dataclass(frozen=True)
+class LogReport:
+    path: Path
+    verification: Verification
+    key_source: str
+
+
+def site_keys(coordinator_entries: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Site -> the audit key fingerprint it announced when it joined the run."""
+    keys: dict[str, str] = {}
+    for entry in coordinator_entries:
+        data = entry.get("data") or {}
+        if entry.get("event") == "site-joined" and "audit-key" in data:
+            keys[str(data["site"])] = str(data["audit-key"])
+    return keys
+
+
+def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogReport]:
+    """Verify one log, or every log of a run directory.
+
+    For a run directory, ``key`` (else ``keys/coordinator.pub``) checks the coordinator's
+    logs, and each site log must be signed by the key the coordinator recorded for it.
+    """
+    logs = find_logs(path)
+    if path.is_file():
+        source = "pinned with --key" if key else "taken from the log itself (pass --key to pin)"
+        return [LogReport(path, verify_log(path, key), source)]
+    source = "pinned with --key"
+    if key is None and (path / COORDINATOR_PUBLIC_KEY).is_file():
+        key = load_public_key(path / COORDINATOR_PUBLIC_KEY)
+        source = f"{COORDINATOR_PUBLIC_KEY} of the run directory (pass --key to pin)"
+    elif key is None:
+        source = "taken from the log itself (pass --key to pin)"
+    reports = []
+    vouched: dict[str, str] = {}
+    for log in logs.coordinator:
+        verification = verify_log(log, key)
+        reports.append(LogReport(log, verification, source))
+        if verification.ok:
+            vouched.update(site_keys(read_entries(log)))
+    for log in logs.sites:
+        verification = verify_log(log)
+        expected = vouched.get(verification.actor or "")
+        if expected is None:
+            site_source = "taken from the log itself: no verified coordinator log names it"
+            verification.add(
+                0,
+                f"no intact coordinator log in this run directory records site "
+                f"{verification.actor}'s key, so nothing vouches for who signed this log",
+            )
+        else:
+            site_source = "the key the coordinator recorded when the site joined"
+            if verification.key != expected:
+                verification.add(
+                    1,
+                    f"signed with key {verification.key}, but the coordinator recorded "
+                    f"{expected} for site {verification.actor}: the log was re-signed",
+                )
+        reports.append(LogReport(log, verification, site_source))
+    return reports
+
+
+# ----------------------------------------------------------------------- show ---
+
+SHOW_COLUMNS = (
+    "log",
+    "seq",
+    "time",
+    "event",
+    "round",
+    "site",
+    "status",
+    "epsilon",
+    "hash",
+    "detail",
+)
+HASH_FIELDS = ("update_sha256", "adapter_sha256", "final_adapter_sha256", "config_sha256")
+STATUS_FIELDS = ("status", "decision", "phase")
+
+
+def _status(data: dict[str, Any]) -> str:
+    for name in STATUS_FIELDS:
+        if data.get(name):
+            return str(data[name])
+    return ""
+
+
+def _epsilon(data: dict[str, Any]) -> str:
+    for name in ("epsilon", "epsilon_after", "epsilon_target"):
+        value = data.get(name)
+        if isinstance(value, int | float):
+            return f"{value:.4f}"
+    return ""
+
+
+def _number(value: object) -> str:
+    """Three decimals, or 'n/a' for what was not finite when it was logged (now null)."""
+    return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+
+
+def _detail(event: str, data: dict[str, Any]) -> str:
+    if data.get("reason"):
+        return str(data["reason"])
+    if event in ("evaluation", "evaluation-done"):
+        return f"accuracy {_number(data.get('accuracy'))}, loss {_number(data.get('loss'))}"
+    if event == "run-started":
+        return (
+            f"task {data.get('task')}, {data.get('planned_rounds')} rounds, "
+            f"{len(data.get('sites') or [])} sites"
+        )
+    if event == "aggregation-done":
+        return f"{len(data.get('sites') or [])} sites, {data.get('examples')} examples"
+    if event == "data-summary":
+        return f"{data.get('records')} records, {data.get('people')} people"
+    if event == "round-started":
+        return ", ".join(data.get("sites") or [])
+    return ""
+
+
+def entry_row(entry: dict[str, Any]) -> dict[str, str]:
+    data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+    assert isinstance(data, dict)
+    event = str(entry.get("event", ""))
+    digest = next((str(data[name]) for name in HASH_FIELDS if data.get(name)), "")
+    site = data.get("site")
+    if (
+        site is None
+        and event not in ("run-started", "round-started")
+        and (entry.get("actor") != "coordinator")
+    ):
+        site = entry.get("actor")
+    return {
+        "log": str(entry.get("actor", "")),
+        "seq": str(entry.get("seq", "")),
+        "time": str(entry.get("time", "")),
+        "event": event,
+        "round": "" if data.get("round") is None else str(data["round"]),
+        "site": "" if site is None else str(site),
+        "status": _status(data),
+        "epsilon": _epsilon(data),
+        "hash": digest,
+        "detail": _detail(event, data),
+    }
+
+
+def select(
+    entries: Sequence[dict[str, Any]],
+    *,
+    sites: Sequence[str] = (),
+    rounds: Sequence[int] = (),
+    events: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Entries matching every given filter (each filter: any of its values)."""
+    chosen = []
+    for entry in entries:
+        row = entry_row(entry)
+        if sites and row["site"] not in sites and row["log"] not in sites:
+            continue
+        if rounds and row["round"] not in {str(r) for r in rounds}:
+            continue
+        if events and row["event"] not in events:
+            continue
+        chosen.append(entry)
+    return chosen
+
+
+def entries_of(logs: Iterable[Path]) -> list[dict[str, Any]]:
+    """Entries of several logs, in time order (ties: by log, then sequence)."""
+    merged = [entry for log in logs for entry in read_entries(log)]
+    return sorted(merged, key=lambda e: (str(e.get("time")), str(e.get("actor")), e.get("seq", 0)))
