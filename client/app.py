@@ -17,8 +17,18 @@ from flwr.clientapp.typing import Mod
 
 from client.site import Site, load_site
 from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
-from common.errors import ConfigError, DataError, FedloraError, PolicyError, UpdateError
+from common.errors import (
+    AuditError,
+    ConfigError,
+    DataError,
+    FedloraError,
+    PolicyError,
+    SigningError,
+    UpdateError,
+)
 from common.protocol import (
+    AUDIT_HEAD_HASH,
+    AUDIT_HEAD_SEQ,
     AUDIT_KEY,
     BAD_GLOBAL_ADAPTER,
     REFUSED_BY_POLICY,
@@ -43,9 +53,9 @@ def site_config_from_node_config(context: Context) -> Path:
 def _error_reply(message: Message, exc: Exception) -> Message:
     """Refusals and bad payloads are explained to the server; local problems are not.
 
-    A configuration or data error can name local paths, so only its kind leaves the
-    site; any other failure (a bug, an I/O error) leaves as a generic error. The operator
-    sees the full message in the site's own log.
+    A configuration, data, key or audit-log error can name local paths, so only its
+    kind leaves the site; any other failure (a bug, an I/O error) leaves as a generic
+    error. The operator sees the full message in the site's own log.
     """
     if not isinstance(exc, FedloraError):
         logger.exception("site failed to handle a %s message", message.metadata.message_type)
@@ -54,8 +64,14 @@ def _error_reply(message: Message, exc: Exception) -> Message:
     logger.warning("%s", exc)
     if isinstance(exc, PolicyError):
         code, reason = REFUSED_BY_POLICY, str(exc)
-    elif isinstance(exc, ConfigError | DataError):
-        kind = "configuration" if isinstance(exc, ConfigError) else "data"
+    elif isinstance(exc, ConfigError | DataError | SigningError | AuditError):
+        kind = (
+            "configuration"
+            if isinstance(exc, ConfigError)
+            else "data"
+            if isinstance(exc, DataError)
+            else "audit trail"
+        )
         code, reason = SITE_MISCONFIGURED, f"the site's {kind} is unusable (see the site's log)"
     else:
         code, reason = BAD_GLOBAL_ADAPTER, str(exc)
@@ -68,14 +84,14 @@ def _reply(
     metrics: dict[str, int | float],
     adapter: ArrayRecord | None = None,
 ) -> Message:
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(cast(dict[str, Any], metrics)),
-            "site": ConfigRecord({SITE_ID_KEY: site.site_id}),
-        }
-    )
+    identity: dict[str, int | str] = {SITE_ID_KEY: site.site_id}
+    content = RecordDict({"metrics": MetricRecord(cast(dict[str, Any], metrics))})
     if adapter is not None:
         content["arrays"] = adapter
+        head = site.audit.head()  # the 'training-done' entry this update is logged in
+        if head is not None:
+            identity[AUDIT_HEAD_SEQ], identity[AUDIT_HEAD_HASH] = head
+    content["site"] = ConfigRecord(cast(dict[str, Any], identity))
     return Message(content, reply_to=message)
 
 

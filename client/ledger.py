@@ -245,13 +245,20 @@ def run_summaries(entries: Sequence[LedgerEntry]) -> list[dict[str, Any]]:
     return list(summary.values())
 
 
+def _why(exc: Exception) -> str:
+    """The reason without the path an OSError carries: refusals are audited and sent."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__ if isinstance(exc, UnicodeDecodeError) else str(exc)
+
+
 def read_index(index: Path) -> list[str]:
     if not index.exists():
         return []
     try:
         value = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"the ledger index {index.name} is unreadable ({exc})") from None
+        raise LedgerError(f"the ledger index {index.name} is unreadable ({_why(exc)})") from None
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise LedgerError(f"the ledger index {index.name} is not a list of dataset ids")
     return value
@@ -262,7 +269,7 @@ def read_ledger(path: Path) -> LedgerState:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"the privacy ledger {path.name} is unreadable ({exc})") from None
+        raise LedgerError(f"the privacy ledger {path.name} is unreadable ({_why(exc)})") from None
     if not isinstance(document, dict) or "checksum" not in document:
         raise LedgerError(f"the privacy ledger {path.name} is not a fedlora ledger")
     claimed = document.pop("checksum")

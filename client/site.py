@@ -330,9 +330,19 @@ class Site:
         model = self.build_model(request, adapter)
         trainer = DPTrainer(model, self.task.input_names, data.class_weights)
         result = trainer.train(data.train, plan.training, ledger.history)
-        entry = ledger.record_round(
-            run, request.server_round, result.round_entry, limit=self.config.privacy.epsilon
-        )
+        try:
+            entry = ledger.record_round(
+                run, request.server_round, result.round_entry, limit=self.config.privacy.epsilon
+            )
+        except LedgerError as exc:  # the round as trained would cross the budget
+            self.audit.record(
+                "budget-refused",
+                run=run,
+                round=request.server_round,
+                phase="train",
+                reason=str(exc),
+            )
+            raise
         adapter_out = {
             k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
         }

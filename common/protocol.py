@@ -16,10 +16,15 @@ from common.config import FederationConfig, LoraSettings
 from common.errors import UpdateError
 
 SITE_ID_KEY = "site-id"
+"""Key of the reply's ConfigRecord that names the replying site (public site name)."""
 AUDIT_KEY = "audit-key"
 """In a site's introduction: the fingerprint of the key that signs its audit log, so the
 coordinator's log vouches for which key each site's log must be signed with."""
-"""Key of the reply's ConfigRecord that names the replying site (public site name)."""
+AUDIT_HEAD_SEQ = "audit-head-seq"
+AUDIT_HEAD_HASH = "audit-head-hash"
+"""In a training reply: the number and hash of the last entry of the site's audit log
+(its 'training-done'). The coordinator records them, so a site log later cut back or
+rewritten past that entry is caught even with an old signed head put back."""
 
 TRAIN_METRICS = (
     "num-examples",

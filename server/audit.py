@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from common.adapters import AdapterArrays, adapter_sha256
 from common.audit.chain import canonical
 from common.audit.log import AuditLog
 from common.audit.review import AUDIT_DIR, coordinator_log_name
 from common.config import FederationConfig
-from common.signing import load_or_create_private_key
+from common.errors import ConfigError
 from server.strategy_utils import UpdateReceipt
 
 COORDINATOR = "coordinator"
@@ -39,9 +41,15 @@ class CoordinatorAudit:
         self.log = log
 
     @classmethod
-    def open(cls, run_dir: Path, task: str, signing_key: Path) -> CoordinatorAudit:
-        key = load_or_create_private_key(signing_key)
-        return cls(AuditLog(coordinator_log_path(run_dir, task), COORDINATOR, key))
+    def open(cls, run_dir: Path, task: str, key: Ed25519PrivateKey) -> CoordinatorAudit:
+        """A new log for this run; a run directory that already holds one for the task
+        is refused (one log per run, never two runs in one log)."""
+        path = coordinator_log_path(run_dir, task)
+        if path.exists() and path.stat().st_size > 0:
+            raise ConfigError(
+                f"{run_dir} already holds the audit log of a {task} run; choose a new run directory"
+            )
+        return cls(AuditLog(path, COORDINATOR, key))
 
     def run_started(
         self,
@@ -90,6 +98,8 @@ class CoordinatorAudit:
             epsilon=receipt.epsilon,
             norm=norm,
             reason=reason,
+            site_log_seq=receipt.site_log[0] if receipt.site_log else None,
+            site_log_hash=receipt.site_log[1] if receipt.site_log else None,
         )
 
     def site_excluded(

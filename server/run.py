@@ -10,13 +10,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from common.adapters import arrays_to_record, lora_a_dtype, seeded_lora_a
+from common.audit.review import COORDINATOR_PRIVATE_KEY, COORDINATOR_PUBLIC_KEY
 from common.config import FederationConfig
+from common.errors import ConfigError
 from common.protocol import RoundRequest
-from common.signing import load_or_create_private_key, write_public_key
+from common.signing import (
+    fingerprint,
+    load_or_create_private_key,
+    load_private_key,
+    load_public_key,
+    write_public_key,
+)
 from common.tasks import TASKS, model_fingerprint
 from server.aggregation import AGGREGATORS
 from server.audit import CoordinatorAudit
@@ -27,21 +36,27 @@ from server.strategy import FedLoraStrategy
 logger = logging.getLogger(__name__)
 
 RESULT_DIR = "tasks"
-KEYS_DIR = "keys"
-COORDINATOR_KEY = "coordinator.key"
-COORDINATOR_PUBLIC_KEY = "coordinator.pub"
 
 
-def coordinator_signing_key(run_dir: Path, signing_key: Path | None) -> Path:
-    """The coordinator's Ed25519 key; a run without one (a simulation) makes its own.
+def coordinator_key(run_dir: Path, signing_key: Path | None) -> Ed25519PrivateKey:
+    """The coordinator's Ed25519 key: the configured one, which must exist, or one the
+    run makes in its directory (a simulation)."""
+    if signing_key is not None:
+        return load_private_key(signing_key)
+    return load_or_create_private_key(run_dir / COORDINATOR_PRIVATE_KEY)
 
-    Its public half is written to ``RUN_DIR/keys/coordinator.pub`` for reviewers."""
-    path = signing_key or run_dir / KEYS_DIR / COORDINATOR_KEY
-    public = load_or_create_private_key(path).public_key()
-    public_path = run_dir / KEYS_DIR / COORDINATOR_PUBLIC_KEY
-    if not public_path.exists():
-        write_public_key(public_path, public)
-    return path
+
+def publish_public_key(run_dir: Path, key: Ed25519PrivateKey) -> None:
+    """Write ``RUN_DIR/keys/coordinator.pub`` for reviewers; one run directory, one key
+    (replacing it would make the earlier logs there look re-signed)."""
+    path = run_dir / COORDINATOR_PUBLIC_KEY
+    if not path.exists():
+        write_public_key(path, key.public_key())
+    elif fingerprint(load_public_key(path)) != fingerprint(key.public_key()):
+        raise ConfigError(
+            f"{run_dir} holds logs signed with another coordinator key "
+            f"({COORDINATOR_PUBLIC_KEY}); choose a new run directory"
+        )
 
 
 def full_model_bytes(model: torch.nn.Module) -> int:
@@ -54,9 +69,9 @@ def run_federation(
 ) -> dict[str, Any]:
     """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out;
     every step is recorded in the run's signed audit log."""
-    audit = CoordinatorAudit.open(
-        run_dir, federation.task, coordinator_signing_key(run_dir, signing_key)
-    )
+    key = coordinator_key(run_dir, signing_key)
+    audit = CoordinatorAudit.open(run_dir, federation.task, key)
+    publish_public_key(run_dir, key)
     try:
         return _run_federation(grid, federation, run_dir, audit)
     except BaseException as exc:

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 SITE_DETAILS = ("kind", "task", AUDIT_KEY)
 """What a site's introduction tells the coordinator (and its audit log) of the site."""
+MAX_DETAIL_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,9 @@ class FedLoraStrategy(FedAvg):
             if node in self.known_sites:
                 details = reply.content.config_records.get("site") or ConfigRecord()
                 joined[self.known_sites[node]] = {
-                    key: str(details[key]) for key in SITE_DETAILS if key in details
+                    key: str(details[key])[:MAX_DETAIL_CHARS]
+                    for key in SITE_DETAILS
+                    if key in details
                 }
         return joined
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from common.adapters import AdapterArrays, adapter_sha256, record_to_arrays
 from common.audit.chain import sha256_hex
 from common.errors import UpdateError
-from common.protocol import REFUSED_BY_POLICY, SITE_ID_KEY
+from common.protocol import AUDIT_HEAD_HASH, AUDIT_HEAD_SEQ, REFUSED_BY_POLICY, SITE_ID_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,18 @@ class UpdateReceipt:
     not decode, None when the reply carried none."""
     examples: float | None
     epsilon: float | None
+    site_log: tuple[int, str] | None = None
+    """(number, hash) of the site's audit-log entry for this update, as the site sent it."""
+
+
+def _site_log_head(message: Message) -> tuple[int, str] | None:
+    identity = message.content.config_records.get("site")
+    if not isinstance(identity, ConfigRecord):
+        return None
+    seq, digest = identity.get(AUDIT_HEAD_SEQ), identity.get(AUDIT_HEAD_HASH)
+    if isinstance(seq, int) and not isinstance(seq, bool) and isinstance(digest, str):
+        return seq, digest[:64]
+    return None
 
 
 def update_receipt(message: Message) -> UpdateReceipt:
@@ -73,7 +85,13 @@ def update_receipt(message: Message) -> UpdateReceipt:
             value = metrics.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 reported[key] = float(value)
-    return UpdateReceipt(digest, reported.get("num-examples"), reported.get("epsilon"))
+    return UpdateReceipt(
+        digest, reported.get("num-examples"), reported.get("epsilon"), _site_log_head(message)
+    )
+
+
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+"""A public site id, as site configs define it; anything else is not taken as a name."""
 
 
 def _claimed_site(message: Message) -> str | None:
@@ -81,7 +99,8 @@ def _claimed_site(message: Message) -> str | None:
         return None
     config = message.content.config_records.get("site")
     if isinstance(config, ConfigRecord) and isinstance(config.get(SITE_ID_KEY), str):
-        return str(config[SITE_ID_KEY])
+        claimed = str(config[SITE_ID_KEY])
+        return claimed if SITE_NAME.match(claimed) else None
     return None
 
 

@@ -16,6 +16,7 @@ from common.audit.review import verify_path
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from client.site import Site
@@ -240,12 +241,13 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
         counts = {k: v for k, v in task["excluded_updates"].items() if v}
         if counts:
             details = ", ".join(f"{count} {status}" for status, count in counts.items())
-            console.print(f"{name}: {details}")
+            console.print(f"{name}: {details}", markup=False)
     audit = summary["audit"]
     if audit["intact"]:
         console.print(f"audit trail: {audit['logs']} signed logs verified intact")
     else:
-        console.print(f"[red]audit trail: NOT intact[/red]: {'; '.join(audit['problems'])}")
+        problems = escape("; ".join(audit["problems"]))
+        console.print(f"[red]audit trail: NOT intact[/red]: {problems}")
     console.print(f"audit report: {run_dir / audit['report']}")
     console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
 

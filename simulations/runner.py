@@ -316,9 +316,12 @@ def collect_site_logs(site_configs: Sequence[Path], run_dir: Path) -> None:
         if not log.exists():
             continue
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(log, target / f"{config.site.id}.jsonl")
+        copy = target / f"{config.site.id}.jsonl"
+        # The head first: a log only grows, so a copy taken while the site appends is
+        # at worst longer than its head, never cut short of it.
         if head_path(log).exists():
-            shutil.copyfile(head_path(log), head_path(target / f"{config.site.id}.jsonl"))
+            shutil.copyfile(head_path(log), head_path(copy))
+        shutil.copyfile(log, copy)
 
 
 def _run_on_simulation_engine(

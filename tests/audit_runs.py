@@ -84,7 +84,7 @@ def write_audited_run(run_dir: Path) -> AuditedRun:
                 )
             update = _update(site, server_round)
             before, epsilon[site] = epsilon[site], epsilon[site] + 1.25
-            sites[site].append(
+            logged = sites[site].append(
                 "training-done",
                 run=RUN,
                 round=server_round,
@@ -97,7 +97,9 @@ def write_audited_run(run_dir: Path) -> AuditedRun:
                 epsilon_budget=4.0,
                 delta=1e-5,
             )
-            receipt = UpdateReceipt(adapter_sha256(update), 200.0, epsilon[site])
+            receipt = UpdateReceipt(
+                adapter_sha256(update), 200.0, epsilon[site], (logged["seq"], logged["hash"])
+            )
             if site == "bank-b" and server_round == 2:
                 audit.update_received(
                     server_round,

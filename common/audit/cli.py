@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from common.audit.log import read_entries
 from common.audit.reconcile import reconcile as reconcile_logs
@@ -45,18 +47,20 @@ def _print_verification(reports: list[LogReport], console: Console) -> None:
         verification = report.verification
         status = "[green]intact[/green]" if verification.ok else "[red]NOT INTACT[/red]"
         console.print(
-            f"{status}  {report.path}  ({verification.entries} entries, "
-            f"actor {verification.actor or '?'})"
+            f"{status}  {escape(str(report.path))}  ({verification.entries} entries, "
+            f"actor {escape(verification.actor or '?')})"
         )
-        key = (verification.key or "?")[:24]
-        console.print(f"         key {key}…: {report.key_source}", highlight=False)
+        key = escape((verification.key or "?")[:24])
+        console.print(f"         key {key}…: {escape(report.key_source)}", highlight=False)
         if verification.head_seq is not None:
             console.print(f"         signed head: entry {verification.head_seq}")
         first = verification.first_problem
         if first is not None:
-            console.print(f"         [red]first bad entry: {first}[/red]", highlight=False)
+            console.print(
+                f"         [red]first bad entry: {escape(str(first))}[/red]", highlight=False
+            )
             for finding in verification.findings[1:6]:
-                console.print(f"         also: {finding}", highlight=False)
+                console.print(f"         also: {escape(str(finding))}", highlight=False)
             if len(verification.findings) > 6:
                 console.print(f"         … and {len(verification.findings) - 6} more")
 
@@ -91,6 +95,7 @@ def verify(path: Path, key: Path | None, as_json: bool) -> None:
                         "entries": report.verification.entries,
                         "actor": report.verification.actor,
                         "key": report.verification.key,
+                        "key_pinned": report.verification.key_pinned,
                         "key_source": report.key_source,
                         "findings": [str(f) for f in report.verification.findings],
                     }
@@ -100,7 +105,13 @@ def verify(path: Path, key: Path | None, as_json: bool) -> None:
             )
         )
     else:
-        _print_verification(reports, Console())
+        console = Console()
+        _print_verification(reports, console)
+        if key is None:
+            console.print(
+                "note: no --key given, so this shows the logs are intact, not who signed "
+                "them; pin the coordinator's public key with --key"
+            )
     if not all(report.verification.ok for report in reports):
         sys.exit(1)
 
@@ -120,13 +131,13 @@ def reconcile(coordinator_log: Path, site_log: Path) -> None:
     console = Console()
     verdict = "[green]reconciled[/green]" if result.ok else "[red]DOES NOT RECONCILE[/red]"
     console.print(
-        f"{verdict}: site {result.site}, run {result.run}: {result.matched} update(s) "
-        f"match, {len(result.problems)} problem(s)"
+        f"{verdict}: site {escape(result.site)}, run {escape(result.run)}: {result.matched} "
+        f"update(s) match, {len(result.problems)} problem(s)"
     )
     for problem in result.problems:
-        console.print(f"  [red]problem[/red] {problem}", highlight=False)
+        console.print(f"  [red]problem[/red] {escape(problem)}", highlight=False)
     for note in result.notes:
-        console.print(f"  note    {note}", highlight=False)
+        console.print(f"  note    {escape(note)}", highlight=False)
     if not result.ok:
         sys.exit(1)
 
@@ -205,7 +216,7 @@ def show(
             justify="right" if column in ("round", "ε") else "left",
         )
     for values in brief:
-        table.add_row(*values)
+        table.add_row(*(Text(value) for value in values))  # log text is never markup
     console = Console()
     if not console.is_terminal:  # piped into a file or a pager: no need to squeeze
         console = Console(width=max(console.width, 132))

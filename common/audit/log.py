@@ -22,6 +22,7 @@ from common.audit.chain import (
     GENESIS_PREV,
     LOG_OPENED,
     Verification,
+    head_signed_by,
     opening_data,
     seal,
     sign_head,
@@ -76,6 +77,7 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    _fsync_folder(path.parent)
 
 
 class AuditLog:
@@ -105,48 +107,83 @@ class AuditLog:
         with self._locked():
             last = self._tail()
             if last is None:
-                last = self._write(
-                    0, LOG_OPENED, {"party": self.actor, **opening_data(self._key)}, GENESIS_PREV
-                )
+                opening = {"party": self.actor, **opening_data(self._key)}
+                last = self._write(0, LOG_OPENED, opening, GENESIS_PREV)
             return self._write(int(last["seq"]) + 1, event, data, str(last["hash"]))
 
     def _tail(self) -> dict[str, Any] | None:
+        """The entry to chain onto; refuses a log that is not this party's, or that no
+        longer ends where its signed head says (cut or rolled back by someone else):
+        extending it would sign over the damage."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return None
-        try:
-            first = json.loads(_first_line(self.path))
-        except json.JSONDecodeError:
-            first = None
-        if not isinstance(first, dict) or not isinstance(first.get("data"), dict):
-            raise AuditError(f"the first entry of audit log {self.path.name} is damaged")
+        first = _parse_line(_first_line(self.path))
         expected = fingerprint(self._key.public_key())
-        if first.get("data", {}).get("key") != expected or first.get("actor") != self.actor:
+        if first is None or not isinstance(first.get("data"), dict):
+            raise AuditError(f"the first entry of audit log {self.path.name} is damaged")
+        if first["data"].get("key") != expected or first.get("actor") != self.actor:
             raise AuditError(
                 f"audit log {self.path.name} belongs to {first.get('actor')!r} with key "
-                f"{first.get('data', {}).get('key')}, not to {self.actor!r} with {expected}"
+                f"{first['data'].get('key')}, not to {self.actor!r} with {expected}"
             )
-        try:
-            entry: dict[str, Any] = json.loads(_last_line(self.path))
-        except json.JSONDecodeError:
-            raise AuditError(f"the last entry of audit log {self.path.name} is damaged") from None
-        return entry
+        last = _parse_line(_last_line(self.path))
+        if last is None or not isinstance(last.get("seq"), int):
+            raise AuditError(f"the last entry of audit log {self.path.name} is damaged")
+        head = read_head(self.head_path)
+        if not head or not isinstance(head.get("seq"), int):
+            raise AuditError(
+                f"audit log {self.path.name} has no readable signed head: it is left as it "
+                "is; check it with `fedlora audit verify`"
+            )
+        in_step = head["seq"] == last["seq"] and head.get("hash") == last.get("hash")
+        # A crash between writing an entry and its head leaves the head one behind.
+        head_lagging = head["seq"] == last["seq"] - 1 and head.get("hash") == last.get("prev")
+        if not (in_step or head_lagging) or not head_signed_by(head, self._key.public_key()):
+            raise AuditError(
+                f"audit log {self.path.name} ends at entry {last['seq']} but its signed head "
+                f"names entry {head['seq']}: it was cut or altered. It is left as it is; "
+                "check it with `fedlora audit verify`"
+            )
+        return last
 
     def _write(self, seq: int, event: str, data: dict[str, Any], prev: str) -> dict[str, Any]:
         time = utc_now()
         entry = seal(
             self._key, seq=seq, time=time, actor=self.actor, event=event, data=data, prev=prev
         )
-        line = json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
+        # ASCII only: no character a reader could take for a line break (U+2028, …).
+        line = (json.dumps(entry, ensure_ascii=True, sort_keys=True) + "\n").encode("ascii")
+        created = not self.path.exists()
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(descriptor, line.encode("utf-8"))
+            written = 0
+            while written < len(line):
+                written += os.write(descriptor, line[written:])
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+        if created:
+            _fsync_folder(self.path.parent)
         log_id = entry["hash"] if seq == 0 else json.loads(_first_line(self.path))["hash"]
         head = sign_head(self._key, log=log_id, seq=seq, digest=entry["hash"], time=time)
         _write_atomically(self.head_path, json.dumps(head, indent=2) + "\n")
         return entry
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:
@@ -156,7 +193,7 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
     for line in read_lines(path):
         try:
             value = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
             entries.append(value)
@@ -164,8 +201,11 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def read_lines(path: Path) -> list[str]:
+    """The log's lines, split at newlines only (never at U+2028 and the like)."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8", newline="") as handle:
+            lines = handle.read().split("\n")
+        return lines[:-1] if lines and lines[-1] == "" else lines
     except FileNotFoundError:
         raise AuditError(f"no audit log at {path}") from None
     except UnicodeDecodeError:
@@ -177,7 +217,7 @@ def read_head(path: Path) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSON and Unicode errors are ValueErrors
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -187,7 +227,11 @@ def verify_log(
     key: Ed25519PublicKey | None = None,
     head: dict[str, Any] | None = None,
 ) -> Verification:
-    """Verify the log at ``path`` against ``head`` (default: the head file beside it)."""
-    return verify_lines(
-        read_lines(path), key, head if head is not None else read_head(head_path(path))
-    )
+    """Verify the log at ``path`` against ``head`` (default: the head file beside it).
+
+    The head is read before the log: a log only grows, so an append in between cannot
+    look like a cut tail.
+    """
+    if head is None:
+        head = read_head(head_path(path))
+    return verify_lines(read_lines(path), key, head)

@@ -43,6 +43,10 @@ def _same_epsilon(left: object, right: object) -> bool:
     return math.isclose(float(left), float(right), rel_tol=EPSILON_TOLERANCE, abs_tol=1e-12)
 
 
+def _short(digest: object) -> str:
+    return f"{str(digest)[:12]}…" if isinstance(digest, str) else "(none)"
+
+
 def run_of(coordinator: Sequence[dict[str, Any]]) -> str:
     for entry in coordinator:
         if entry.get("event") == "run-started":
@@ -91,7 +95,8 @@ def reconcile(
             continue
         if int(data["round"]) in sent:
             result.problems.append(f"round {data['round']}: the site logged two updates sent")
-        sent[int(data["round"])] = data
+        # The entry's own number and hash ride along: the coordinator recorded them.
+        sent[int(data["round"])] = {**data, "_seq": entry.get("seq"), "_hash": entry.get("hash")}
     for server_round in sorted(set(received) | set(sent)):
         _reconcile_round(
             result,
@@ -117,27 +122,32 @@ def _reconcile_round(
         assert logged is not None
         if exclusion is not None:
             result.notes.append(
-                f"{where}: the site sent update {str(logged['update_sha256'])[:12]}…, the "
+                f"{where}: the site sent update {_short(logged.get('update_sha256'))}, the "
                 f"coordinator recorded {exclusion.get('status')} ({exclusion.get('reason')})"
             )
         else:
             result.problems.append(
-                f"{where}: the site logged update {str(logged['update_sha256'])[:12]}… "
-                "(ε {:.4f}) that the coordinator's log never mentions".format(
-                    float(logged.get("epsilon_after") or 0.0)
-                )
+                f"{where}: the site logged update {_short(logged.get('update_sha256'))} "
+                f"(ε {logged.get('epsilon_after')}) that the coordinator's log never mentions"
             )
         return
     accepted = got.get("status") == "accepted"
     if logged is None:
         if accepted:
             result.problems.append(
-                f"{where}: the coordinator accepted update {str(got.get('update_sha256'))[:12]}"
-                "… that the site never logged sending"
+                f"{where}: the coordinator accepted update {_short(got.get('update_sha256'))} "
+                "that the site never logged sending"
             )
         else:
             result.notes.append(f"{where}: a rejected update the site never logged sending")
         return
+    recorded = got.get("site_log_seq"), got.get("site_log_hash")
+    if recorded[0] is not None and recorded != (logged["_seq"], logged["_hash"]):
+        result.problems.append(
+            f"{where}: the coordinator recorded the update as entry {recorded[0]} of the "
+            f"site's log ({_short(recorded[1])}), but the site's log has it as entry "
+            f"{logged['_seq']} ({_short(logged['_hash'])}): the site's log was rewritten"
+        )
     same_hash = got.get("update_sha256") == logged.get("update_sha256")
     same_epsilon = _same_epsilon(got.get("epsilon"), logged.get("epsilon_after"))
     if same_hash and same_epsilon:
@@ -148,8 +158,8 @@ def _reconcile_round(
     differences = []
     if not same_hash:
         differences.append(
-            f"hash {str(logged.get('update_sha256'))[:12]}… at the site, "
-            f"{str(got.get('update_sha256'))[:12]}… at the coordinator"
+            f"hash {_short(logged.get('update_sha256'))} at the site, "
+            f"{_short(got.get('update_sha256'))} at the coordinator"
         )
     if not same_epsilon:
         differences.append(

@@ -25,10 +25,13 @@ from common.audit.review import (
     entries_of,
     entry_row,
     find_logs,
+    real_number,
     verify_path,
 )
+from common.errors import AuditError
 
 REPORT_NAME = "report.html"
+MAX_ROUNDS_SHOWN = 10_000
 
 PARTICIPATION_MARKS = {
     "accepted": ("✓", "accepted"),
@@ -60,7 +63,8 @@ class TaskRun:
 
     @property
     def rounds(self) -> list[int]:
-        planned = int(self.started.get("planned_rounds") or 0)
+        planned = self.started.get("planned_rounds")
+        planned = planned if isinstance(planned, int) and 0 < planned <= MAX_ROUNDS_SHOWN else 0
         seen = {r for marks in self.participation.values() for r in marks}
         return sorted(set(range(1, planned + 1)) | seen | set(self.accuracy))
 
@@ -71,9 +75,7 @@ def _round(data: dict[str, Any]) -> int | None:
 
 
 def _real(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
+    return real_number(value)
 
 
 def read_task_run(log: Path) -> TaskRun:
@@ -249,7 +251,7 @@ def _short(digest: object) -> str:
     return text[:16] + "…" if len(text) > 16 else text
 
 
-def _verification_section(reports: list[LogReport]) -> str:
+def _verification_section(reports: list[LogReport], pinned: bool) -> str:
     intact = all(report.verification.ok for report in reports)
     bad = [report for report in reports if not report.verification.ok]
     verdict = (
@@ -259,6 +261,11 @@ def _verification_section(reports: list[LogReport]) -> str:
         + ", ".join(report.path.name for report in bad)
         + " (see below)."
     )
+    if not pinned:
+        verdict += (
+            " No key was pinned: the coordinator's key came from this directory, so this "
+            "shows integrity, not who signed (run `fedlora audit report --key`)."
+        )
     rows = []
     for report in reports:
         verification = report.verification
@@ -290,9 +297,12 @@ def _site_budgets(site_logs: dict[str, list[dict[str, Any]]]) -> dict[str, float
     budgets: dict[str, float] = {}
     for site, entries in site_logs.items():
         for entry in entries:
-            data = entry.get("data") or {}
-            if entry.get("event") == "training-done" and "epsilon_budget" in data:
-                budgets[site] = float(data["epsilon_budget"])
+            data = entry.get("data")
+            if not isinstance(data, dict):
+                continue
+            budget = _real(data.get("epsilon_budget"))
+            if entry.get("event") == "training-done" and budget is not None:
+                budgets[site] = budget
     return budgets
 
 
@@ -306,7 +316,7 @@ def _task_section(
     outcome = (
         f"finished: {finished.get('rounds_completed')} rounds aggregated, final adapter from "
         f"round {finished.get('final_adapter_round')}, accuracy "
-        f"{float(finished.get('accuracy') or 0):.3f}"
+        f"{_real(finished.get('accuracy')) or 0.0:.3f}"
         if run.finished
         else (f"FAILED ({run.failed.get('error')})" if run.failed else "not finished")
     )
@@ -385,19 +395,23 @@ def _reconcile_cell(
 ) -> str:
     if site_entries is None:
         return _cell("site log not in this run directory")
-    result: Reconciliation = reconcile(coordinator_entries, site_entries)
+    try:
+        result: Reconciliation = reconcile(coordinator_entries, site_entries)
+    except AuditError as exc:
+        return _cell(f"cannot reconcile: {exc}", "rejected")
     if result.ok:
         return _cell(f"{result.matched} update(s) match", "accepted")
     return _cell("; ".join(result.problems), "rejected")
+
+
+def _options(values: list[str]) -> str:
+    return "".join(f'<option value="{escape(v)}">{escape(v)}</option>' for v in values)
 
 
 def _timeline(entries: list[dict[str, Any]]) -> str:
     rows = [entry_row(entry) for entry in entries]
     sites = sorted({row["site"] for row in rows if row["site"]} | {row["log"] for row in rows})
     events = sorted({row["event"] for row in rows})
-    options = lambda values: "".join(  # noqa: E731
-        f'<option value="{escape(v)}">{escape(v)}</option>' for v in values
-    )
     body = "".join(
         f'<tr data-site="{escape(row["site"])}" data-log="{escape(row["log"])}" '
         f'data-event="{escape(row["event"])}" data-round="{escape(row["round"])}">'
@@ -418,9 +432,9 @@ def _timeline(entries: list[dict[str, Any]]) -> str:
         "<h2>Timeline</h2>"
         '<div class="filters">'
         f'<label>party or site <select id="filter-site"><option value="">all</option>'
-        f"{options(sites)}</select></label>"
+        f"{_options(sites)}</select></label>"
         f'<label>event <select id="filter-event"><option value="">all</option>'
-        f"{options(events)}</select></label>"
+        f"{_options(events)}</select></label>"
         '<label>round <input id="filter-round" size="4" inputmode="numeric"></label>'
         '<span id="timeline-count" class="muted"></span></div>'
         '<table id="timeline"><thead><tr><th>time (UTC)</th><th>log</th><th>seq</th>'
@@ -449,7 +463,7 @@ def render_report(run_dir: Path, key: Ed25519PublicKey | None = None) -> str:
         f"<h1>Audit report: {escape(run_dir.name)}</h1>"
         f'<p class="muted">Generated {generated} by fedlora from the signed audit logs of '
         "this run directory. Every figure below is read from those logs.</p>"
-        + _verification_section(reports)
+        + _verification_section(reports, pinned=key is not None)
         + "".join(sections)
         + _timeline(entries_of(logs.all))
         + f"<script>{SCRIPT}</script></body></html>"

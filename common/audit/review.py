@@ -10,6 +10,7 @@ them all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from common.signing import load_public_key
 AUDIT_DIR = "audit"
 SITE_LOGS_DIR = "sites"
 COORDINATOR_PUBLIC_KEY = Path("keys") / "coordinator.pub"
+COORDINATOR_PRIVATE_KEY = Path("keys") / "coordinator.key"
+"""Where a run without a configured key (a simulation) keeps the one it makes."""
 LOG_SUFFIX = ".jsonl"
 
 
@@ -73,6 +76,33 @@ def site_keys(coordinator_entries: Iterable[dict[str, Any]]) -> dict[str, str]:
     return keys
 
 
+def site_anchors(coordinator_entries: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, str]]]:
+    """Site -> the (entry number, hash) of its own log that it sent with each update and
+    the coordinator recorded: points its log must still contain, whatever its head says."""
+    anchors: dict[str, list[tuple[int, str]]] = {}
+    for entry in coordinator_entries:
+        data = entry.get("data") or {}
+        seq, digest = data.get("site_log_seq"), data.get("site_log_hash")
+        if entry.get("event") == "update-received" and isinstance(seq, int):
+            anchors.setdefault(str(data.get("site")), []).append((seq, str(digest)))
+    return anchors
+
+
+def check_anchors(
+    verification: Verification, entries: list[dict[str, Any]], anchors: list[tuple[int, str]]
+) -> None:
+    by_seq = {entry.get("seq"): entry for entry in entries}
+    for seq, digest in anchors:
+        found = by_seq.get(seq)
+        if found is None or found.get("hash") != digest:
+            what = "no longer has it" if found is None else "has another entry there"
+            verification.add(
+                0,
+                f"the coordinator recorded entry {seq} of this log (hash {digest[:12]}…) "
+                f"with an update, and the log {what}: it was cut back or rewritten",
+            )
+
+
 def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogReport]:
     """Verify one log, or every log of a run directory.
 
@@ -91,11 +121,15 @@ def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogRepo
         source = "taken from the log itself (pass --key to pin)"
     reports = []
     vouched: dict[str, str] = {}
+    anchors: dict[str, list[tuple[int, str]]] = {}
     for log in logs.coordinator:
         verification = verify_log(log, key)
         reports.append(LogReport(log, verification, source))
         if verification.ok:
-            vouched.update(site_keys(read_entries(log)))
+            entries = read_entries(log)
+            vouched.update(site_keys(entries))
+            for site, points in site_anchors(entries).items():
+                anchors.setdefault(site, []).extend(points)
     for log in logs.sites:
         verification = verify_log(log)
         expected = vouched.get(verification.actor or "")
@@ -114,6 +148,7 @@ def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogRepo
                     f"signed with key {verification.key}, but the coordinator recorded "
                     f"{expected} for site {verification.actor}: the log was re-signed",
                 )
+        check_anchors(verification, read_entries(log), anchors.get(verification.actor or "", []))
         reports.append(LogReport(log, verification, site_source))
     return reports
 
@@ -143,17 +178,33 @@ def _status(data: dict[str, Any]) -> str:
     return ""
 
 
+def real_number(value: object) -> float | None:
+    """A finite float from a log value, or None (not a number, or too large for one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _epsilon(data: dict[str, Any]) -> str:
     for name in ("epsilon", "epsilon_after", "epsilon_target"):
-        value = data.get(name)
-        if isinstance(value, int | float):
+        value = real_number(data.get(name))
+        if value is not None:
             return f"{value:.4f}"
     return ""
 
 
 def _number(value: object) -> str:
     """Three decimals, or 'n/a' for what was not finite when it was logged (now null)."""
-    return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+    number = real_number(value)
+    return "n/a" if number is None else f"{number:.3f}"
+
+
+def _names(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _detail(event: str, data: dict[str, Any]) -> str:
@@ -164,14 +215,14 @@ def _detail(event: str, data: dict[str, Any]) -> str:
     if event == "run-started":
         return (
             f"task {data.get('task')}, {data.get('planned_rounds')} rounds, "
-            f"{len(data.get('sites') or [])} sites"
+            f"{len(_names(data.get('sites')))} sites"
         )
     if event == "aggregation-done":
-        return f"{len(data.get('sites') or [])} sites, {data.get('examples')} examples"
+        return f"{len(_names(data.get('sites')))} sites, {data.get('examples')} examples"
     if event == "data-summary":
         return f"{data.get('records')} records, {data.get('people')} people"
     if event == "round-started":
-        return ", ".join(data.get("sites") or [])
+        return ", ".join(_names(data.get("sites")))
     return ""
 
 
@@ -225,4 +276,9 @@ def select(
 def entries_of(logs: Iterable[Path]) -> list[dict[str, Any]]:
     """Entries of several logs, in time order (ties: by log, then sequence)."""
     merged = [entry for log in logs for entry in read_entries(log)]
-    return sorted(merged, key=lambda e: (str(e.get("time")), str(e.get("actor")), e.get("seq", 0)))
+    return sorted(merged, key=_time_order)
+
+
+def _time_order(entry: dict[str, Any]) -> tuple[str, str, int]:
+    seq = entry.get("seq")
+    return str(entry.get("time")), str(entry.get("actor")), seq if isinstance(seq, int) else -1

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from peft import PeftModel, get_peft_model_state_dict
 
 from client.app import build_client_app
@@ -22,10 +21,12 @@ from common.adapters import (
     seeded_lora_a,
     without_lora_a,
 )
-from common.audit.log import verify_log
+from common.audit.log import read_entries, verify_log
 from common.config import FederationConfig, LoraSettings, load_site_config
 from common.errors import PolicyError, UpdateError
 from common.protocol import (
+    AUDIT_HEAD_HASH,
+    AUDIT_HEAD_SEQ,
     AUDIT_KEY,
     EVALUATE_METRICS,
     REFUSED_BY_POLICY,
@@ -38,7 +39,7 @@ from common.signing import fingerprint, load_public_key
 from common.tasks import TASKS, model_fingerprint
 from server.run import full_model_bytes
 from tests.conftest import write_site_config
-from tests.unit.client.rounds import initial_adapter, round_request
+from tests.unit.client.rounds import initial_adapter, node_context, round_request, site_message
 
 
 def _site(scenario, workspace, tmp_path, site_id="hospital-a", **privacy) -> Site:
@@ -171,26 +172,6 @@ def test_a_global_adapter_of_the_wrong_shape_is_rejected(
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-def _message(site: Site, request: RoundRequest, kind: str) -> Message:
-    content = RecordDict(
-        {
-            "arrays": arrays_to_record(initial_adapter(site, request)),
-            "config": request.to_record(),
-        }
-    )
-    return Message(content, dst_node_id=1, message_type=kind)
-
-
-def _context(config_path: Path) -> Context:
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"site-config": str(config_path)},
-        state=RecordDict(),
-        run_config={},
-    )
-
-
 def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     small_scenario, site_workspace, tmp_path
 ) -> None:
@@ -198,9 +179,9 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     site = Site(load_site_config(config_path))
     request = round_request(site)
     app = build_client_app()
-    context = _context(config_path)
+    context = node_context(config_path)
 
-    reply = app(_message(site, request, MessageType.TRAIN), context)
+    reply = app(site_message(site, request, MessageType.TRAIN), context)
     assert not reply.has_error(), reply.error
     # The payload is the LoRA state and the head, nothing else.
     assert list(reply.content.array_records) == ["arrays"]
@@ -212,14 +193,20 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     payload = sum(a.nbytes for a in arrays.values())
     assert payload < 0.2 * full_model_bytes(model)
     # Aggregate numbers and the public site name only: nothing identifying.
-    assert dict(reply.content.config_records["site"]) == {SITE_ID_KEY: "hospital-a"}
+    # (and where in its own audit log the update was recorded: a number and a hash)
+    assert set(reply.content.config_records["site"]) == {
+        SITE_ID_KEY,
+        AUDIT_HEAD_SEQ,
+        AUDIT_HEAD_HASH,
+    }
+    assert reply.content.config_records["site"][SITE_ID_KEY] == "hospital-a"
     text = json.dumps({k: dict(v) for k, v in reply.content.metric_records.items()})
     assert "MRN" not in text and "^" not in text
     assert set(TRAIN_METRICS) <= set(reply.content.metric_records["metrics"])
     # The round was charged to the site's ledger on disk before the reply went out.
     ledger = site.open_ledger(site.load_data().dataset)
     assert len(ledger.state.entries) == 1
-    second = app(_message(site, round_request(site, 2), MessageType.TRAIN), context)
+    second = app(site_message(site, round_request(site, 2), MessageType.TRAIN), context)
     assert (
         second.content.metric_records["metrics"]["epsilon"]
         > reply.content.metric_records["metrics"]["epsilon"]
@@ -231,7 +218,7 @@ def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
 ) -> None:
     config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=3.0)
     site = Site(load_site_config(config_path))
-    app, context = build_client_app(), _context(config_path)
+    app, context = build_client_app(), node_context(config_path)
 
     introduction = app(
         Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context
@@ -242,7 +229,7 @@ def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
     assert (site.config.site.audit_key_path.stat().st_mode & 0o777) == 0o600
 
     request = round_request(site)
-    reply = app(_message(site, request, MessageType.TRAIN), context)
+    reply = app(site_message(site, request, MessageType.TRAIN), context)
     sent = record_to_arrays(reply.content.array_records["arrays"])
     # A second run asking for more ε than is left is refused: a budget refusal.
     with pytest.raises(PolicyError, match="asks for"):
@@ -275,6 +262,10 @@ def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
     assert summary["people"] == data.all.persons
     assert sum(summary["class_counts"].values()) == len(data.all.labels)
     assert events[5]["run"] == "run-2" and "asks for ε=2.90" in events[5]["reason"]
+    # The reply names the log entry the update was recorded in (the coordinator keeps it).
+    logged = next(e for e in read_entries(site.audit.path) if e["event"] == "training-done")
+    identity = reply.content.config_records["site"]
+    assert (identity[AUDIT_HEAD_SEQ], identity[AUDIT_HEAD_HASH]) == (logged["seq"], logged["hash"])
     # Signed by the site's key, with an intact chain and head; no path in it.
     verification = verify_log(site.audit.path, key)
     assert verification.ok, verification.findings
@@ -287,7 +278,9 @@ def test_client_app_turns_a_refusal_into_an_error_reply(
     config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=0.2)
     site = Site(load_site_config(config_path))
     request = round_request(site, dp={"noise_multiplier": 0.5})
-    reply = build_client_app()(_message(site, request, MessageType.TRAIN), _context(config_path))
+    reply = build_client_app()(
+        site_message(site, request, MessageType.TRAIN), node_context(config_path)
+    )
     assert reply.has_error()
     assert reply.error.code == REFUSED_BY_POLICY
     assert "bank-a refuses round 1" in (reply.error.reason or "")
@@ -297,7 +290,7 @@ def test_client_app_evaluates_on_held_out_people(small_scenario, site_workspace,
     config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
     site = Site(load_site_config(config_path))
     reply = build_client_app()(
-        _message(site, round_request(site), MessageType.EVALUATE), _context(config_path)
+        site_message(site, round_request(site), MessageType.EVALUATE), node_context(config_path)
     )
     metrics = reply.content.metric_records["metrics"]
     assert set(EVALUATE_METRICS) <= set(metrics)
@@ -317,7 +310,7 @@ def test_local_errors_leave_the_site_without_paths(
     request = round_request(site)
     broken = tmp_path / "broken.toml"
     broken.write_text(config_path.read_text().replace("loans.csv", "missing.csv"))
-    reply = build_client_app()(_message(site, request, MessageType.TRAIN), _context(broken))
+    reply = build_client_app()(site_message(site, request, MessageType.TRAIN), node_context(broken))
     assert reply.has_error()
     assert reply.error.code == SITE_MISCONFIGURED
     assert "data is unusable" in (reply.error.reason or "")
@@ -509,12 +502,12 @@ def test_the_client_app_runs_an_ffa_round(small_scenario, site_workspace, tmp_pa
         content = RecordDict({"arrays": arrays_to_record(sent), "config": request.to_record()})
         return Message(content, dst_node_id=1, message_type=kind)
 
-    reply = app(message(MessageType.TRAIN), _context(config_path))
+    reply = app(message(MessageType.TRAIN), node_context(config_path))
     assert not reply.has_error(), reply.error
     arrays = record_to_arrays(reply.content.array_records["arrays"])
     assert set(arrays) == set(sent)
     assert sum(a.nbytes for a in arrays.values()) < sum(a.nbytes for a in initial.values())
 
-    evaluation = app(message(MessageType.EVALUATE), _context(config_path))
+    evaluation = app(message(MessageType.EVALUATE), node_context(config_path))
     assert not evaluation.has_error(), evaluation.error
     assert 0.0 <= evaluation.content.metric_records["metrics"]["eval-accuracy"] <= 1.0

@@ -68,7 +68,8 @@ def test_verify_an_honest_run_exits_0(shared_run: AuditedRun) -> None:
     result = _invoke("verify", str(shared_run.run_dir))
 
     assert result.exit_code == 0, result.output
-    assert result.output.count("intact") == 3
+    assert result.output.count("intact  ") == 3  # one status line per log
+    assert "no --key given" in result.output
     assert "NOT INTACT" not in result.output
     assert "first bad entry" not in result.output
     for path in [shared_run.coordinator_log, *shared_run.site_logs.values()]:

@@ -4,6 +4,7 @@ realistic audited run (tests/audit_runs.py), altered in memory."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from common.audit.log import read_entries
 from common.audit.reconcile import reconcile, run_of
 from common.errors import AuditError
-from tests.audit_runs import RUN, write_audited_run
+from tests.audit_runs import RUN, reseal_all, write_audited_run
 
 Entries = list[dict[str, Any]]
 
@@ -201,7 +202,7 @@ def test_a_site_update_the_coordinator_never_mentions_fails(
     assert len(result.problems) == 1
     assert result.problems[0].startswith("round 3: the site logged update")
     assert "never mentions" in result.problems[0]
-    assert "3.7500" in result.problems[0]
+    assert "3.75" in result.problems[0]
 
 
 @pytest.mark.parametrize(
@@ -384,3 +385,23 @@ def test_the_site_is_the_actor_of_the_site_log(coordinator: Entries) -> None:
     assert result.site == "bank-z"
     assert result.ok
     assert result.matched == 0
+
+
+def test_a_site_log_rewritten_by_its_own_key_does_not_reconcile(
+    tmp_path: Path,
+) -> None:
+    """The site inserts an entry and re-seals its whole log with its own key: the log
+    verifies and every update still matches by hash and ε, but the coordinator recorded
+    where each update sat in the site's log, and those entries moved."""
+    run = write_audited_run(tmp_path / "run")
+    entries = read_entries(run.site_logs["bank-a"])
+    inserted = {**entries[2], "event": "policy-decision", "data": {"decision": "accepted"}}
+    shifted = [*entries[:2], inserted, *entries[2:]]
+    for seq, entry in enumerate(shifted):
+        entry["seq"] = seq
+    sealed, _ = reseal_all(shifted, run.site_keys["bank-a"])
+    result = reconcile(read_entries(run.coordinator_log), sealed)
+    assert not result.ok
+    assert result.matched == 3  # hashes and ε agree: only the position gives it away
+    assert all("the site's log was rewritten" in p for p in result.problems)
+    assert len(result.problems) == 3

@@ -489,3 +489,48 @@ def test_the_audited_run_is_the_one_described(shared_run: AuditedRun) -> None:
     assert len(read_entries(shared_run.coordinator_log)) == 23
     assert len(read_entries(shared_run.site_logs["bank-a"])) == 9
     assert len(read_entries(shared_run.site_logs["bank-b"])) == 8
+
+
+# ------------------------------------------------------------ coordinator anchors ---
+
+
+def test_a_site_log_rolled_back_with_its_old_head_passes_alone_but_not_in_the_run(
+    run: AuditedRun,
+) -> None:
+    """The site keeps an old genuine head, cuts its log back to it and puts it back:
+    every piece is signed, so the log alone verifies; the coordinator's log recorded
+    later entries of it (one per update), and the run-directory check finds them gone."""
+    path = run.site_logs["bank-a"]
+    entries = read_entries(path)
+    first_update = next(i for i, e in enumerate(entries) if e["event"] == "training-done")
+    early = reseal_all(entries[: first_update + 1], run.site_keys["bank-a"])
+    assert early[0] == entries[: first_update + 1]  # same key, same entries: same seal
+    _write_entries(path, early[0])
+    head_path(path).write_text(json.dumps(early[1]))
+
+    (alone,) = verify_path(path)
+    assert alone.verification.ok, alone.verification.findings
+
+    report = _by_path(verify_path(run.run_dir))[path]
+    assert not report.verification.ok
+    problems = [f.problem for f in report.verification.findings]
+    assert len(problems) == 2  # rounds 2 and 3 of bank-a: their entries are gone
+    assert all("no longer has it" in p and "cut back or rewritten" in p for p in problems)
+
+
+def test_the_coordinator_records_where_each_update_sits_in_the_site_log(
+    shared_run: AuditedRun,
+) -> None:
+    coordinator = read_entries(shared_run.coordinator_log)
+    site = {e["seq"]: e for e in read_entries(shared_run.site_logs["bank-a"])}
+    received = [
+        e["data"]
+        for e in coordinator
+        if e["event"] == "update-received" and e["data"]["site"] == "bank-a"
+    ]
+    assert len(received) == 3
+    for data in received:
+        logged = site[data["site_log_seq"]]
+        assert logged["hash"] == data["site_log_hash"]
+        assert logged["event"] == "training-done"
+        assert logged["data"]["update_sha256"] == data["update_sha256"]

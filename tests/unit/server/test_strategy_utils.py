@@ -161,9 +161,9 @@ def test_malformed_update_is_rejected_and_others_still_accepted(mutate, expected
 
 
 def test_reply_without_metrics_is_rejected() -> None:
-    good, bad = parse_replies([reply(4, metrics=None, arrays=_adapter(), site="b")], {}, CHECK)
+    good, bad = parse_replies([reply(4, metrics=None, arrays=_adapter(), site="bank-b")], {}, CHECK)
     assert good == []
-    assert bad == [FailedReply(4, "b", "rejected", "expected one metric record, got 0")]
+    assert bad == [FailedReply(4, "bank-b", "rejected", "expected one metric record, got 0")]
 
 
 def test_metrics_without_num_examples_are_rejected() -> None:
@@ -610,3 +610,14 @@ def test_a_node_cannot_change_or_borrow_a_site_name() -> None:
     assert "now claims to be bank-b" in bad[0].reason
     assert "already used by another node" in bad[1].reason
     assert known == {1: "bank-a"}
+
+
+@pytest.mark.parametrize(
+    "claimed", ["Bank-A", "bank_a", "b", "evil\u2028x", "a" * 64, "../etc", "bank a", ""]
+)
+def test_a_claimed_name_that_is_not_a_site_id_is_not_taken(claimed: str) -> None:
+    """Site names go into signed logs and file names: only site ids are accepted."""
+    known: dict[int, str] = {}
+    _, bad = parse_replies([reply(4, metrics=None, site=claimed)], known, CHECK)
+    assert known == {}
+    assert bad[0].site == "node-4"
