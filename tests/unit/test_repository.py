@@ -64,3 +64,11 @@ def test_flower_app_components_point_at_the_apps() -> None:
     from server.app import app as server_app
 
     assert client_app is not None and server_app is not None
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("**Run the tests**", 1)[1]
+    command = section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert "pytest" in command
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
