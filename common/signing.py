@@ -23,15 +23,17 @@ from common.errors import SigningError
 PRIVATE_KEY_MODE = 0o600
 
 
+def _raw(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def fingerprint(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()
+    return "ed25519:" + hashlib.sha256(_raw(public_key)).hexdigest()
 
 
 def public_key_text(public_key: Ed25519PublicKey) -> str:
     """The public key as base64 of its raw bytes: short enough to sit in a log entry."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode("ascii")
+    return base64.b64encode(_raw(public_key)).decode("ascii")
 
 
 def public_key_from_text(text: str) -> Ed25519PublicKey:

@@ -80,7 +80,7 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
 def audit_summary(run_dir: Path) -> dict[str, Any]:
     """Verify the run's audit trail and write its HTML report, as a reviewer would."""
     reports = verify_path(run_dir)
-    report = write_report(run_dir)
+    report = write_report(run_dir, reports=reports)
     return {
         "logs": len(reports),
         "intact": all(r.verification.ok for r in reports),

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.adapters import adapter_sha256
 from common.audit.chain import GENESIS_PREV, opening_data, seal, sign_head
 from common.audit.log import AuditLog
 from common.audit.review import AUDIT_DIR, SITE_LOGS_DIR, coordinator_log_name
+from common.cli import cli
 from common.config import FederationConfig
 from common.signing import fingerprint, write_public_key
 from server.audit import COORDINATOR, CoordinatorAudit
@@ -125,15 +127,15 @@ def write_audited_run(run_dir: Path) -> AuditedRun:
 
 
 def reseal_all(
-    entries: list[dict[str, Any]], key: Ed25519PrivateKey
+    entries: list[dict[str, Any]], key: Ed25519PrivateKey, *, reopen: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The whole log rewritten by ``key``'s holder (a new opening entry with its public
-    key, a new chain, new signatures) and its new head: consistent on its own."""
+    """The whole log rewritten by ``key``'s holder (a new chain, new signatures and, with
+    ``reopen``, a new opening entry with its public key) and its new head."""
     sealed: list[dict[str, Any]] = []
     prev = GENESIS_PREV
     for entry in entries:
         data = entry["data"]
-        if entry["seq"] == 0:
+        if entry["seq"] == 0 and reopen:
             data = {"party": entry["actor"], **opening_data(key)}
         new = seal(
             key,
@@ -151,3 +153,17 @@ def reseal_all(
         key, log=sealed[0]["hash"], seq=last["seq"], digest=last["hash"], time=last["time"]
     )
     return sealed, head
+
+
+WIDE = {"COLUMNS": "250"}
+"""rich wraps long lines at the terminal width: a wide one keeps messages whole."""
+
+
+def invoke_audit(*args: str) -> Result:
+    """``fedlora audit ARGS`` through the real root command."""
+    return CliRunner().invoke(cli, ["audit", *args], env=WIDE)
+
+
+def flat_output(result: Result) -> str:
+    """The output with rich's line wrapping undone (runs of whitespace become one space)."""
+    return " ".join(result.output.split())

@@ -29,6 +29,7 @@ from common.audit.chain import (
     verify_lines,
 )
 from common.errors import AuditError
+from common.files import fsync_folder, write_atomically
 from common.signing import fingerprint
 
 HEAD_SUFFIX = ".head.json"
@@ -68,16 +69,6 @@ def _last_line(path: Path) -> bytes:
 def _first_line(path: Path) -> bytes:
     with path.open("rb") as handle:
         return handle.readline().rstrip(b"\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_folder(path.parent)
 
 
 class AuditLog:
@@ -163,22 +154,14 @@ class AuditLog:
         finally:
             os.close(descriptor)
         if created:
-            _fsync_folder(self.path.parent)
+            fsync_folder(self.path.parent)
         log_id = entry["hash"] if seq == 0 else json.loads(_first_line(self.path))["hash"]
         head = sign_head(self._key, log=log_id, seq=seq, digest=entry["hash"], time=time)
-        _write_atomically(self.head_path, json.dumps(head, indent=2) + "\n")
+        write_atomically(self.head_path, json.dumps(head, indent=2) + "\n")
         return entry
 
 
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _parse_line(line: bytes) -> dict[str, Any] | None:
+def _parse_line(line: bytes | str) -> dict[str, Any] | None:
     try:
         value = json.loads(line)
     except (ValueError, RecursionError):
@@ -186,18 +169,14 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def read_entries(path: Path) -> list[dict[str, Any]]:
-    """The log's entries as they are, for review; lines that do not parse are skipped
+def parse_entries(lines: list[str]) -> list[dict[str, Any]]:
+    """The entries as they are, for review; lines that do not parse are skipped
     (``verify`` is what judges the log)."""
-    entries = []
-    for line in read_lines(path):
-        try:
-            value = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(value, dict):
-            entries.append(value)
-    return entries
+    return [entry for entry in map(_parse_line, lines) if entry is not None]
+
+
+def read_entries(path: Path) -> list[dict[str, Any]]:
+    return parse_entries(read_lines(path))
 
 
 def read_lines(path: Path) -> list[str]:
@@ -222,16 +201,18 @@ def read_head(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else {}
 
 
+def read_log(path: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """The log's lines and its signed head. The head is read first: a log only grows, so
+    an append in between cannot look like a cut tail."""
+    head = read_head(head_path(path))
+    return read_lines(path), head
+
+
 def verify_log(
     path: Path,
     key: Ed25519PublicKey | None = None,
     head: dict[str, Any] | None = None,
 ) -> Verification:
-    """Verify the log at ``path`` against ``head`` (default: the head file beside it).
-
-    The head is read before the log: a log only grows, so an append in between cannot
-    look like a cut tail.
-    """
-    if head is None:
-        head = read_head(head_path(path))
-    return verify_lines(read_lines(path), key, head)
+    """Verify the log at ``path`` against ``head`` (default: the head file beside it)."""
+    lines, own_head = read_log(path)
+    return verify_lines(lines, key, head if head is not None else own_head)

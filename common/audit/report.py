@@ -22,9 +22,9 @@ from common.audit.reconcile import Reconciliation, reconcile
 from common.audit.review import (
     AUDIT_DIR,
     LogReport,
-    entries_of,
     entry_row,
     find_logs,
+    in_time_order,
     real_number,
     verify_path,
 )
@@ -74,15 +74,15 @@ def _round(data: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _real(value: object) -> float | None:
-    return real_number(value)
-
-
 def read_task_run(log: Path) -> TaskRun:
-    """The run as its coordinator log tells it. Entries that do not have the expected
-    shape (a tampered log, which verification flags) are left out, never fatal."""
+    return task_run(log, read_entries(log))
+
+
+def task_run(log: Path, entries: list[dict[str, Any]]) -> TaskRun:
+    """The run as its coordinator log's entries tell it. Entries that do not have the
+    expected shape (a tampered log, which verification flags) are left out, never fatal."""
     run = TaskRun(log)
-    for entry in read_entries(log):
+    for entry in entries:
         event, data = entry.get("event"), entry.get("data")
         if not isinstance(data, dict):
             continue
@@ -95,7 +95,7 @@ def read_task_run(log: Path) -> TaskRun:
             run.participation[site][server_round] = str(data.get("status"))
             # The site's lifetime ε as it reported it: spent even when the update was
             # rejected, since the site trained.
-            epsilon = _real(data.get("epsilon"))
+            epsilon = real_number(data.get("epsilon"))
             if epsilon is not None:
                 run.epsilon[site][server_round] = epsilon
         elif (
@@ -106,7 +106,7 @@ def read_task_run(log: Path) -> TaskRun:
         ):
             run.participation[site][server_round] = str(data.get("status"))
         elif event == "evaluation" and server_round is not None:
-            accuracy, loss = _real(data.get("accuracy")), _real(data.get("loss"))
+            accuracy, loss = real_number(data.get("accuracy")), real_number(data.get("loss"))
             if accuracy is not None and loss is not None:
                 run.accuracy[server_round], run.loss[server_round] = accuracy, loss
         elif event == "rolled-back":
@@ -300,7 +300,7 @@ def _site_budgets(site_logs: dict[str, list[dict[str, Any]]]) -> dict[str, float
             data = entry.get("data")
             if not isinstance(data, dict):
                 continue
-            budget = _real(data.get("epsilon_budget"))
+            budget = real_number(data.get("epsilon_budget"))
             if entry.get("event") == "training-done" and budget is not None:
                 budgets[site] = budget
     return budgets
@@ -316,7 +316,7 @@ def _task_section(
     outcome = (
         f"finished: {finished.get('rounds_completed')} rounds aggregated, final adapter from "
         f"round {finished.get('final_adapter_round')}, accuracy "
-        f"{_real(finished.get('accuracy')) or 0.0:.3f}"
+        f"{real_number(finished.get('accuracy')) or 0.0:.3f}"
         if run.finished
         else (f"FAILED ({run.failed.get('error')})" if run.failed else "not finished")
     )
@@ -443,17 +443,23 @@ def _timeline(entries: list[dict[str, Any]]) -> str:
     )
 
 
-def render_report(run_dir: Path, key: Ed25519PublicKey | None = None) -> str:
+def render_report(
+    run_dir: Path,
+    key: Ed25519PublicKey | None = None,
+    reports: list[LogReport] | None = None,
+) -> str:
+    """The page, from one read of each log: the one that verifies it (``reports``, when
+    the caller has just verified the run with the same ``key``)."""
     logs = find_logs(run_dir)
-    reports = verify_path(run_dir, key)
-    site_logs = {}
-    for path in logs.sites:
-        entries = read_entries(path)
-        if entries:
-            site_logs[str(entries[0].get("actor"))] = entries
-    sections = []
-    for path in logs.coordinator:
-        sections.append(_task_section(read_task_run(path), site_logs, read_entries(path)))
+    reports = reports if reports is not None else verify_path(run_dir, key)
+    entries = {report.path: report.entries for report in reports}
+    site_logs = {
+        str(entries[path][0].get("actor")): entries[path] for path in logs.sites if entries[path]
+    }
+    sections = [
+        _task_section(task_run(path, entries[path]), site_logs, entries[path])
+        for path in logs.coordinator
+    ]
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -465,15 +471,18 @@ def render_report(run_dir: Path, key: Ed25519PublicKey | None = None) -> str:
         "this run directory. Every figure below is read from those logs.</p>"
         + _verification_section(reports, pinned=key is not None)
         + "".join(sections)
-        + _timeline(entries_of(logs.all))
+        + _timeline(in_time_order(entries.values()))
         + f"<script>{SCRIPT}</script></body></html>"
     )
 
 
 def write_report(
-    run_dir: Path, out: Path | None = None, key: Ed25519PublicKey | None = None
+    run_dir: Path,
+    out: Path | None = None,
+    key: Ed25519PublicKey | None = None,
+    reports: list[LogReport] | None = None,
 ) -> Path:
     path = out or run_dir / AUDIT_DIR / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(run_dir, key), encoding="utf-8")
+    path.write_text(render_report(run_dir, key, reports), encoding="utf-8")
     return path

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.audit.chain import Verification
-from common.audit.log import read_entries, verify_log
+from common.audit.chain import Verification, verify_lines
+from common.audit.log import parse_entries, read_entries, read_log
 from common.errors import AuditError
 from common.signing import load_public_key
 
@@ -64,6 +64,8 @@ class LogReport:
     path: Path
     verification: Verification
     key_source: str
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    """The log's entries as read for verifying it (so reviews need not read it again)."""
 
 
 def site_keys(coordinator_entries: Iterable[dict[str, Any]]) -> dict[str, str]:
@@ -103,6 +105,12 @@ def check_anchors(
             )
 
 
+def _verified(log: Path, key: Ed25519PublicKey | None) -> tuple[Verification, list[dict[str, Any]]]:
+    """The verdict on a log and its entries, from one read of it."""
+    lines, head = read_log(log)
+    return verify_lines(lines, key, head), parse_entries(lines)
+
+
 def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogReport]:
     """Verify one log, or every log of a run directory.
 
@@ -112,7 +120,8 @@ def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogRepo
     logs = find_logs(path)
     if path.is_file():
         source = "pinned with --key" if key else "taken from the log itself (pass --key to pin)"
-        return [LogReport(path, verify_log(path, key), source)]
+        verification, entries = _verified(path, key)
+        return [LogReport(path, verification, source, entries)]
     source = "pinned with --key"
     if key is None and (path / COORDINATOR_PUBLIC_KEY).is_file():
         key = load_public_key(path / COORDINATOR_PUBLIC_KEY)
@@ -123,15 +132,14 @@ def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogRepo
     vouched: dict[str, str] = {}
     anchors: dict[str, list[tuple[int, str]]] = {}
     for log in logs.coordinator:
-        verification = verify_log(log, key)
-        reports.append(LogReport(log, verification, source))
+        verification, entries = _verified(log, key)
+        reports.append(LogReport(log, verification, source, entries))
         if verification.ok:
-            entries = read_entries(log)
             vouched.update(site_keys(entries))
             for site, points in site_anchors(entries).items():
                 anchors.setdefault(site, []).extend(points)
     for log in logs.sites:
-        verification = verify_log(log)
+        verification, entries = _verified(log, None)
         expected = vouched.get(verification.actor or "")
         if expected is None:
             site_source = "taken from the log itself: no verified coordinator log names it"
@@ -148,8 +156,8 @@ def verify_path(path: Path, key: Ed25519PublicKey | None = None) -> list[LogRepo
                     f"signed with key {verification.key}, but the coordinator recorded "
                     f"{expected} for site {verification.actor}: the log was re-signed",
                 )
-        check_anchors(verification, read_entries(log), anchors.get(verification.actor or "", []))
-        reports.append(LogReport(log, verification, site_source))
+        check_anchors(verification, entries, anchors.get(verification.actor or "", []))
+        reports.append(LogReport(log, verification, site_source, entries))
     return reports
 
 
@@ -275,8 +283,11 @@ def select(
 
 def entries_of(logs: Iterable[Path]) -> list[dict[str, Any]]:
     """Entries of several logs, in time order (ties: by log, then sequence)."""
-    merged = [entry for log in logs for entry in read_entries(log)]
-    return sorted(merged, key=_time_order)
+    return in_time_order(read_entries(log) for log in logs)
+
+
+def in_time_order(logs: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return sorted((entry for entries in logs for entry in entries), key=_time_order)
 
 
 def _time_order(entry: dict[str, Any]) -> tuple[str, str, int]:

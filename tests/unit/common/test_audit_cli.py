@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.audit.cli import audit as audit_group
@@ -20,17 +20,8 @@ from common.audit.review import SHOW_COLUMNS, entries_of, find_logs, select
 from common.cli import cli
 from common.signing import write_public_key
 from tests.audit_runs import RUN, AuditedRun, write_audited_run
-
-WIDE = {"COLUMNS": "250"}
-
-
-def _invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, ["audit", *args], env=WIDE)
-
-
-def _text(result: Result) -> str:
-    """The output with rich's line wrapping undone (runs of whitespace become one space)."""
-    return " ".join(result.output.split())
+from tests.audit_runs import flat_output as _text
+from tests.audit_runs import invoke_audit as _invoke
 
 
 @pytest.fixture

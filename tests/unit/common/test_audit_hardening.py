@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.audit.chain import (
@@ -32,17 +31,17 @@ from common.audit.log import AuditLog, head_path, read_entries, read_head, read_
 from common.audit.reconcile import reconcile
 from common.audit.report import render_report
 from common.audit.review import AUDIT_DIR, SITE_LOGS_DIR, entry_row, verify_path
-from common.cli import cli
 from common.errors import AuditError
 from common.signing import fingerprint, public_key_text, sign, write_public_key
 from server.audit import COORDINATOR, CoordinatorAudit
 from server.strategy_utils import UpdateReceipt
 from tests.audit_runs import RUN, TASK, AuditedRun, reseal_all, write_audited_run
+from tests.audit_runs import flat_output as _text
+from tests.audit_runs import invoke_audit as _invoke
 
 KEY = Ed25519PrivateKey.generate()
 OTHER = Ed25519PrivateKey.generate()
 ACTOR = "coordinator"
-WIDE = {"COLUMNS": "250"}
 PLACEHOLDER = "@@odd-value@@"
 
 
@@ -62,15 +61,6 @@ def _six_entries(tmp_path: Path) -> AuditLog:
 def _snapshot(log: AuditLog) -> tuple[bytes, bytes | None]:
     head = log.head_path.read_bytes() if log.head_path.exists() else None
     return log.path.read_bytes(), head
-
-
-def _invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, ["audit", *args], env=WIDE)
-
-
-def _text(result: Result) -> str:
-    """The output with rich's line wrapping undone (runs of whitespace become one space)."""
-    return " ".join(result.output.split())
 
 
 @pytest.fixture
@@ -275,7 +265,7 @@ def test_an_opening_whose_fingerprint_is_not_its_key_is_a_finding() -> None:
     opening = entries[0]["data"]
     assert opening["public_key"] == public_key_text(KEY.public_key())
     entries[0]["data"] = {**opening, "key": fingerprint(OTHER.public_key())}
-    sealed, head = _reseal_keeping_data(entries, KEY)
+    sealed, head = reseal_all(entries, KEY, reopen=False)
     lines = [json.dumps(entry, sort_keys=True) for entry in sealed]
 
     for pinned in (None, KEY.public_key()):
@@ -283,24 +273,6 @@ def test_an_opening_whose_fingerprint_is_not_its_key_is_a_finding() -> None:
         assert not verification.ok
         assert verification.findings[0].line == 1
         assert "fingerprint" in verification.findings[0].problem
-
-
-def _reseal_keeping_data(
-    entries: list[dict[str, Any]], key: Ed25519PrivateKey
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Re-chain and re-sign ``entries`` with ``key``, keeping each entry's data as is."""
-    sealed: list[dict[str, Any]] = []
-    prev = GENESIS_PREV
-    for entry in entries:
-        body = {name: entry[name] for name in ("seq", "time", "actor", "event", "data")}
-        new = seal(key, **body, prev=prev)
-        sealed.append(new)
-        prev = new["hash"]
-    last = sealed[-1]
-    head = sign_head(
-        key, log=sealed[0]["hash"], seq=last["seq"], digest=last["hash"], time=last["time"]
-    )
-    return sealed, head
 
 
 # ------------------------------------------------ 5. log text is never rich markup ---
