@@ -197,7 +197,6 @@ class FedLoraStrategy(FedAvg):
         if self._request is None:
             raise RuntimeError("aggregate_train before configure_train")
         received = list(replies)
-        receipts = {m.metadata.src_node_id: update_receipt(m) for m in received}
         check = partial(
             validate_update,
             reference=self._sent_adapter,
@@ -206,6 +205,13 @@ class FedLoraStrategy(FedAvg):
             limits=self.limits,
         )
         parsed, bad = parse_replies(received, self.known_sites, check, TRAIN_METRICS)
+        decoded = {reply.node_id: reply.arrays for reply in parsed}
+        receipts = {
+            m.metadata.src_node_id: update_receipt(
+                m, decoded.get(m.metadata.src_node_id), self.limits.max_payload_bytes
+            )
+            for m in received
+        }
         bad += missing_replies(self._sent_to, received, self.known_sites, self.round_timeout)
         good: list[SiteReply] = []
         for reply in parsed:

@@ -5,6 +5,7 @@ No network and no Flower runtime is needed to test them: a reply is just a Messa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common.adapters import AdapterArrays, adapter_sha256, record_to_arrays
-from common.audit.chain import sha256_hex
 from common.errors import UpdateError
 from common.protocol import AUDIT_HEAD_HASH, AUDIT_HEAD_SEQ, REFUSED_BY_POLICY, SITE_ID_KEY
+from server.validation import record_payload_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +68,37 @@ def _site_log_head(message: Message) -> tuple[int, str] | None:
     return None
 
 
-def update_receipt(message: Message) -> UpdateReceipt:
-    """Hash and reported numbers of a reply, taken before (and whatever) validation says."""
+def update_receipt(
+    message: Message,
+    arrays: AdapterArrays | None = None,
+    max_payload_bytes: int | None = None,
+) -> UpdateReceipt:
+    """Hash and reported numbers of a reply, whatever validation says of it.
+
+    ``arrays`` are the reply's arrays when validation already decoded them (not decoded
+    twice). A payload over ``max_payload_bytes`` is never decoded at all: its bytes are
+    hashed as they came (``raw:``), as are arrays that do not decode.
+    """
     if message.has_error() or not message.has_content():
         return UpdateReceipt(None, None, None)
     record = message.content.array_records.get("arrays")
     digest: str | None = None
-    if record is not None:
+    if arrays is not None:
+        digest = adapter_sha256(arrays)
+    elif record is not None:
+        oversized = max_payload_bytes is not None and (
+            record_payload_bytes(record) > max_payload_bytes
+        )
         try:
-            digest = adapter_sha256(record_to_arrays(record))
+            digest = None if oversized else adapter_sha256(record_to_arrays(record))
         except Exception:
-            raw = b"".join(name.encode() + bytes(array.data) for name, array in record.items())
-            digest = "raw:" + sha256_hex(raw)
+            digest = None
+        if digest is None:
+            raw = hashlib.sha256()
+            for name, array in record.items():
+                raw.update(name.encode())
+                raw.update(bytes(array.data))
+            digest = "raw:" + raw.hexdigest()
     reported: dict[str, float] = {}
     for metrics in message.content.metric_records.values():
         for key in ("num-examples", "epsilon"):

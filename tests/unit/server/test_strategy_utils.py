@@ -3,6 +3,7 @@ every reply is accepted or failed with its reason."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import partial
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from common.adapters import AdapterArrays, AdapterSchema, record_to_arrays
+from common.adapters import AdapterArrays, AdapterSchema, adapter_sha256, record_to_arrays
 from common.config import FederationConfig
 from common.errors import UpdateError
 from common.protocol import (
@@ -30,9 +31,10 @@ from server.strategy_utils import (
     parse_replies,
     readable_reason,
     rollback_reason,
+    update_receipt,
     weighted_mean,
 )
-from server.validation import UpdateLimits, update_norm, validate_update
+from server.validation import UpdateLimits, record_payload_bytes, update_norm, validate_update
 from tests.unit.server.replies import (
     error_reply,
     eval_metrics,
@@ -621,3 +623,34 @@ def test_a_claimed_name_that_is_not_a_site_id_is_not_taken(claimed: str) -> None
     _, bad = parse_replies([reply(4, metrics=None, site=claimed)], known, CHECK)
     assert known == {}
     assert bad[0].site == "node-4"
+
+
+# ------------------------------------------------------------------ receipts ---
+
+
+def test_a_receipt_hashes_the_arrays_as_the_site_does() -> None:
+    adapter = _adapter(3)
+    receipt = update_receipt(reply(5, metrics=train_metrics(40, epsilon=0.7), arrays=adapter))
+    assert receipt.sha256 == adapter_sha256(adapter)
+    assert (receipt.examples, receipt.epsilon) == (40.0, 0.7)
+
+
+def test_a_receipt_reuses_decoded_arrays_and_never_decodes_an_oversized_payload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    adapter = _adapter(4)
+    message = reply(6, metrics=train_metrics(40), arrays=adapter)
+
+    def no_decoding(record: ArrayRecord) -> AdapterArrays:
+        raise AssertionError("the payload was decoded")
+
+    monkeypatch.setattr("server.strategy_utils.record_to_arrays", no_decoding)
+    # Arrays validation already decoded: hashed as they are, not decoded again.
+    assert update_receipt(message, arrays=adapter).sha256 == adapter_sha256(adapter)
+    # Over the payload limit: the bytes as they came, with no decoding.
+    record = message.content.array_records["arrays"]
+    oversized = update_receipt(message, max_payload_bytes=record_payload_bytes(record) - 1)
+    expected = hashlib.sha256(
+        b"".join(name.encode() + bytes(array.data) for name, array in record.items())
+    ).hexdigest()
+    assert oversized.sha256 == "raw:" + expected
