@@ -86,8 +86,12 @@ def test_the_coordinator_log_tells_the_whole_run(finished_run: Path) -> None:
                 / (f"round-{aggregated['round']:04d}.safetensors")
             )
             assert aggregated["adapter_sha256"] == adapter_sha256(load_file(str(checkpoint)))
+        # The final adapter is the last round's, or the best's after a rollback.
         finished = entries[-1]["data"]
-        final = load_file(str(finished_run / "checkpoints" / task / "round-0002.safetensors"))
+        summary = json.loads((finished_run / "tasks" / f"{task}.json").read_text())
+        assert finished["final_adapter_round"] == summary["final_adapter_round"]
+        final_round = f"round-{summary['final_adapter_round']:04d}.safetensors"
+        final = load_file(str(finished_run / "checkpoints" / task / final_round))
         assert finished["final_adapter_sha256"] == adapter_sha256(final)
 
 

@@ -81,7 +81,9 @@ def test_adapters_load_with_peft_onto_the_base_model(finished_run: Path) -> None
         base = TASKS.get(task).load_base_model(finished_run.parent / "data" / "models" / task)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
         loaded = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
-        final = load_file(str(finished_run / "checkpoints" / task / "round-0002.safetensors"))
+        summary = json.loads((finished_run / "tasks" / f"{task}.json").read_text())
+        final_round = f"round-{summary['final_adapter_round']:04d}.safetensors"
+        final = load_file(str(finished_run / "checkpoints" / task / final_round))
         assert set(loaded) == set(final)
         for name, value in final.items():
             np.testing.assert_array_equal(loaded[name], value)
