@@ -15,9 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.artifacts import check_artifact, install_artifact
 from client.site import Site, load_site
 from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
 from common.errors import (
+    ArtifactError,
     AuditError,
     ConfigError,
     DataError,
@@ -27,6 +29,8 @@ from common.errors import (
     UpdateError,
 )
 from common.protocol import (
+    ARTIFACT_RECORD,
+    ARTIFACT_REFUSED,
     AUDIT_HEAD_HASH,
     AUDIT_HEAD_SEQ,
     AUDIT_KEY,
@@ -64,6 +68,8 @@ def _error_reply(message: Message, exc: Exception) -> Message:
     logger.warning("%s", exc)
     if isinstance(exc, PolicyError):
         code, reason = REFUSED_BY_POLICY, str(exc)
+    elif isinstance(exc, ArtifactError):
+        code, reason = ARTIFACT_REFUSED, f"{exc.kind}: {exc}"
     elif isinstance(exc, ConfigError | DataError | SigningError | AuditError):
         kind = (
             "configuration"
@@ -83,8 +89,9 @@ def _reply(
     site: Site,
     metrics: dict[str, int | float],
     adapter: ArrayRecord | None = None,
+    details: dict[str, str] | None = None,
 ) -> Message:
-    identity: dict[str, int | str] = {SITE_ID_KEY: site.site_id}
+    identity: dict[str, int | str] = {SITE_ID_KEY: site.site_id, **(details or {})}
     content = RecordDict({"metrics": MetricRecord(cast(dict[str, Any], metrics))})
     if adapter is not None:
         content["arrays"] = adapter
@@ -105,6 +112,12 @@ def _unpack(
     if config is None or arrays is None:
         raise UpdateError("the message lacks its 'config' or 'arrays' record")
     return site, RoundRequest.from_record(config), record_to_arrays(arrays)
+
+
+def _artifact(message: Message) -> dict[str, object] | None:
+    """The artifact's files as sent; the site validates them (client.artifacts)."""
+    record = message.content.config_records.get(ARTIFACT_RECORD)
+    return None if record is None else dict(record)
 
 
 def build_client_app(
@@ -145,6 +158,29 @@ def build_client_app(
             "eval-accuracy": result.accuracy,
         }
         return _reply(message, site, metrics)
+
+    @app.evaluate("artifact_check")
+    def artifact_check(message: Message, context: Context) -> Message:
+        """Verify the signed artifact and score fp32 and int8 on held-out data."""
+        try:
+            site = load_site(resolve_site(context))
+            check = check_artifact(site, _artifact(message), run=str(message.metadata.run_id))
+        except Exception as exc:
+            return _error_reply(message, exc)
+        # The accountant behind the ε this site reported, for the manifest.
+        return _reply(
+            message, site, check.metrics(), details={"accountant": site.config.privacy.accountant}
+        )
+
+    @app.query("artifact_install")
+    def artifact_install(message: Message, context: Context) -> Message:
+        """Verify the checked artifact and install it as the site's model."""
+        try:
+            site = load_site(resolve_site(context))
+            install_artifact(site, _artifact(message), run=str(message.metadata.run_id))
+        except Exception as exc:
+            return _error_reply(message, exc)
+        return _reply(message, site, {"installed": 1})
 
     @app.query()
     def introduce(message: Message, context: Context) -> Message:

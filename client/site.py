@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from client.data.dicom import load_dicom_dataset
 from client.data.tabular import load_tabular_dataset
 from client.ledger import LedgerError, PrivacyLedger, RunPlan, read_index
 from client.policy import check_cohort, check_request
+from client.predict import dicom_preprocessing, tabular_preprocessing
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
 from client.training import DPTrainer, EvalResult, TrainingPlan, TrainResult
 from common.adapters import (
@@ -57,6 +59,9 @@ class LoadedData:
     class_weights: list[float] | None
     dataset: str
     """Content hash of the dataset: the name of its privacy ledger."""
+    preprocessing: dict[str, Any]
+    """How records become model inputs here (see client.predict): kept with an
+    installed artifact so prediction cleans records exactly as training did."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +113,14 @@ class Site:
         class_weights: list[float] | None = None
         if isinstance(data_config, DicomDataConfig):
             data = load_dicom_dataset(data_config, self.salt)
+            preprocessing = dicom_preprocessing(data_config)
         else:
             data, preprocessor = load_tabular_dataset(data_config, self.salt)
             class_weights = list(preprocessor.class_weights)
+            preprocessing = tabular_preprocessing(preprocessor)
         train, holdout = split_holdout(data, data_config.holdout_fraction, seed=0)
         dataset = dataset_fingerprint(data_config.path, exclude=self.config.site.state_dir)
-        return LoadedData(train, holdout, data, class_weights, dataset)
+        return LoadedData(train, holdout, data, class_weights, dataset, preprocessing)
 
     def open_ledger(self, dataset: str, accept_new: bool = False) -> PrivacyLedger:
         """The ledger of ``dataset``. A dataset never seen before, at a site that already

@@ -62,6 +62,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
       simulate      run a multi-site federation on this machine (researchers)
       site          check a site's data and configuration (site operators)
       audit         verify, reconcile and review the signed audit trail (auditors)
+      artifact      verify, inspect and run the signed int8 model (model consumers)
     """
     ctx.obj = {"verbose": verbose}
     configure_logging(verbose)

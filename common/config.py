@@ -134,9 +134,24 @@ class SiteIdentity(StrictModel):
         "created as <state_dir>/audit-key.pem on first use when omitted.",
     )
 
+    coordinator_key: Path | None = Field(
+        default=None,
+        description="The coordinator's Ed25519 public key (PEM). The site checks and "
+        "installs only artifacts signed by it; without it the site refuses artifacts.",
+    )
+    artifact_dir: Path | None = Field(
+        default=None,
+        description="Where verified artifacts are installed, one folder per task "
+        "(default <state_dir>/artifacts).",
+    )
+
     @property
     def audit_key_path(self) -> Path:
         return self.signing_key or self.state_dir / "audit-key.pem"
+
+    @property
+    def installed_artifacts(self) -> Path:
+        return self.artifact_dir or self.state_dir / "artifacts"
 
 
 class SiteConfig(StrictModel):
@@ -352,17 +367,24 @@ def load_site_config(path: Path | str) -> SiteConfig:
     if state_dir == data_path or state_dir.is_relative_to(data_path):
         # The data's content hash names its privacy ledger: state inside it would change it.
         raise ConfigError(f"{path}: site.state_dir must not lie inside data.path")
+    optional = {
+        name: _resolve(base, value) if value is not None else None
+        for name, value in (
+            ("signing_key", config.site.signing_key),
+            ("coordinator_key", config.site.coordinator_key),
+            ("artifact_dir", config.site.artifact_dir),
+        )
+    }
+    artifact_dir = optional["artifact_dir"]
+    if artifact_dir is not None and artifact_dir.is_relative_to(data_path):
+        raise ConfigError(f"{path}: site.artifact_dir must not lie inside data.path")
     return config.model_copy(
         update={
             "site": config.site.model_copy(
                 update={
-                    "state_dir": _resolve(base, config.site.state_dir),
+                    "state_dir": state_dir,
                     "base_model": _resolve(base, config.site.base_model),
-                    "signing_key": (
-                        _resolve(base, config.site.signing_key)
-                        if config.site.signing_key is not None
-                        else None
-                    ),
+                    **optional,
                 }
             ),
             "data": config.data.model_copy(update={"path": _resolve(base, config.data.path)}),

@@ -12,7 +12,8 @@ traceback) and exit non-zero::
     ├── UpdateError            an adapter update does not match the run's schema
     ├── RegistryError          an unknown or duplicate task / aggregator name
     ├── SigningError           a key is missing, unreadable or of the wrong kind
-    └── AuditError             an audit log cannot be written or read as a log
+    ├── AuditError             an audit log cannot be written or read as a log
+    └── ArtifactError          an artifact fails verification (``kind`` says which check)
 """
 
 from __future__ import annotations
@@ -53,3 +54,15 @@ class SigningError(FedloraError):
 class AuditError(FedloraError):
     """An audit log cannot be appended to or parsed (tampering is a verification
     finding, not an exception)."""
+
+
+class ArtifactError(FedloraError):
+    """An artifact cannot be trusted or used. ``kind`` names the check that failed:
+    ``missing-file``, ``bad-signature``, ``bad-manifest``, ``size-mismatch``,
+    ``hash-mismatch``, ``bad-payload``, ``bad-model``, ``bad-input``, ``wrong-task``,
+    ``wrong-base-model``, ``unchecked``, ``export-failed``, ``untrusted-signer`` or
+    ``no-trusted-key``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -26,6 +26,22 @@ AUDIT_HEAD_HASH = "audit-head-hash"
 (its 'training-done'). The coordinator records them, so a site log later cut back or
 rewritten past that entry is caught even with an old signed head put back."""
 
+ARTIFACT_CHECK = "evaluate.artifact_check"
+"""Message type: verify the signed artifact and evaluate fp32 and int8 on held-out data."""
+ARTIFACT_INSTALL = "query.artifact_install"
+"""Message type: verify the checked, signed artifact and install it."""
+ARTIFACT_RECORD = "artifact"
+"""ConfigRecord of an artifact message: file name -> bytes."""
+ARTIFACT_CHECK_METRICS = (
+    "num-examples",
+    "fp32-accuracy",
+    "fp32-loss",
+    "int8-accuracy",
+    "int8-loss",
+)
+"""Metrics every artifact check reply carries; 'fp32-auc' and 'int8-auc' come too unless
+the site's held-out data has a single class."""
+
 TRAIN_METRICS = (
     "num-examples",
     "epsilon",
@@ -178,3 +194,5 @@ BAD_GLOBAL_ADAPTER = 4003
 """What the coordinator sent does not fit the site's model."""
 SITE_FAILED = 4004
 """An unexpected failure at the site; details stay in the site's log."""
+ARTIFACT_REFUSED = 4005
+"""The artifact failed the site's verification (signature, hashes, base model)."""

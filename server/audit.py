@@ -168,6 +168,7 @@ class CoordinatorAudit:
         # The exception's type only: its message may name local paths.
         self.log.append("run-failed", error=type(error).__name__)
 
-    def record(self, event: str, **data: Any) -> None:
-        """Any other event (artifact export, distribution, installation)."""
-        self.log.append(event, **data)
+    def record(self, event: str, **data: Any) -> dict[str, Any]:
+        """Any other event (artifact export, distribution, installation); returns the
+        entry, whose number and hash a manifest can cite."""
+        return self.log.append(event, **data)

@@ -30,6 +30,7 @@ from common.tasks import TASKS, model_fingerprint
 from server.aggregation import AGGREGATORS
 from server.audit import CoordinatorAudit
 from server.checkpoint import CheckpointStore
+from server.distribution import release_artifact
 from server.reporting import RunRecorder
 from server.strategy import FedLoraStrategy
 
@@ -73,14 +74,18 @@ def run_federation(
     audit = CoordinatorAudit.open(run_dir, federation.task, key)
     publish_public_key(run_dir, key)
     try:
-        return _run_federation(grid, federation, run_dir, audit)
+        return _run_federation(grid, federation, run_dir, audit, key)
     except BaseException as exc:
         audit.run_failed(exc)
         raise
 
 
 def _run_federation(
-    grid: Grid, federation: FederationConfig, run_dir: Path, audit: CoordinatorAudit
+    grid: Grid,
+    federation: FederationConfig,
+    run_dir: Path,
+    audit: CoordinatorAudit,
+    key: Ed25519PrivateKey,
 ) -> dict[str, Any]:
     spec = TASKS.get(federation.task)
     aggregation = AGGREGATORS.get(federation.aggregator)
@@ -151,6 +156,7 @@ def _run_federation(
         # The final adapter's own latest evaluation (the best's, after a final rollback).
         "final": strategy.adapter_evaluation or {"accuracy": 0.0, "loss": 0.0},
         "final_adapter_round": strategy.adapter_round,
+        "final_accuracy": (strategy.adapter_evaluation or {}).get("accuracy"),
         "per_round": {str(k): v for k, v in sorted(recorder.federated.items())},
         "sites": sorted(recorder.sites),
         "site_privacy": {site: asdict(record) for site, record in sorted(recorder.sites.items())},
@@ -162,6 +168,25 @@ def _run_federation(
         "adapter_bytes": strategy.schema.payload_bytes,
         "model_parameters_bytes": full_model_bytes(model),
     }
+    try:
+        result["artifact"] = release_artifact(
+            grid,
+            spec=spec,
+            model=model,
+            federation=federation,
+            run_dir=run_dir,
+            result=result,
+            adapter_dir=adapter_dir,
+            known_sites=dict(strategy.known_sites),
+            audit=audit,
+            key=key,
+        )
+    except Exception as exc:
+        # The trained adapter is saved either way; a failed export or distribution is
+        # recorded, not allowed to lose the run.
+        logger.exception("%s: the artifact could not be released", federation.task)
+        audit.record("artifact-failed", error=type(exc).__name__)
+        result["artifact"] = {"status": "failed", "error": type(exc).__name__}
     results = run_dir / RESULT_DIR
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{federation.task}.json").write_text(json.dumps(result, indent=2))

@@ -16,7 +16,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common.adapters import AdapterArrays, adapter_sha256, record_to_arrays
 from common.errors import UpdateError
-from common.protocol import AUDIT_HEAD_HASH, AUDIT_HEAD_SEQ, REFUSED_BY_POLICY, SITE_ID_KEY
+from common.protocol import (
+    ARTIFACT_REFUSED,
+    AUDIT_HEAD_HASH,
+    AUDIT_HEAD_SEQ,
+    REFUSED_BY_POLICY,
+    SITE_ID_KEY,
+)
 from server.validation import record_payload_bytes
 
 logger = logging.getLogger(__name__)
@@ -181,7 +187,8 @@ def _metrics_of(message: Message, required: tuple[str, ...]) -> dict[str, float]
     missing = [key for key in required if key not in metrics]
     if missing:
         return f"reply lacks metric(s) {', '.join(missing)}"
-    if metrics["num-examples"] <= 0 or not metrics["num-examples"].is_integer():
+    examples = metrics["num-examples"] if "num-examples" in required else 1.0
+    if examples <= 0 or not examples.is_integer():
         return "num-examples must be a positive whole number"
     return metrics
 
@@ -211,7 +218,8 @@ def parse_replies(
         node_id = message.metadata.src_node_id
         site, identity_problem = _bind_site(node_id, _claimed_site(message), known_sites)
         if message.has_error():
-            status = "refused" if message.error.code == REFUSED_BY_POLICY else "failed"
+            refused = message.error.code in (REFUSED_BY_POLICY, ARTIFACT_REFUSED)
+            status = "refused" if refused else "failed"
             reason = readable_reason(message.error.reason)
             bad.append(FailedReply(node_id, site, status, reason))
             continue

@@ -114,7 +114,9 @@ def simulate(
     SCENARIO is a scenario TOML file or the name of a built-in one; the default has three
     hospitals (DICOM imaging) and two banks (tabular). Synthetic data is generated the
     first time, then reused. The run directory receives summary.json, metrics.csv,
-    plots/, adapters/<task>/, checkpoints/ and the sites/<site>.toml used.
+    plots/, adapters/<task>/, checkpoints/, the sites/<site>.toml used, the signed audit
+    trail (audit/) and, per task, the signed int8 artifact (artifacts/<task>/) that every
+    site of the task checked and installed.
     """
     verbose = bool(ctx.obj and ctx.obj.get("verbose"))
     loaded = load_scenario(scenario)

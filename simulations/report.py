@@ -11,7 +11,7 @@ from typing import Any
 import matplotlib
 
 from common.audit.report import write_report
-from common.audit.review import verify_path
+from common.audit.review import COORDINATOR_PUBLIC_KEY, verify_path
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -20,7 +20,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.site import Site
+from common.artifact import MODEL_INT8, verify_artifact
 from common.config import load_site_config
+from common.errors import ArtifactError
+from common.signing import load_public_key
+from server.distribution import ARTIFACTS_DIR
 from server.reporting import FEDERATED
 from server.strategy_utils import EXCLUSION_STATUSES
 from simulations.scenario import Scenario
@@ -46,6 +50,7 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
             "rollbacks": result["rollbacks"],
             "failed_rounds": result["failed_rounds"],
             "lora_product_error": result["lora_product_error"],
+            "artifact": artifact_summary(run_dir, task, result.get("artifact") or {}, scenario),
         }
         for spec in scenario.sites_of(task):
             record = result["site_privacy"].get(spec.id)
@@ -75,6 +80,49 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def artifact_summary(
+    run_dir: Path, task: str, released: dict[str, Any], scenario: Scenario
+) -> dict[str, Any]:
+    """Verify the task's artifact with the run's key, as a reviewer would, and the copy
+    installed at each of its sites (the same signed manifest, intact there too)."""
+    directory = run_dir / ARTIFACTS_DIR / task
+    reasons = {
+        "check_failures": released.get("check_failures", {}),
+        "install_failures": released.get("install_failures", {}),
+    }
+    status = released.get("status")
+    if status in ("unchecked", "failed"):  # nothing was released: say why, not "tampered"
+        why = released.get("error") or "no site could check it"
+        return {"verified": False, "problem": f"not released ({why})", "installed": [], **reasons}
+    key = load_public_key(run_dir / COORDINATOR_PUBLIC_KEY)
+    try:
+        verified = verify_artifact(directory, key)
+    except ArtifactError as exc:
+        return {"verified": False, "problem": f"{exc.kind}: {exc}", "installed": [], **reasons}
+    installed: list[str] = []
+    for spec in scenario.sites_of(task):
+        config = load_site_config(run_dir / "sites" / f"{spec.id}.toml")
+        try:
+            copy = verify_artifact(config.site.installed_artifacts / task, key)
+        except ArtifactError:
+            continue
+        if copy.manifest_sha256 == verified.manifest_sha256:
+            installed.append(spec.id)
+    manifest = verified.manifest
+    metrics = manifest.metrics
+    return {
+        "verified": True,
+        "checked": metrics is not None,
+        "directory": str(directory.relative_to(run_dir)),
+        "manifest_sha256": verified.manifest_sha256,
+        "int8_bytes": manifest.files[MODEL_INT8].bytes,
+        "fp32_bytes": manifest.quantization.fp32_onnx_bytes,
+        "metrics": metrics.model_dump() if metrics else None,
+        "installed": installed,
+        **reasons,
+    }
 
 
 def audit_summary(run_dir: Path) -> dict[str, Any]:
@@ -197,6 +245,10 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
         "refused": [],
         "excluded": [],
         "rollbacks": [],
+        "artifact": [],
+        "size int8/fp32": [],
+        "acc fp32→int8": [],
+        "installed at": [],
     }
     for task in summary["tasks"].values():
         excluded = task["excluded_updates"]
@@ -208,6 +260,25 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
         rows["refused"].append(str(excluded["refused"]))
         rows["excluded"].append(str(sum(excluded.values()) - excluded["refused"]))
         rows["rollbacks"].append(str(len(task["rollbacks"])))
+        artifact = task["artifact"]
+        if artifact["verified"]:
+            status = "verified" if artifact["checked"] else "[yellow]unchecked[/yellow]"
+        elif artifact["problem"].startswith("not released"):
+            status = "[yellow]not released[/yellow]"
+        else:
+            status = "[red]NOT VERIFIED[/red]"
+        rows["artifact"].append(status)
+        if artifact["verified"]:
+            rows["size int8/fp32"].append(f"{artifact['int8_bytes'] / artifact['fp32_bytes']:.2f}")
+        else:
+            rows["size int8/fp32"].append("—")
+        metrics = artifact.get("metrics")
+        rows["acc fp32→int8"].append(
+            f"{metrics['fp32']['accuracy']:.3f}→{metrics['int8']['accuracy']:.3f}"
+            if metrics
+            else "—"
+        )
+        rows["installed at"].append(f"{len(artifact['installed'])}/{len(task['sites'])} sites")
     for label, values in rows.items():
         tasks.add_row(label, *values)
     deltas = sorted({f"{site['delta']:g}" for site in summary["sites"].values()})
@@ -237,6 +308,17 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> N
     ]
     if faulty:
         console.print("injected faults: " + ", ".join(faulty))
+    for name, task in summary["tasks"].items():
+        artifact = task["artifact"]
+        if artifact["verified"]:
+            console.print(f"{name} artifact: {run_dir / artifact['directory']}", markup=False)
+        else:
+            console.print(f"{name} artifact: {artifact['problem']}", markup=False)
+        for site, reason in {
+            **artifact.get("check_failures", {}),
+            **artifact.get("install_failures", {}),
+        }.items():
+            console.print(f"  {site} did not take the artifact: {reason}", markup=False)
     for name, task in summary["tasks"].items():
         counts = {k: v for k, v in task["excluded_updates"].items() if v}
         if counts:

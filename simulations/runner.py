@@ -25,10 +25,11 @@ from flwr.simulation import run_simulation
 from client.app import build_client_app
 from client.audit import SITE_AUDIT_LOG
 from common.audit.log import head_path
-from common.audit.review import AUDIT_DIR, SITE_LOGS_DIR
+from common.audit.review import AUDIT_DIR, COORDINATOR_PUBLIC_KEY, SITE_LOGS_DIR
 from common.config import FederationConfig, load_site_config
 from common.tasks import TASKS
 from server.app import build_server_app
+from server.run import coordinator_key, publish_public_key
 from simulations.faults import fault_mods
 from simulations.generators.dicom import (
     public_pretext_images,
@@ -41,7 +42,7 @@ from simulations.scenario import BankSpec, HospitalSpec, Scenario, SiteBehaviour
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-BASE_MODEL_VERSION = 2  # bump when the demo base models change
+BASE_MODEL_VERSION = 3  # bump when the demo base models change
 IMAGING_CLASSES = ["normal", "lesion"]
 PRETEXT_CLASSES = 3  # public pretext task: 0, 1 or 2 blobs
 
@@ -118,6 +119,7 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
         "builder": BASE_MODEL_VERSION,
         "seed": scenario.seed,
         "image_size": scenario.image_size,
+        "imaging_backbone": scenario.imaging_backbone.model_dump(),
     }
     marker_path = directory / "fedlora-demo-base.json"
     if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
@@ -128,7 +130,11 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     shutil.rmtree(temporary, ignore_errors=True)
     torch.manual_seed(scenario.seed)
     if spec.site_kind == "hospital":
-        config = spec.demo_config(image_size=scenario.image_size, num_labels=PRETEXT_CLASSES)
+        config = spec.demo_config(
+            image_size=scenario.image_size,
+            num_labels=PRETEXT_CLASSES,
+            **scenario.imaging_backbone.model_dump(),
+        )
         model = spec.model_class(config)
         pretrain_imaging_backbone(model, scenario.image_size, seed=scenario.seed)
         # A fresh head for the task, zero-initialised: before federated training the
@@ -180,7 +186,12 @@ def pretrain_imaging_backbone(
 
 
 def site_config_document(
-    spec: HospitalSpec | BankSpec, task: str, site_dir: Path, base_model: Path, image_size: int
+    spec: HospitalSpec | BankSpec,
+    task: str,
+    site_dir: Path,
+    base_model: Path,
+    image_size: int,
+    coordinator_key: Path | None = None,
 ) -> dict[str, Any]:
     """The TOML a real site operator would write for this site."""
     document: dict[str, Any] = {
@@ -194,6 +205,8 @@ def site_config_document(
         "privacy": {"epsilon": spec.epsilon, "delta": spec.delta},
         "policy": {"min_cohort": 20},
     }
+    if coordinator_key is not None:
+        document["site"]["coordinator_key"] = str(coordinator_key)
     if isinstance(spec, HospitalSpec):
         document["data"] = {
             "format": "dicom",
@@ -236,6 +249,10 @@ def prepare(
     """Generate or reuse data and models; write site and federation configs into run_dir."""
     (run_dir / "sites").mkdir(parents=True, exist_ok=True)
     (run_dir / "federation").mkdir(parents=True, exist_ok=True)
+    # The run's coordinator key exists before the sites are configured, so each site
+    # can pin its public half and accept only artifacts it signed.
+    publish_public_key(run_dir, coordinator_key(run_dir, None))
+    pinned_key = run_dir / COORDINATOR_PUBLIC_KEY
     federations: dict[str, FederationConfig] = {}
     site_configs: dict[str, list[Path]] = {}
     behaviours: dict[str, list[SiteBehaviour | None]] = {}
@@ -262,7 +279,9 @@ def prepare(
             path = run_dir / "sites" / f"{spec.id}.toml"
             path.write_text(
                 tomli_w.dumps(
-                    site_config_document(spec, task, site_dir, base_model, scenario.image_size)
+                    site_config_document(
+                        spec, task, site_dir, base_model, scenario.image_size, pinned_key
+                    )
                 )
             )
             load_site_config(path)  # what we wrote must validate like an operator's file

@@ -73,11 +73,31 @@ class TaskRunSpec(FederationSettings):
     seed)."""
 
 
+class ImagingBackbone(StrictModel):
+    """The shape of the demo ViT every hospital shares.
+
+    The default is the smallest ViT whose int8 artifact is worth shipping: at this width
+    linear layers dominate, so dynamic quantization shrinks it ~4x and speeds it up;
+    narrower models are all overhead (see benchmarks/artifact.py).
+    """
+
+    hidden_size: int = Field(default=256, ge=8, description="Width of the ViT.")
+    layers: int = Field(default=4, ge=1, le=24, description="Encoder layers.")
+    patch_size: int = Field(default=8, ge=1, description="Side of a patch, in pixels.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ImagingBackbone:
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (heads)")
+        return self
+
+
 class Scenario(StrictModel):
     name: str
     description: str = ""
     seed: int = 0
     image_size: int = Field(default=32, ge=8)
+    imaging_backbone: ImagingBackbone = Field(default_factory=ImagingBackbone)
     tasks: dict[str, TaskRunSpec]
     sites: list[SiteSpec] = Field(min_length=1)
 
@@ -93,6 +113,11 @@ class Scenario(StrictModel):
         for kind in {site.kind for site in self.sites}:
             if not any(TASKS.get(task).site_kind == kind for task in self.tasks):
                 raise ValueError(f"sites of kind {kind!r} have no task in [tasks]")
+        if self.image_size % self.imaging_backbone.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of "
+                f"imaging_backbone.patch_size {self.imaging_backbone.patch_size}"
+            )
         return self
 
     def task_for(self, site: HospitalSpec | BankSpec) -> str:

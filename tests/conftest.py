@@ -20,6 +20,7 @@ SMALL_SCENARIO = {
     "name": "test",
     "seed": 3,
     "image_size": 16,
+    "imaging_backbone": {"hidden_size": 64, "layers": 2, "patch_size": 4},
     "tasks": {
         "dicom-classification": {"rounds": 2, "batch_size": 16, "learning_rate": 0.3},
         "tabular-classification": {"rounds": 2, "batch_size": 32, "learning_rate": 0.1},

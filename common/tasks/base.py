@@ -35,6 +35,8 @@ class TaskSpec:
     """Trained in full (not LoRA) and sent with the adapter: the classifier head."""
     demo_config: Callable[..., PretrainedConfig]
     """Builds the small config used by the demo and the tests."""
+    example_inputs: Callable[[Any], dict[str, torch.Tensor]]
+    """One record's model inputs (zeros) for a model config: what export traces with."""
 
     def load_base_model(self, directory: Path) -> PreTrainedModel:
         """Load the frozen base model from a local directory (never from a hub)."""

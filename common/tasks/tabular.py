@@ -128,6 +128,13 @@ def demo_ft_transformer_config(
     )
 
 
+def _example_row(config: FTTransformerConfig) -> dict[str, torch.Tensor]:
+    return {
+        "numeric_values": torch.zeros(1, config.num_numeric_features),
+        "categorical_ids": torch.zeros(1, len(config.categorical_cardinalities), dtype=torch.long),
+    }
+
+
 TABULAR_TASK = TaskSpec(
     name="tabular-classification",
     site_kind="bank",
@@ -136,4 +143,5 @@ TABULAR_TASK = TaskSpec(
     default_lora_targets=("q_proj", "v_proj"),
     head_modules=("classifier",),
     demo_config=demo_ft_transformer_config,
+    example_inputs=_example_row,
 )

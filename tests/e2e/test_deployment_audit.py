@@ -8,14 +8,17 @@ loopback without them.)
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
+from common.artifact import verify_artifact
 from common.audit.log import read_entries, verify_log
 from common.audit.reconcile import reconcile
 from common.audit.review import site_keys, verify_path
 from common.config import load_site_config
+from common.signing import load_public_key
 from simulations.runner import prepare
 from simulations.scenario import Scenario
 from tests.e2e.deployment import deployment
@@ -47,6 +50,8 @@ def test_a_deployment_run_leaves_verifiable_logs_at_coordinator_and_sites(
             {
                 "federation-config": str(tmp_path / "setup" / "federation" / f"{TASK}.toml"),
                 "run-dir": str(run_dir),
+                # The coordinator key the sites pinned when they were configured.
+                "signing-key": str(tmp_path / "setup" / "keys" / "coordinator.key"),
             }
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr + engine.logs()
@@ -73,3 +78,11 @@ def test_a_deployment_run_leaves_verifiable_logs_at_coordinator_and_sites(
         assert joined["run"] == started["run"]
         outcome = reconcile(coordinator, entries)
         assert outcome.ok and outcome.matched == 2, outcome.problems
+        # The artifact reached the site through the SuperNode, was checked and installed.
+        installed = verify_artifact(
+            config.site.installed_artifacts / TASK,
+            load_public_key(run_dir / "keys/coordinator.pub"),
+        )
+        released = (run_dir / "artifacts" / TASK / "manifest.json").read_bytes()
+        assert installed.manifest_sha256 == hashlib.sha256(released).hexdigest()
+        assert {"artifact-checked", "artifact-installed"} <= {e["event"] for e in entries}

@@ -20,6 +20,17 @@ def _summary() -> dict[str, Any]:
         "sites": ["bank-1", "bank-5"],
         "excluded_updates": {"refused": 1, "rejected": 2, "failed": 0, "timed-out": 1},
         "rollbacks": [{"round": 4, "kept_round": 3, "reason": "…"}],
+        "artifact": {
+            "verified": True,
+            "checked": True,
+            "directory": "artifacts/tabular-classification",
+            "int8_bytes": 66_000,
+            "fp32_bytes": 100_000,
+            "metrics": {"fp32": {"accuracy": 0.8654}, "int8": {"accuracy": 0.8641}},
+            "installed": ["bank-1"],
+            "check_failures": {},
+            "install_failures": {"bank-5": "bad-signature: manifest.sig is not valid"},
+        },
     }
     site = {
         "examples": 968,
@@ -86,3 +97,34 @@ def test_an_honest_run_prints_no_fault_or_exclusion_lines() -> None:
     text = console.export_text()
     assert "injected faults" not in text
     assert "tabular-classification:" not in text
+
+
+def test_the_artifact_rows_and_the_sites_that_did_not_take_it() -> None:
+    console = Console(width=80, record=True)
+    print_summary(_summary(), Path("runs/x"), console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    assert rows["artifact"].split("│")[2].strip() == "verified"
+    assert rows["size int8/fp32"].split("│")[2].strip() == "0.66"
+    assert rows["acc fp32→int8"].split("│")[2].strip() == "0.865→0.864"
+    assert rows["installed at"].split("│")[2].strip() == "1/2 sites"
+    assert "tabular-classification artifact: runs/x/artifacts/tabular-classification" in text
+    assert "bank-5 did not take the artifact: bad-signature" in " ".join(text.split())
+
+
+def test_an_artifact_that_was_not_released_says_why() -> None:
+    summary = _summary()
+    summary["tasks"]["tabular-classification"]["artifact"] = {
+        "verified": False,
+        "problem": "not released (no site could check it)",
+        "installed": [],
+        "check_failures": {"bank-1": "no-trusted-key: site bank-1 has no coordinator_key"},
+        "install_failures": {},
+    }
+    console = Console(width=80, record=True)
+    print_summary(summary, Path("runs/x"), console)
+    text = " ".join(console.export_text().split())
+    assert "artifact │ not released" in text
+    assert "tabular-classification artifact: not released (no site could check it)" in text
+    assert "bank-1 did not take the artifact: no-trusted-key" in text

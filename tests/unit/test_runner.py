@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import load_federation_config
+import pytest
+from pydantic import ValidationError
+
+from common.config import load_federation_config, load_site_config
 from simulations.runner import prepare
 from simulations.scenario import Scenario
 from tests.conftest import SMALL_SCENARIO
@@ -42,3 +45,24 @@ def test_prepare_keeps_the_scenario_settings_without_overrides(
     prepared = prepare(Scenario.model_validate(SMALL_SCENARIO), tmp_path / "run", site_workspace)
     assert prepared.federations["dicom-classification"].rounds == 2
     assert prepared.federations["tabular-classification"].aggregator == "fedavg"
+
+
+def test_prepare_pins_the_run_coordinator_key_in_every_site(
+    site_workspace: Path, tmp_path: Path
+) -> None:
+    prepared = prepare(Scenario.model_validate(SMALL_SCENARIO), tmp_path / "run", site_workspace)
+    key = tmp_path / "run" / "keys" / "coordinator.pub"
+    assert key.is_file()
+    for paths in prepared.site_configs.values():
+        for path in paths:
+            assert load_site_config(path).site.coordinator_key == key.resolve()
+
+
+def test_the_imaging_backbone_must_fit_the_images_and_the_heads() -> None:
+    for backbone, problem in (
+        ({"patch_size": 5}, "not a multiple of imaging_backbone.patch_size"),
+        ({"hidden_size": 30}, "multiple of 4"),
+    ):
+        with pytest.raises(ValidationError) as info:
+            Scenario.model_validate({**SMALL_SCENARIO, "imaging_backbone": backbone})
+        assert problem in str(info.value)

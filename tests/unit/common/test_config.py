@@ -667,3 +667,32 @@ def test_the_settings_are_shared_with_the_simulation_task_spec() -> None:
     assert spec.rollback.enabled is False
     with pytest.raises(ValidationError, match="min_examples must not exceed max_examples"):
         TaskRunSpec.model_validate({"validation": {"min_examples": 9, "max_examples": 3}})
+
+
+def test_artifact_paths_are_resolved_against_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "sites" / "hospital-a"
+    folder.mkdir(parents=True)
+    text = _replace(
+        HOSPITAL,
+        'base_model = "../models/vit"',
+        'base_model = "../models/vit"\ncoordinator_key = "keys/coordinator.pub"\n'
+        'artifact_dir = "installed"',
+    )
+    config = load_site_config(_write(folder, text))
+    assert config.site.coordinator_key == (folder / "keys" / "coordinator.pub").resolve()
+    assert config.site.installed_artifacts == (folder / "installed").resolve()
+    # Without artifact_dir, artifacts go into the (resolved) state folder.
+    default = load_site_config(_write(folder, HOSPITAL))
+    assert default.site.coordinator_key is None
+    assert default.site.installed_artifacts == (folder / "state" / "artifacts").resolve()
+
+
+def test_artifact_dir_inside_the_data_is_refused(tmp_path: Path) -> None:
+    # Installing there would change the data's content hash, hence its privacy ledger.
+    text = _replace(
+        HOSPITAL,
+        'base_model = "../models/vit"',
+        'base_model = "../models/vit"\nartifact_dir = "data/dicom/models"',
+    )
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "site.artifact_dir must not lie inside data.path" in message
