@@ -6,7 +6,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from client.privacy import calibrate_noise, epsilon_spent
+from client.privacy import MIN_SIGMA, calibrate_noise, epsilon_spent
 from common.errors import PolicyError
 
 DELTA = 1e-5
@@ -56,6 +56,27 @@ def test_calibration_counts_what_was_already_spent() -> None:
     assert after > fresh  # less budget left means more noise
     total = epsilon_spent([*history, (after, 0.1, 50)], DELTA, "prv")
     assert 5.9 <= total <= 6.0
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_budget_that_fits_the_noise_floor_gets_the_floor(accountant: str) -> None:
+    """The floor is probed with RDP first for PRV (PRV at σ = 0.1 is very slow); when
+    even the floor fits, both accountants return it."""
+    sigma = calibrate_noise(
+        [], sample_rate=0.01, steps=1, target_epsilon=90.0, delta=DELTA, accountant=accountant
+    )
+    assert sigma == MIN_SIGMA
+
+
+def test_prv_calibration_is_the_smallest_noise_that_fits() -> None:
+    """Skipping the PRV probe at the floor must not change the answer: the σ found fits
+    the target and a slightly smaller one does not."""
+    history = [(1.47, 0.1, 120)]
+    sigma = calibrate_noise(
+        history, sample_rate=0.1, steps=120, target_epsilon=8.0, delta=DELTA, accountant="prv"
+    )
+    assert epsilon_spent([*history, (sigma, 0.1, 120)], DELTA, "prv") <= 8.0
+    assert epsilon_spent([*history, (sigma - 0.01, 0.1, 120)], DELTA, "prv") > 7.95
 
 
 def test_a_spent_budget_cannot_be_calibrated() -> None:
