@@ -27,7 +27,8 @@ def test_summary_reports_every_task_and_site(finished_run: Path) -> None:
     for task in summary["tasks"].values():
         assert task["rounds_completed"] == 2
         assert 0.0 <= task["final"]["accuracy"] <= 1.0
-        assert task["final"]["loss"] > 0
+        # A confident model's float32 cross-entropy can round to exactly 0.
+        assert task["final"]["loss"] >= 0
         assert len(task["sites"]) == 2
     assert set(summary["sites"]) == {"hospital-a", "hospital-b", "bank-a", "bank-b"}
     for site in summary["sites"].values():
