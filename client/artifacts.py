@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from peft import PeftModel
 
 from client.policy import check_cohort
 from client.predict import PREPROCESSING_FILE
 from client.site import Site
+from client.training import DPTrainer
 from common.artifact import (
     ADAPTER_DIR,
     MODEL_INT8,
@@ -78,11 +78,9 @@ def _staged(
         folder.mkdir(mode=0o700)
         write_payload(payload, folder)
         yield verify_for_site(site, folder, run)
-    except ArtifactError as exc:
-        site.audit.record("artifact-refused", run=run, stage=stage, check=exc.kind, reason=str(exc))
-        raise
-    except PolicyError as exc:
-        site.audit.record("artifact-refused", run=run, stage=stage, check="policy", reason=str(exc))
+    except (ArtifactError, PolicyError) as exc:
+        check = exc.kind if isinstance(exc, ArtifactError) else "policy"
+        site.audit.record("artifact-refused", run=run, stage=stage, check=check, reason=str(exc))
         raise
     except Exception as exc:
         site.audit.record("artifact-failed", run=run, stage=stage, error=type(exc).__name__)
@@ -122,21 +120,6 @@ def verify_for_site(site: Site, folder: Path, run: str) -> VerifiedArtifact:
     return verified
 
 
-@torch.no_grad()
-def _torch_logits(
-    model: torch.nn.Module, features: dict[str, npt.NDArray[np.generic]], batch_size: int = 256
-) -> npt.NDArray[np.float32]:
-    model.eval()
-    rows = len(next(iter(features.values())))
-    chunks = [
-        model(
-            **{n: torch.from_numpy(v[start : start + batch_size]) for n, v in features.items()}
-        ).logits.numpy()
-        for start in range(0, rows, batch_size)
-    ]
-    return np.concatenate(chunks).astype(np.float32)
-
-
 def check_artifact(site: Site, payload: Mapping[str, object] | None, run: str) -> ArtifactCheck:
     """Verify, then score the fp32 model (base + the artifact's adapter) and the int8
     model on the site's held-out data. Nothing is installed."""
@@ -146,7 +129,7 @@ def check_artifact(site: Site, payload: Mapping[str, object] | None, run: str) -
         holdout = data.holdout
         base = site.task.load_base_model(site.config.site.base_model)
         model = PeftModel.from_pretrained(base, str(verified.directory / ADAPTER_DIR))
-        fp32_logits = _torch_logits(model, {n: holdout.features[n] for n in site.task.input_names})
+        fp32_logits = torch.cat(DPTrainer(model, site.task.input_names).logits(holdout)).numpy()
         int8_logits = OnnxClassifier(verified.directory / MODEL_INT8).logits(
             {n: holdout.features[n] for n in site.task.input_names}
         )
@@ -181,7 +164,7 @@ def install_artifact(site: Site, payload: Mapping[str, object] | None, run: str)
             raise ArtifactError(
                 "unchecked", "the artifact carries no federated check results; not installing it"
             )
-        preprocessing = json.dumps(site.load_data().preprocessing, indent=2)
+        preprocessing = json.dumps(site.preprocessing(), indent=2)
         (verified.directory / PREPROCESSING_FILE).write_text(preprocessing)
         target = site.config.site.installed_artifacts / site.task.name
         install(verified.directory, target)

@@ -122,6 +122,13 @@ class Site:
         dataset = dataset_fingerprint(data_config.path, exclude=self.config.site.state_dir)
         return LoadedData(train, holdout, data, class_weights, dataset, preprocessing)
 
+    def preprocessing(self) -> dict[str, Any]:
+        """How records become model inputs here: a DICOM site's cleaning is its config,
+        a table's is fitted on its data (so only then is the data read)."""
+        if isinstance(self.config.data, DicomDataConfig):
+            return dicom_preprocessing(self.config.data)
+        return self.load_data().preprocessing
+
     def open_ledger(self, dataset: str, accept_new: bool = False) -> PrivacyLedger:
         """The ledger of ``dataset``. A dataset never seen before, at a site that already
         has history, is refused until an operator accepts it: changed data would

@@ -229,14 +229,22 @@ class DPTrainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, data: SiteData, batch_size: int = 256) -> EvalResult:
+    def logits(self, data: SiteData, batch_size: int = 256) -> list[torch.Tensor]:
+        """The model's logits on ``data``, one tensor per batch, in record order."""
         self.model.eval()
         loader = DataLoader(self._dataset(data), batch_size=batch_size)
+        return [
+            self.model(**dict(zip(self.input_names, inputs, strict=True))).logits
+            for *inputs, _ in loader
+        ]
+
+    @torch.no_grad()
+    def evaluate(self, data: SiteData, batch_size: int = 256) -> EvalResult:
+        labels = torch.from_numpy(data.labels).split(batch_size)
         total_loss, correct = 0.0, 0
-        for *inputs, labels in loader:
-            logits = self.model(**dict(zip(self.input_names, inputs, strict=True))).logits
-            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
+        for logits, batch_labels in zip(self.logits(data, batch_size), labels, strict=True):
+            total_loss += float(nn.functional.cross_entropy(logits, batch_labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == batch_labels).sum())
         examples = len(data.labels)
         return EvalResult(
             loss=total_loss / max(examples, 1),

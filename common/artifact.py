@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ArtifactError
-from common.files import fsync_folder, write_atomically
+from common.files import fsync_folder, hash_file, write_atomically
 from common.signing import fingerprint, public_key_text, sign, signature_valid
 
 MANIFEST = "manifest.json"
@@ -137,10 +137,13 @@ class Manifest(_Model):
 
 def file_entry(path: Path) -> FileEntry:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    hash_file(digest, path)
     return FileEntry(sha256=digest.hexdigest(), bytes=path.stat().st_size)
+
+
+def manifest_sha256(data: bytes) -> str:
+    """The hash by which logs and replies name a manifest: SHA-256 of its exact bytes."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_entries(directory: Path) -> dict[str, FileEntry]:
@@ -215,7 +218,7 @@ def verify_artifact(directory: Path, trusted_key: Ed25519PublicKey) -> VerifiedA
     return VerifiedArtifact(
         directory=directory,
         manifest=manifest,
-        manifest_sha256=hashlib.sha256(data).hexdigest(),
+        manifest_sha256=manifest_sha256(data),
         signer_public_key=public_key_text(trusted_key),
     )
 

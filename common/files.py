@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
+
+
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def hash_file(digest: Digest, path: Path) -> None:
+    """Feed ``path``'s bytes to ``digest`` in 1 MiB chunks (models can be large)."""
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
 
 
 def fsync_folder(folder: Path) -> None:

@@ -9,7 +9,6 @@ then. Sites install only a manifest that carries those results.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from common.artifact import (
     SitePrivacy,
     artifact_payload,
     file_entries,
+    manifest_sha256,
     sign_manifest,
     verify_artifact,
 )
@@ -236,7 +236,7 @@ def release_artifact(
     nodes = sorted(known_sites)
     audit.record(
         "artifact-exported",
-        manifest_sha256=_sha256(unchecked),
+        manifest_sha256=manifest_sha256(unchecked),
         files={name: entry.model_dump() for name, entry in manifest.files.items()},
         fp32_onnx_bytes=manifest.quantization.fp32_onnx_bytes,
     )
@@ -280,10 +280,12 @@ def release_artifact(
             "audit": AuditHead(log=coordinator_log_name(task), seq=done["seq"], hash=done["hash"]),
         }
     )
-    released = sign_manifest(draft, Manifest.model_validate(final.model_dump()), key)
+    released = manifest_sha256(
+        sign_manifest(draft, Manifest.model_validate(final.model_dump()), key)
+    )
     shutil.rmtree(directory, ignore_errors=True)
     draft.replace(directory)
-    audit.record("artifact-signed", manifest_sha256=_sha256(released), audit_seq=done["seq"])
+    audit.record("artifact-signed", manifest_sha256=released, audit_seq=done["seq"])
 
     replies = _send(
         grid, nodes, ARTIFACT_INSTALL, artifact_payload(directory), federation.round_timeout
@@ -308,7 +310,7 @@ def release_artifact(
     return {
         **summary,
         "status": "released",
-        "manifest_sha256": _sha256(released),
+        "manifest_sha256": released,
         "metrics": metrics.model_dump(),
         "installed": sorted(r.site for r in installed),
         "install_failures": {f.site: f.reason for f in not_installed},
@@ -335,7 +337,3 @@ def _names(value: str | list[str] | set[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

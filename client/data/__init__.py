@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from common.files import hash_file
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -106,8 +108,6 @@ def dataset_fingerprint(path: Path, exclude: Path | None = None) -> str:
             continue
         digest.update(file.relative_to(root).as_posix().encode())
         digest.update(b"\0")
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file(digest, file)
         digest.update(b"\0")
     return digest.hexdigest()

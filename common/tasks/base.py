@@ -15,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from common.config import LoraSettings, SiteKind
 from common.errors import ConfigError
+from common.files import hash_file
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,5 @@ def model_fingerprint(directory: Path) -> str:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         digest.update(path.relative_to(directory).as_posix().encode())
         digest.update(b"\0")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file(digest, path)
     return digest.hexdigest()
