@@ -120,6 +120,11 @@ def _artifact(message: Message) -> dict[str, object] | None:
     return None if record is None else dict(record)
 
 
+def _run(request: RoundRequest, message: Message) -> str:
+    """The run a round belongs to: the federation's (kept across a resume), else Flower's."""
+    return request.run_id or str(message.metadata.run_id)
+
+
 def build_client_app(
     resolve_site: SiteResolver = site_config_from_node_config, mods: list[Mod] | None = None
 ) -> ClientApp:
@@ -132,7 +137,7 @@ def build_client_app(
             site, request, adapter = _unpack(message, context, resolve_site)
             # The site's privacy ledger is on disk before train() returns, so before the
             # update is handed to Flower.
-            outcome = site.train(request, adapter, run=str(message.metadata.run_id))
+            outcome = site.train(request, adapter, run=_run(request, message))
         except Exception as exc:
             return _error_reply(message, exc)
         metrics: dict[str, float | int] = {
@@ -149,7 +154,7 @@ def build_client_app(
     def evaluate(message: Message, context: Context) -> Message:
         try:
             site, request, adapter = _unpack(message, context, resolve_site)
-            result = site.evaluate(request, adapter, run=str(message.metadata.run_id))
+            result = site.evaluate(request, adapter, run=_run(request, message))
         except Exception as exc:
             return _error_reply(message, exc)
         metrics: dict[str, float | int] = {

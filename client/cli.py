@@ -10,18 +10,33 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from client.daemon import (
+    NodeRefusedError,
+    SupernodeSettings,
+    check_connection,
+    check_ready,
+    run_supernode,
+)
 from client.ledger import ledgers_of, run_summaries
 from client.privacy import epsilon_spent
 from client.site import LoadedData, Site
-from common.config import DPSettings, FederationConfig, load_federation_config, load_site_config
-from common.errors import DataError, PolicyError
+from common import pki
+from common.config import (
+    DPSettings,
+    FederationConfig,
+    SiteConnection,
+    load_federation_config,
+    load_site_config,
+)
+from common.errors import ConfigError, DataError, PolicyError
 from common.protocol import RoundRequest
 from common.tasks import TASKS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def site() -> None:
-    """Site operator commands: check a site's data and policy, watch its privacy budget."""
+    """Site operator commands: check a site's data and policy, watch its privacy budget,
+    run the client daemon."""
 
 
 def privacy_plan(runtime: Site, loaded: LoadedData, request: RoundRequest) -> dict[str, Any]:
@@ -278,3 +293,93 @@ def budget(site_config: Path, as_json: bool, accept_new_data: bool) -> None:
         for run in item["runs"]:
             table.add_row(run["run"], str(run["rounds"]), f"{run['epsilon_after']:.2f}")
         console.print(table)
+
+
+@site.command("run")
+@click.argument("site_config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--superlink",
+    default=None,
+    help="Override connection.superlink: the SuperLink's HOST:PORT.",
+)
+@click.option(
+    "--ca-certificate",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Override connection.ca_certificate: the federation's CA certificate (PEM).",
+)
+@click.option(
+    "--node-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Override connection.node_key: this site's node-authentication private key.",
+)
+@click.option(
+    "--local-port",
+    type=click.IntRange(1, 65535),
+    default=9094,
+    show_default=True,
+    help="Local port flower-supernode serves its ClientApp processes on (loopback only); "
+    "give each site its own when several run on one machine.",
+)
+def run(
+    site_config: Path,
+    superlink: str | None,
+    ca_certificate: Path | None,
+    node_key: Path | None,
+    local_port: int,
+) -> None:
+    """Run the site's client daemon: check the site, then serve the federation through
+    flower-supernode over TLS with the site's node key, until SIGTERM or Ctrl-C.
+
+    It refuses to start when the config, data, privacy ledger or keys would make the
+    site unusable, or when the SuperLink's certificate does not chain to the CA. It
+    installs no dependencies at run time. Flower's output is appended to
+    <state_dir>/supernode.log and shown here. Exit codes: 0 stopped, 1 the site cannot
+    take part, 2 invalid config or keys, 3 refused (node key not registered, or the
+    SuperLink's certificate not from the federation's CA).
+    """
+    config = load_site_config(site_config)
+    connection = config.connection
+    overrides = {
+        key: value
+        for key, value in (
+            ("superlink", superlink),
+            ("ca_certificate", ca_certificate and ca_certificate.resolve()),
+            ("node_key", node_key and node_key.resolve()),
+        )
+        if value is not None
+    }
+    if connection is None:
+        if len(overrides) < 3:
+            raise ConfigError(
+                f"{site_config} has no [connection] table: paste the bundle's connection.toml "
+                "into it, or give --superlink, --ca-certificate and --node-key"
+            )
+        connection = SiteConnection.model_validate(overrides)
+    else:
+        connection = SiteConnection.model_validate({**connection.model_dump(), **overrides})
+    problems = check_ready(config)
+    if problems:
+        for problem in problems:
+            click.secho(f"  {problem}", fg="red", err=True)
+        raise click.ClickException(f"site {config.site.id} cannot take part; nothing started")
+    settings = SupernodeSettings(
+        config_path=site_config.resolve(),
+        connection=connection,
+        local_port=local_port,
+        log_file=config.site.state_dir / "supernode.log",
+    )
+    click.echo(
+        f"site {config.site.id}: ready; connecting to {connection.superlink} (TLS, node key "
+        f"{pki.node_key_fingerprint(pki.load_node_private_key(connection.node_key).public_key())})",
+        err=True,
+    )
+    try:
+        check_connection(connection)
+        code = run_supernode(settings, lambda line: click.echo(line, err=True))
+    except NodeRefusedError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        raise SystemExit(3) from exc
+    click.echo(f"site {config.site.id}: stopped", err=True)
+    raise SystemExit(code)

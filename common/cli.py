@@ -60,7 +60,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     \b
     Roles:
       simulate      run a multi-site federation on this machine (researchers)
-      site          check a site's data and configuration (site operators)
+      pki           the deployment's CA, TLS certificate and keys (coordinator, sites)
+      coordinator   run the SuperLink, launch and resume runs (coordinator)
+      site          check a site, watch its budget, run its daemon (site operators)
       audit         verify, reconcile and review the signed audit trail (auditors)
       artifact      verify, inspect and run the signed int8 model (model consumers)
     """

@@ -154,6 +154,24 @@ class SiteIdentity(StrictModel):
         return self.artifact_dir or self.state_dir / "artifacts"
 
 
+class SiteConnection(StrictModel):
+    """How the site daemon reaches the federation (``fedlora site run``): the values come
+    in the bundle the coordinator hands over (``fedlora pki add-site``)."""
+
+    superlink: str = Field(
+        pattern=r"^\S+:\d{1,5}$",
+        description="The SuperLink's address as host:port, e.g. 'fl.example.org:8000'.",
+    )
+    ca_certificate: Path = Field(
+        description="The federation's CA certificate (PEM): the SuperLink's TLS "
+        "certificate must be signed by it."
+    )
+    node_key: Path = Field(
+        description="This site's node-authentication private key (OpenSSH, EC P-384, "
+        "mode 0600); the coordinator registered its public half."
+    )
+
+
 class SiteConfig(StrictModel):
     """Everything a site daemon needs to know about its own data and rules."""
 
@@ -161,6 +179,9 @@ class SiteConfig(StrictModel):
     data: DataConfig
     privacy: PrivacyBudget
     policy: SitePolicy = Field(default_factory=SitePolicy)
+    connection: SiteConnection | None = Field(
+        default=None, description="Needed by the site daemon only, not by simulations."
+    )
 
     @model_validator(mode="after")
     def _kind_matches_data(self) -> SiteConfig:
@@ -378,8 +399,17 @@ def load_site_config(path: Path | str) -> SiteConfig:
     artifact_dir = optional["artifact_dir"]
     if artifact_dir is not None and artifact_dir.is_relative_to(data_path):
         raise ConfigError(f"{path}: site.artifact_dir must not lie inside data.path")
+    connection = config.connection
+    if connection is not None:
+        connection = connection.model_copy(
+            update={
+                "ca_certificate": _resolve(base, connection.ca_certificate),
+                "node_key": _resolve(base, connection.node_key),
+            }
+        )
     return config.model_copy(
         update={
+            "connection": connection,
             "site": config.site.model_copy(
                 update={
                     "state_dir": state_dir,

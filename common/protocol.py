@@ -7,6 +7,7 @@ treats every value as a request: its own policy and budget decide what it does.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -58,6 +59,7 @@ SITE_CALIBRATED = -1.0
 """noise_multiplier value meaning: each site calibrates σ from its own budget."""
 SITE_REMAINING_BUDGET = -1.0
 """epsilon_per_run value meaning: the run may spend what is left of each site's budget."""
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class RoundRequest:
     freeze_lora_a: bool
     """FFA-LoRA: A stays at the run's seeded initialisation; sites train and send B only."""
     seed: int
+    run_id: str
+    """The federation run the round belongs to. It stays the same when a run is resumed,
+    so a site keeps the run's privacy plan; empty: the Flower run that carries it."""
 
     @classmethod
     def for_round(
@@ -89,6 +94,7 @@ class RoundRequest:
         server_round: int,
         default_targets: tuple[str, ...],
         freeze_lora_a: bool = False,
+        run_id: str = "",
     ) -> RoundRequest:
         return cls(
             task=federation.task,
@@ -115,6 +121,7 @@ class RoundRequest:
             lora_targets=list(federation.lora.target_modules or default_targets),
             freeze_lora_a=freeze_lora_a,
             seed=federation.seed,
+            run_id=run_id,
         )
 
     @property
@@ -175,6 +182,8 @@ class RoundRequest:
             problems.append("server_round is past total_rounds")
         if not isinstance(self.freeze_lora_a, bool):
             problems.append("freeze_lora_a must be true or false")
+        if not isinstance(self.run_id, str) or not RUN_ID_PATTERN.fullmatch(self.run_id):
+            problems.append("run_id must be up to 64 letters, digits, '.', '_' or '-'")
         if not all(isinstance(target, str) for target in self.lora_targets):
             problems.append("lora_targets must be module names")
         if problems:

@@ -2,8 +2,9 @@
 
 In a deployment the run config names the federation TOML (``federation-config``) and
 the output directory (``run-dir``), and optionally the coordinator's Ed25519 key
-(``signing-key``; without it the run makes its own under ``run-dir/keys``); a simulation
-builds the app with the first two bound.
+(``signing-key``; without it the run makes its own under ``run-dir/keys``), and
+``resume="true"`` continues the run in ``run-dir`` from its last checkpoint; a
+simulation builds the app with the first two bound.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ def build_server_app(source: RunSource = run_from_run_config) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         federation, run_dir = source(context)
         signing_key = context.run_config.get("signing-key")
-        run_federation(grid, federation, run_dir, Path(str(signing_key)) if signing_key else None)
+        run_federation(
+            grid,
+            federation,
+            run_dir,
+            Path(str(signing_key)) if signing_key else None,
+            resume=str(context.run_config.get("resume", "")).lower() == "true",
+        )
 
     return app
 

@@ -51,6 +51,14 @@ class CoordinatorAudit:
             )
         return cls(AuditLog(path, COORDINATOR, key))
 
+    @classmethod
+    def reopen(cls, run_dir: Path, task: str, key: Ed25519PrivateKey) -> CoordinatorAudit:
+        """The log of the run being resumed: it goes on in the same chain."""
+        path = coordinator_log_path(run_dir, task)
+        if not path.exists() or path.stat().st_size == 0:
+            raise ConfigError(f"{run_dir} holds no audit log of a {task} run to resume")
+        return cls(AuditLog(path, COORDINATOR, key))
+
     def run_started(
         self,
         *,
@@ -69,6 +77,20 @@ class CoordinatorAudit:
             planned_rounds=federation.rounds,
             aggregator=federation.aggregator,
             initial_adapter_sha256=adapter_sha256(initial),
+            sites=sorted(sites),
+        )
+
+    def run_resumed(
+        self, *, run: str, run_id: str, from_round: int, adapter: AdapterArrays, sites: list[str]
+    ) -> None:
+        """A new Flower run (``run``) takes over the federation run ``run_id`` after
+        ``from_round``, starting from exactly the checkpointed adapter."""
+        self.log.append(
+            "run-resumed",
+            run=run,
+            run_id=run_id,
+            from_round=from_round,
+            adapter_sha256=adapter_sha256(adapter),
             sites=sorted(sites),
         )
 

@@ -8,9 +8,13 @@ simulate progress bar) can follow without parsing text.
 from __future__ import annotations
 
 import csv
+import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from common.files import write_atomically
 
 logger = logging.getLogger("fedlora.rounds")
 
@@ -58,6 +62,37 @@ class RunRecorder:
     failed_rounds: list[int] = field(default_factory=list)
     lora_errors: dict[int, float] = field(default_factory=dict)
     """Round -> the aggregate's LoRA product error (see server/aggregation.py)."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a resumed run needs to go on reporting the whole run (JSON-safe)."""
+        return {
+            "sites": {site: asdict(record) for site, record in self.sites.items()},
+            "federated": {str(r): v for r, v in self.federated.items()},
+            "exclusions": self.exclusions,
+            "rollbacks": self.rollbacks,
+            "failed_rounds": self.failed_rounds,
+            "lora_errors": {str(r): v for r, v in self.lora_errors.items()},
+        }
+
+    def restore(self, snapshot: dict[str, Any], completed_round: int) -> None:
+        """Continue from a checkpoint: its figures back in memory, and the rows of any
+        round after it (cut short by the crash; it is run again) dropped from the CSV."""
+        self.sites = {site: SiteRecord(**record) for site, record in snapshot["sites"].items()}
+        self.federated = {int(r): v for r, v in snapshot["federated"].items()}
+        self.exclusions = list(snapshot["exclusions"])
+        self.rollbacks = list(snapshot["rollbacks"])
+        self.failed_rounds = list(snapshot["failed_rounds"])
+        self.lora_errors = {int(r): v for r, v in snapshot["lora_errors"].items()}
+        if not self.metrics_csv.exists():
+            return
+        with self.metrics_csv.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        kept = [r for r in rows if r["task"] != self.task or int(r["round"]) <= completed_round]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_atomically(self.metrics_csv, buffer.getvalue())
 
     def _write(self, row: dict[str, object]) -> None:
         new = not self.metrics_csv.exists()

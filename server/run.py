@@ -28,7 +28,7 @@ from common.signing import (
 )
 from common.tasks import TASKS, model_fingerprint
 from server.aggregation import AGGREGATORS
-from server.audit import CoordinatorAudit
+from server.audit import CoordinatorAudit, config_sha256
 from server.checkpoint import CheckpointStore
 from server.distribution import release_artifact
 from server.reporting import RunRecorder
@@ -66,15 +66,23 @@ def full_model_bytes(model: torch.nn.Module) -> int:
 
 
 def run_federation(
-    grid: Grid, federation: FederationConfig, run_dir: Path, signing_key: Path | None = None
+    grid: Grid,
+    federation: FederationConfig,
+    run_dir: Path,
+    signing_key: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out;
-    every step is recorded in the run's signed audit log."""
+    every step is recorded in the run's signed audit log. With ``resume``, carry on the
+    run in ``run_dir`` from its last checkpointed round."""
     key = coordinator_key(run_dir, signing_key)
-    audit = CoordinatorAudit.open(run_dir, federation.task, key)
+    if resume and (run_dir / RESULT_DIR / f"{federation.task}.json").exists():
+        raise ConfigError(f"the {federation.task} run in {run_dir} finished; nothing to resume")
+    opener = CoordinatorAudit.reopen if resume else CoordinatorAudit.open
+    audit = opener(run_dir, federation.task, key)
     publish_public_key(run_dir, key)
     try:
-        return _run_federation(grid, federation, run_dir, audit, key)
+        return _run_federation(grid, federation, run_dir, audit, key, resume)
     except BaseException as exc:
         audit.run_failed(exc)
         raise
@@ -86,8 +94,18 @@ def _run_federation(
     run_dir: Path,
     audit: CoordinatorAudit,
     key: Ed25519PrivateKey,
+    resume: bool,
 ) -> dict[str, Any]:
     spec = TASKS.get(federation.task)
+    checkpoints = CheckpointStore(run_dir / "checkpoints" / federation.task)
+    settings_sha256 = config_sha256(federation)
+    state = checkpoints.load_state() if resume else None
+    if state is not None and state.config_sha256 != settings_sha256:
+        raise ConfigError(
+            f"the federation config differs from the one the {federation.task} run in "
+            f"{run_dir} started with; a run resumes with its own settings"
+        )
+    run_id = state.run_id if state is not None else str(grid.run.run_id)
     aggregation = AGGREGATORS.get(federation.aggregator)
     base_sha256 = model_fingerprint(federation.base_model)
     torch.manual_seed(federation.seed)
@@ -107,6 +125,7 @@ def _run_federation(
             r,
             spec.default_lora_targets,
             freeze_lora_a=aggregation.freezes_lora_a,
+            run_id=run_id,
         ),
         initial=initial,
         frozen=frozen,
@@ -116,18 +135,43 @@ def _run_federation(
         rollback=federation.rollback,
         round_timeout=federation.round_timeout,
         recorder=recorder,
-        checkpoints=CheckpointStore(run_dir / "checkpoints" / federation.task),
+        checkpoints=checkpoints,
         audit=audit,
+        run_id=run_id,
+        config_sha256=settings_sha256,
     )
-    joined = strategy.introduce(grid, sorted(grid.get_node_ids()))
-    audit.run_started(
-        run=str(grid.run.run_id),
-        federation=federation,
-        base_model_sha256=base_sha256,
-        initial=strategy.global_adapter,
-        sites=list(joined),
-    )
-    for site, details in joined.items():
+    introduced = strategy.introduce(grid, sorted(grid.get_node_ids()))
+    joined = {
+        site: details
+        for site, details in introduced.items()
+        if details.get("task", federation.task) == federation.task
+    }
+    if state is None:
+        audit.run_started(
+            run=str(grid.run.run_id),
+            federation=federation,
+            base_model_sha256=base_sha256,
+            initial=strategy.global_adapter,
+            sites=list(joined),
+        )
+        strategy.save_state(0)
+    else:
+        strategy.resume(state)
+        audit.run_resumed(
+            run=str(grid.run.run_id),
+            run_id=run_id,
+            from_round=state.completed_round,
+            adapter=strategy.global_adapter,
+            sites=list(joined),
+        )
+        logger.info(
+            "%s: resuming run %s after round %d of %d",
+            federation.task,
+            run_id,
+            state.completed_round,
+            federation.rounds,
+        )
+    for site, details in introduced.items():
         audit.site_joined(site, details)
     logger.info(
         "%s: %d rounds, aggregator %s, %d bytes per update",
@@ -139,7 +183,7 @@ def _run_federation(
     strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(strategy.trained),
-        num_rounds=federation.rounds,
+        num_rounds=federation.rounds - strategy.rounds_before,
         timeout=federation.round_timeout,
     )
     final = strategy.global_adapter
@@ -159,6 +203,12 @@ def _run_federation(
         "final_accuracy": (strategy.adapter_evaluation or {}).get("accuracy"),
         "per_round": {str(k): v for k, v in sorted(recorder.federated.items())},
         "sites": sorted(recorder.sites),
+        # The sites of this task that joined, also those that refused every round.
+        "site_kinds": {
+            site: details.get("kind", "")
+            for site, details in sorted(strategy.site_details.items())
+            if details.get("task") == federation.task
+        },
         "site_privacy": {site: asdict(record) for site, record in sorted(recorder.sites.items())},
         "exclusions": recorder.exclusions,
         "lora_product_error": recorder.lora_errors,
@@ -177,7 +227,7 @@ def _run_federation(
             run_dir=run_dir,
             result=result,
             adapter_dir=adapter_dir,
-            known_sites=dict(strategy.known_sites),
+            known_sites=strategy.sites_of_this_task(),
             audit=audit,
             key=key,
         )

@@ -23,12 +23,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapters import AdapterArrays, AdapterSchema, arrays_to_record
+from common.adapters import AdapterArrays, AdapterSchema, adapter_sha256, arrays_to_record
 from common.config import RollbackGuard, UpdateValidation
+from common.errors import ConfigError
 from common.protocol import AUDIT_KEY, EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
 from server.aggregation import Aggregator, lora_product_error
 from server.audit import CoordinatorAudit
-from server.checkpoint import CheckpointStore
+from server.checkpoint import CheckpointStore, EvaluatedAdapter, RunState
 from server.reporting import RunRecorder
 from server.strategy_utils import (
     EXCLUSION_STATUSES,
@@ -76,9 +77,12 @@ class FedLoraStrategy(FedAvg):
         recorder: RunRecorder,
         checkpoints: CheckpointStore,
         audit: CoordinatorAudit,
+        run_id: str = "",
+        config_sha256: str = "",
     ) -> None:
         """``initial`` is the whole adapter; ``frozen`` the tensors no site trains or
-        sends (FFA-LoRA's A matrices; empty otherwise)."""
+        sends (FFA-LoRA's A matrices; empty otherwise). ``run_id`` and ``config_sha256``
+        go into the state saved after every round, for a resume."""
         super().__init__(
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
@@ -98,6 +102,8 @@ class FedLoraStrategy(FedAvg):
         self.checkpoints = checkpoints
         self.audit = audit
         self.known_sites: dict[int, str] = {}
+        self.site_details: dict[str, dict[str, str]] = {}
+        """What each site said of itself when it joined (kind, task, audit key)."""
         self.introduction_timeout = min(120.0, round_timeout)
         self.rounds_aggregated = 0
         self.adapter_round = 0
@@ -107,6 +113,11 @@ class FedLoraStrategy(FedAvg):
         """The latest federated evaluation of the current global adapter."""
         self.declared_examples: dict[str, float] = {}
         """Each site's num-examples in this run: one dataset, one count."""
+        self.run_id = run_id
+        self.config_sha256 = config_sha256
+        self.rounds_before = 0
+        """Rounds completed before this process started (a resumed run): Flower's loop
+        counts from 1 again, the hooks add this to get the run's round."""
         self._introduced: set[int] = set()
         self._request: RoundRequest | None = None
         self._sent_adapter: AdapterArrays = self.trained
@@ -117,11 +128,72 @@ class FedLoraStrategy(FedAvg):
         """The whole current global adapter (trained and frozen tensors)."""
         return {**self.trained, **self.frozen}
 
+    # ------------------------------------------------------------------- resume ---
+
+    def save_state(self, completed_round: int) -> None:
+        """Checkpoint everything a resume needs; called once a round is over."""
+        if completed_round == 0:
+            self.checkpoints.save(0, self.global_adapter)
+        best = self.best
+        self.checkpoints.save_state(
+            RunState(
+                run_id=self.run_id,
+                config_sha256=self.config_sha256,
+                completed_round=completed_round,
+                adapter_round=self.adapter_round,
+                adapter_sha256=adapter_sha256(self.global_adapter),
+                rounds_aggregated=self.rounds_aggregated,
+                best=(
+                    EvaluatedAdapter(
+                        round=best.server_round, accuracy=best.accuracy, loss=best.loss
+                    )
+                    if best
+                    else None
+                ),
+                best_sha256=adapter_sha256({**best.trained, **self.frozen}) if best else None,
+                adapter_evaluation=(
+                    EvaluatedAdapter.model_validate(self.adapter_evaluation)
+                    if self.adapter_evaluation
+                    else None
+                ),
+                declared_examples=self.declared_examples,
+                recorder=self.recorder.snapshot(),
+            )
+        )
+
+    def resume(self, state: RunState) -> None:
+        """Carry on from ``state``: the same global adapter, bit for bit, the same best
+        adapter for the rollback guard, and the run's figures so far."""
+        current = self.checkpoints.load_verified(state.adapter_round, state.adapter_sha256)
+        if set(current) != set(self.global_adapter):
+            raise ConfigError("the checkpoint's tensors do not fit this run's adapter")
+        best = None
+        if state.best is not None and state.best_sha256 is not None:
+            arrays = self.checkpoints.load_verified(state.best.round, state.best_sha256)
+            best = BestAdapter(
+                state.best.round,
+                state.best.accuracy,
+                state.best.loss,
+                {k: v for k, v in arrays.items() if k not in self.frozen},
+            )
+        # Everything is read and checked: only now does the strategy change.
+        self.trained = {k: v for k, v in current.items() if k not in self.frozen}
+        self.best = best
+        self.adapter_round = state.adapter_round
+        self.rounds_aggregated = state.rounds_aggregated
+        self.rounds_before = state.completed_round
+        self.declared_examples = dict(state.declared_examples)
+        self.adapter_evaluation = (
+            state.adapter_evaluation.model_dump() if state.adapter_evaluation else None
+        )
+        self.recorder.restore(state.recorder, state.completed_round)
+
     # ----------------------------------------------------------------- training ---
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.rounds_before
         self._request = self.request_for_round(server_round)
         self._sent_adapter = self.trained
         messages = list(
@@ -129,11 +201,29 @@ class FedLoraStrategy(FedAvg):
                 server_round, arrays_to_record(self.trained), self._request.to_record(), grid
             )
         )
-        self._sent_to = {m.metadata.dst_node_id for m in messages}
-        for site, details in self.introduce(grid, sorted(self._sent_to)).items():
+        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        for site, details in self.introduce(grid, nodes).items():
             self.audit.site_joined(site, details)
+        messages = self._for_this_task(messages)
+        self._sent_to = {m.metadata.dst_node_id for m in messages}
         self.audit.round_started(server_round, "train", self._site_names(self._sent_to))
         return messages
+
+    def _serves_this_task(self, node: int) -> bool:
+        """False for a node whose site said it serves another task: in a deployment every
+        SuperNode of the federation is connected, whatever task its data serves. A node
+        that has not said is asked anyway (it refuses if it must)."""
+        details = self.site_details.get(self.known_sites.get(node, ""), {})
+        return details.get("task", self.recorder.task) == self.recorder.task
+
+    def _for_this_task(self, messages: Iterable[Message]) -> list[Message]:
+        return [m for m in messages if self._serves_this_task(m.metadata.dst_node_id)]
+
+    def sites_of_this_task(self) -> dict[int, str]:
+        """Node -> site name, for the known sites that serve this run's task."""
+        return {
+            node: site for node, site in self.known_sites.items() if self._serves_this_task(node)
+        }
 
     def _site_names(self, node_ids: Iterable[int]) -> list[str]:
         return [self.known_sites.get(node, f"node-{node}") for node in node_ids]
@@ -166,6 +256,7 @@ class FedLoraStrategy(FedAvg):
                     for key in SITE_DETAILS
                     if key in details
                 }
+        self.site_details.update(joined)
         return joined
 
     def _failures(
@@ -194,6 +285,7 @@ class FedLoraStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.rounds_before
         if self._request is None:
             raise RuntimeError("aggregate_train before configure_train")
         received = list(replies)
@@ -274,8 +366,9 @@ class FedLoraStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.rounds_before
         request = self.request_for_round(server_round).to_record()
-        messages = list(
+        messages = self._for_this_task(
             super().configure_evaluate(server_round, arrays_to_record(self.trained), request, grid)
         )
         self._sent_to = {m.metadata.dst_node_id for m in messages}
@@ -283,6 +376,15 @@ class FedLoraStrategy(FedAvg):
         return messages
 
     def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The round's last hook: its evaluation, then the round's checkpointed state."""
+        server_round += self.rounds_before
+        outcome = self._aggregate_evaluate(server_round, replies)
+        self.save_state(server_round)
+        return outcome
+
+    def _aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         received = list(replies)

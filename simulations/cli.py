@@ -23,7 +23,8 @@ from rich.progress import (
 )
 
 from server.aggregation import AGGREGATORS
-from simulations.report import build_summary, print_summary, write_plots
+from server.run_report import print_summary, write_plots
+from simulations.report import build_summary
 from simulations.runner import prepare, run_task
 from simulations.scenario import builtin_scenarios, load_scenario
 

@@ -1,32 +1,25 @@
-"""The end of a run: summary.json, plots and the table a person reads first."""
+"""The end of a simulation: summary.json with what only a simulation can see (each
+site's own ledger and installed artifact); plots and tables are server.run_report's."""
 
 from __future__ import annotations
 
-import csv
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-from common.audit.report import write_report
-from common.audit.review import COORDINATOR_PUBLIC_KEY, verify_path
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from client.site import Site
-from common.artifact import MODEL_INT8, verify_artifact
+from common.artifact import verify_artifact
+from common.audit.review import COORDINATOR_PUBLIC_KEY
 from common.config import load_site_config
 from common.errors import ArtifactError
 from common.signing import load_public_key
-from server.distribution import ARTIFACTS_DIR
-from server.reporting import FEDERATED
-from server.strategy_utils import EXCLUSION_STATUSES
+from server.run_report import (
+    audit_summary,
+    count_statuses,
+    read_result,
+    task_entry,
+    verify_released_artifact,
+)
 from simulations.scenario import Scenario
 
 
@@ -34,29 +27,18 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
     tasks: dict[str, Any] = {}
     sites: dict[str, Any] = {}
     for task in scenario.tasks:
-        result = json.loads((run_dir / "tasks" / f"{task}.json").read_text())
-        tasks[task] = {
-            "rounds_completed": result["rounds_completed"],
-            "rounds_planned": result["rounds_planned"],
-            "final": result["final"],
-            "per_round": result["per_round"],
-            "sites": [s.id for s in scenario.sites_of(task)],
-            "aggregator": result["aggregator"],
-            "base_model_sha256": result["base_model_sha256"],
-            "adapter_bytes": result["adapter_bytes"],
-            "model_parameters_bytes": result["model_parameters_bytes"],
-            "exclusions": result["exclusions"],
-            "excluded_updates": _count_statuses(result["exclusions"], "train"),
-            "rollbacks": result["rollbacks"],
-            "failed_rounds": result["failed_rounds"],
-            "lora_product_error": result["lora_product_error"],
-            "artifact": artifact_summary(run_dir, task, result.get("artifact") or {}, scenario),
-        }
+        result = read_result(run_dir, task)
+        task_sites = [s.id for s in scenario.sites_of(task)]
+        tasks[task] = task_entry(
+            result,
+            task_sites,
+            artifact_summary(run_dir, task, result.get("artifact") or {}, scenario),
+        )
         for spec in scenario.sites_of(task):
             record = result["site_privacy"].get(spec.id)
             site = Site(load_site_config(run_dir / "sites" / f"{spec.id}.toml"))
             own = [r for r in result["exclusions"] if r["site"] == spec.id]
-            excluded = _count_statuses(own, "train")
+            excluded = count_statuses(own, "train")
             sites[spec.id] = {
                 "kind": spec.kind,
                 "task": task,
@@ -85,22 +67,12 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
 def artifact_summary(
     run_dir: Path, task: str, released: dict[str, Any], scenario: Scenario
 ) -> dict[str, Any]:
-    """Verify the task's artifact with the run's key, as a reviewer would, and the copy
-    installed at each of its sites (the same signed manifest, intact there too)."""
-    directory = run_dir / ARTIFACTS_DIR / task
-    reasons = {
-        "check_failures": released.get("check_failures", {}),
-        "install_failures": released.get("install_failures", {}),
-    }
-    status = released.get("status")
-    if status in ("unchecked", "failed"):  # nothing was released: say why, not "tampered"
-        why = released.get("error") or "no site could check it"
-        return {"verified": False, "problem": f"not released ({why})", "installed": [], **reasons}
+    """The coordinator's verdict on the task's artifact, and the sites where a verified
+    copy of the same signed manifest is installed (a simulation can look there)."""
+    summary, verified = verify_released_artifact(run_dir, task, released)
+    if verified is None:
+        return summary
     key = load_public_key(run_dir / COORDINATOR_PUBLIC_KEY)
-    try:
-        verified = verify_artifact(directory, key)
-    except ArtifactError as exc:
-        return {"verified": False, "problem": f"{exc.kind}: {exc}", "installed": [], **reasons}
     installed: list[str] = []
     for spec in scenario.sites_of(task):
         config = load_site_config(run_dir / "sites" / f"{spec.id}.toml")
@@ -110,232 +82,4 @@ def artifact_summary(
             continue
         if copy.manifest_sha256 == verified.manifest_sha256:
             installed.append(spec.id)
-    manifest = verified.manifest
-    metrics = manifest.metrics
-    return {
-        "verified": True,
-        "checked": metrics is not None,
-        "directory": str(directory.relative_to(run_dir)),
-        "manifest_sha256": verified.manifest_sha256,
-        "int8_bytes": manifest.files[MODEL_INT8].bytes,
-        "fp32_bytes": manifest.quantization.fp32_onnx_bytes,
-        "metrics": metrics.model_dump() if metrics else None,
-        "installed": installed,
-        **reasons,
-    }
-
-
-def audit_summary(run_dir: Path) -> dict[str, Any]:
-    """Verify the run's audit trail and write its HTML report, as a reviewer would."""
-    reports = verify_path(run_dir)
-    report = write_report(run_dir, reports=reports)
-    return {
-        "logs": len(reports),
-        "intact": all(r.verification.ok for r in reports),
-        "problems": [
-            f"{r.path.name}: {r.verification.first_problem}"
-            for r in reports
-            if not r.verification.ok
-        ],
-        "report": str(report.relative_to(run_dir)),
-    }
-
-
-def _count_statuses(exclusions: list[dict[str, Any]], phase: str) -> dict[str, int]:
-    """How many of a phase's exclusions had each status (refused, rejected, …)."""
-    return {
-        status: sum(1 for e in exclusions if e["phase"] == phase and e["status"] == status)
-        for status in EXCLUSION_STATUSES
-    }
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-Series = dict[str, list[tuple[int, float]]]
-
-
-def plot_series(rows: list[dict[str, str]], task: str) -> tuple[Series, Series]:
-    """Per site: (round, held-out accuracy) from evaluate rows, (round, ε) from train rows."""
-    accuracy: Series = defaultdict(list)
-    epsilon: Series = defaultdict(list)
-    for row in rows:
-        if row["task"] != task:
-            continue
-        point = int(row["round"])
-        if row["phase"] == "evaluate" and row["accuracy"]:
-            accuracy[row["site"]].append((point, float(row["accuracy"])))
-        elif row["phase"] == "train" and row["epsilon"]:
-            epsilon[row["site"]].append((point, float(row["epsilon"])))
-    return accuracy, epsilon
-
-
-def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
-    """One figure per task: federated and per-site accuracy, and ε per site vs budget."""
-    rows = _read_metrics(run_dir)
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    written: list[Path] = []
-    for task in summary["tasks"]:
-        accuracy, epsilon = plot_series(rows, task)
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        sites = sorted(s for s in summary["sites"] if summary["sites"][s]["task"] == task)
-        colours = {site: f"C{index + 1}" for index, site in enumerate(sites)}
-        colours[FEDERATED] = "C0"
-        for site, points in sorted(accuracy.items()):
-            federated = site == FEDERATED
-            left.plot(
-                *zip(*points, strict=True),
-                marker="o",
-                color=colours.get(site),
-                linewidth=2.5 if federated else 1,
-                alpha=1 if federated else 0.6,
-                label="federated" if federated else site,
-            )
-        left.set(
-            title=f"{task}: held-out accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1.02)
-        )
-        left.grid(alpha=0.3)
-        left.legend(fontsize=8)
-        top = 0.0
-        for site in sites:
-            budget = summary["sites"][site]["epsilon_budget"]
-            top = max(top, budget)
-            right.axhline(budget, color=colours[site], linestyle="--", alpha=0.5)
-            if site in epsilon:
-                right.plot(
-                    *zip(*epsilon[site], strict=True), marker="o", color=colours[site], label=site
-                )
-            else:  # refused every round: its lifetime ε, flat
-                right.axhline(
-                    summary["sites"][site]["epsilon_spent"],
-                    color=colours[site],
-                    label=f"{site} (refused)",
-                )
-        right.set(
-            title=f"{task}: lifetime ε per site (dashed: budget)",
-            xlabel="round",
-            ylabel="ε",
-            ylim=(0, top * 1.08),
-        )
-        right.grid(alpha=0.3)
-        right.legend(fontsize=8)
-        figure.tight_layout()
-        path = plots / f"{task}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
-    return written
-
-
-def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
-    # One column per task, so the table stays narrow however many figures a task has.
-    tasks = Table(title=f"fedlora simulation — scenario {summary['scenario']!r}")
-    tasks.add_column("")
-    for name in summary["tasks"]:
-        tasks.add_column(name, justify="right")
-    rows: dict[str, list[str]] = {
-        "aggregator": [],
-        "rounds": [],
-        "accuracy": [],
-        "loss": [],
-        "sites": [],
-        "refused": [],
-        "excluded": [],
-        "rollbacks": [],
-        "artifact": [],
-        "size int8/fp32": [],
-        "acc fp32→int8": [],
-        "installed at": [],
-    }
-    for task in summary["tasks"].values():
-        excluded = task["excluded_updates"]
-        rows["aggregator"].append(task["aggregator"])
-        rows["rounds"].append(f"{task['rounds_completed']}/{task['rounds_planned']}")
-        rows["accuracy"].append(f"{task['final']['accuracy']:.3f}")
-        rows["loss"].append(f"{task['final']['loss']:.3f}")
-        rows["sites"].append(str(len(task["sites"])))
-        rows["refused"].append(str(excluded["refused"]))
-        rows["excluded"].append(str(sum(excluded.values()) - excluded["refused"]))
-        rows["rollbacks"].append(str(len(task["rollbacks"])))
-        artifact = task["artifact"]
-        if artifact["verified"]:
-            status = "verified" if artifact["checked"] else "[yellow]unchecked[/yellow]"
-        elif artifact["problem"].startswith("not released"):
-            status = "[yellow]not released[/yellow]"
-        else:
-            status = "[red]NOT VERIFIED[/red]"
-        rows["artifact"].append(status)
-        if artifact["verified"]:
-            rows["size int8/fp32"].append(f"{artifact['int8_bytes'] / artifact['fp32_bytes']:.2f}")
-        else:
-            rows["size int8/fp32"].append("—")
-        metrics = artifact.get("metrics")
-        rows["acc fp32→int8"].append(
-            f"{metrics['fp32']['accuracy']:.3f}→{metrics['int8']['accuracy']:.3f}"
-            if metrics
-            else "—"
-        )
-        rows["installed at"].append(f"{len(artifact['installed'])}/{len(task['sites'])} sites")
-    for label, values in rows.items():
-        tasks.add_row(label, *values)
-    deltas = sorted({f"{site['delta']:g}" for site in summary["sites"].values()})
-    sites = Table(title=f"sites (δ = {', '.join(deltas)})")
-    for column in ("site", "records", "rounds", "refused", "excluded", "ε spent", "ε budget"):
-        sites.add_column(column, justify="left" if column == "site" else "right", no_wrap=True)
-    for name, site in summary["sites"].items():
-        sites.add_row(
-            name,
-            str(site["examples"]),
-            str(site["rounds_trained"]),
-            str(site["rounds_refused"]),
-            str(site["updates_excluded"]),
-            f"{site['epsilon_spent']:.2f}",
-            f"{site['epsilon_budget']:.2f}",
-        )
-    console.print(tasks)
-    console.print(sites)
-    console.print(
-        "refused: rounds a site's policy or budget said no; excluded: updates rejected by "
-        "validation, error replies and timeouts (reasons in metrics.csv)"
-    )
-    faulty = [
-        f"{name} ({_describe(site['behaviour'])})"
-        for name, site in summary["sites"].items()
-        if site.get("behaviour")
-    ]
-    if faulty:
-        console.print("injected faults: " + ", ".join(faulty))
-    for name, task in summary["tasks"].items():
-        artifact = task["artifact"]
-        if artifact["verified"]:
-            console.print(f"{name} artifact: {run_dir / artifact['directory']}", markup=False)
-        else:
-            console.print(f"{name} artifact: {artifact['problem']}", markup=False)
-        for site, reason in {
-            **artifact.get("check_failures", {}),
-            **artifact.get("install_failures", {}),
-        }.items():
-            console.print(f"  {site} did not take the artifact: {reason}", markup=False)
-    for name, task in summary["tasks"].items():
-        counts = {k: v for k, v in task["excluded_updates"].items() if v}
-        if counts:
-            details = ", ".join(f"{count} {status}" for status, count in counts.items())
-            console.print(f"{name}: {details}", markup=False)
-    audit = summary["audit"]
-    if audit["intact"]:
-        console.print(f"audit trail: {audit['logs']} signed logs verified intact")
-    else:
-        problems = escape("; ".join(audit["problems"]))
-        console.print(f"[red]audit trail: NOT intact[/red]: {problems}")
-    console.print(f"audit report: {run_dir / audit['report']}")
-    console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
-
-
-def _describe(behaviour: dict[str, Any]) -> str:
-    kind = behaviour["kind"]
-    detail = {"scaled": f" ×{behaviour['factor']:g}", "slow": f" {behaviour['delay']:g} s"}
-    since = f" from round {behaviour['from_round']}" if behaviour["from_round"] > 1 else ""
-    return f"{kind}{detail.get(kind, '')}{since}"
+    return {**summary, "installed": installed}

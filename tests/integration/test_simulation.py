@@ -119,7 +119,7 @@ def test_a_stale_demo_base_model_is_rebuilt(tmp_path: Path) -> None:
 
 
 def test_the_plots_have_a_series_per_site(finished_run: Path) -> None:
-    from simulations.report import plot_series
+    from server.run_report import plot_series
 
     with (finished_run / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))

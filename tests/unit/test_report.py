@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from simulations.report import print_summary
+from server.run_report import print_summary
 
 
 def _summary() -> dict[str, Any]:

@@ -44,7 +44,9 @@ def _federation(**overrides: object) -> FederationConfig:
 
 
 def test_for_round_copies_the_federation_settings() -> None:
-    request = RoundRequest.for_round(_federation(), SHA, 3, TABULAR.default_lora_targets)
+    request = RoundRequest.for_round(
+        _federation(), SHA, 3, TABULAR.default_lora_targets, run_id="run-7"
+    )
     assert request == RoundRequest(
         task="tabular-classification",
         base_model_sha256=SHA,
@@ -62,6 +64,7 @@ def test_for_round_copies_the_federation_settings() -> None:
         lora_targets=["q_proj", "v_proj"],
         freeze_lora_a=False,
         seed=11,
+        run_id="run-7",
     )
 
 
@@ -116,6 +119,7 @@ def test_to_record_uses_dashed_keys() -> None:
         "lora-targets",
         "freeze-lora-a",
         "seed",
+        "run-id",
     }
     assert record["server-round"] == 2
     assert record["base-model-sha256"] == SHA
@@ -216,4 +220,18 @@ def test_a_site_rejects_values_no_honest_coordinator_sends(
     record = RoundRequest.for_round(_federation(), SHA, 3, TABULAR.default_lora_targets).to_record()
     record[key] = value
     with pytest.raises(UpdateError, match=message):
+        RoundRequest.from_record(record)
+
+
+@pytest.mark.parametrize("run_id", ["", "1234567890", "run-2026.11_a"])
+def test_a_run_id_of_plain_characters_is_accepted(run_id: str) -> None:
+    request = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",), run_id=run_id)
+    assert RoundRequest.from_record(request.to_record()).run_id == run_id
+
+
+@pytest.mark.parametrize("run_id", ["../x", "a" * 65, "run 1", 7])
+def test_a_run_id_that_could_name_a_path_or_is_not_text_is_refused(run_id: object) -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",)).to_record()
+    record["run-id"] = run_id  # type: ignore[assignment]
+    with pytest.raises(UpdateError, match="run_id"):
         RoundRequest.from_record(record)

@@ -1,0 +1,272 @@
+"""``fedlora pki``: the federation's CA, TLS certificate and keys (coordinator), and a
+site's own keys (site operator)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import click
+
+from common import pki as lib
+from common import signing
+from common.errors import ConfigError
+
+CERTS_OPTION = click.option(
+    "--certs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("certs"),
+    show_default=True,
+    help="The coordinator's PKI folder (CA, TLS certificate, keys, sites, bundles).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def pki() -> None:
+    """A deployment's keys: the CA, SuperLink TLS, node and signing keys.
+
+    \b
+    At the coordinator:
+      fedlora pki init --address superlink.example.org
+      fedlora pki add-site hospital-a --superlink superlink.example.org:9092 \\
+          --node-public-key node.pub --audit-public-key audit.pub
+      fedlora pki list
+    At a site (before add-site, so no private key travels):
+      fedlora pki site-keys /etc/fedlora/keys
+    """
+
+
+def _shown(path: Path) -> str:
+    return str(path.absolute())
+
+
+@pki.command()
+@CERTS_OPTION
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="HOST",
+    default=lib.DEFAULT_ADDRESSES,
+    show_default=True,
+    help="A host name or IP address the sites use to reach the SuperLink; the TLS "
+    "certificate is valid for exactly these (repeat the option for several). "
+    "The first one is the certificate's common name.",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, lib.CA_DAYS),
+    metavar="DAYS",
+    default=365,
+    show_default=True,
+    help="How long the SuperLink's TLS certificate is valid (the CA: 10 years).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing CA, TLS certificate and coordinator key. Every bundle "
+    "already handed out then carries the old CA and must be issued again.",
+)
+def init(certs: Path, addresses: tuple[str, ...], days: int, force: bool) -> None:
+    """Create the CA, the SuperLink TLS certificate, the coordinator key.
+
+    Run once per federation, at the coordinator.
+    """
+    had_bundles = (certs / lib.BUNDLES).is_dir() and any((certs / lib.BUNDLES).iterdir())
+    lib.init_pki(certs, addresses, days=days, force=force)
+    sans = lib.certificate_sans(certs / lib.SUPERLINK_CERT)
+    expiry = lib.certificate_expiry(certs / lib.SUPERLINK_CERT)
+    coordinator = signing.load_public_key(certs / lib.COORDINATOR_PUB)
+    click.echo(f"Wrote the PKI in {_shown(certs)} (mode 0700):")
+    rows = [
+        (f"{lib.CA_CERT}, {lib.CA_KEY}", "the federation CA (keep ca.key safe, ideally offline)"),
+        (
+            f"{lib.SUPERLINK_CERT}, {lib.SUPERLINK_KEY}",
+            f"the SuperLink's TLS certificate, until {expiry:%Y-%m-%d}, for {', '.join(sans)}",
+        ),
+        (
+            f"{lib.COORDINATOR_KEY}, {lib.COORDINATOR_PUB}",
+            f"the coordinator's signing key, {signing.fingerprint(coordinator)[:32]}…",
+        ),
+    ]
+    for files, what in rows:
+        click.echo(f"  {files:<34}{what}")
+    if force and had_bundles:
+        click.secho(
+            "warning: the bundles in "
+            f"{_shown(certs / lib.BUNDLES)} carry the old CA; issue them again with "
+            "`fedlora pki add-site NAME --force …`",
+            fg="yellow",
+            err=True,
+        )
+    click.echo("\nNext steps:")
+    click.echo(
+        "  1. Start the SuperLink with TLS and node authentication, for example on port 9092"
+    )
+    click.echo("     of every interface (it listens on 127.0.0.1 only without --host):")
+    click.echo(
+        f"       flower-superlink --ssl-ca-certfile {_shown(certs / lib.CA_CERT)} \\\n"
+        f"           --ssl-certfile {_shown(certs / lib.SUPERLINK_CERT)} \\\n"
+        f"           --ssl-keyfile {_shown(certs / lib.SUPERLINK_KEY)} \\\n"
+        "           --enable-supernode-auth --host 0.0.0.0 --port 9092"
+    )
+    click.echo(
+        "  2. Ask each site to run `fedlora pki site-keys DIR` and send you node.pub and "
+        "audit.pub, then:\n"
+        f"       fedlora pki add-site NAME --superlink {_host_port(sans[0], 9092)} \\\n"
+        "           --node-public-key node.pub --audit-public-key audit.pub"
+    )
+
+
+@pki.command("add-site")
+@click.argument("name")
+@click.option(
+    "--superlink",
+    required=True,
+    metavar="HOST:PORT",
+    help="The SuperLink address the site's SuperNode connects to; HOST should be one of "
+    "the TLS certificate's names (see `fedlora pki list`).",
+)
+@CERTS_OPTION
+@click.option(
+    "--node-public-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The node.pub the site sent (OpenSSH EC key from `fedlora pki site-keys`). "
+    "Without it, the coordinator makes the site's keys and the bundle holds private keys.",
+)
+@click.option(
+    "--audit-public-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The audit.pub the site sent (Ed25519 PEM): the key its audit log is signed with.",
+)
+@click.option("--force", is_flag=True, help="Replace an already registered site and its bundle.")
+def add_site(
+    name: str,
+    superlink: str,
+    certs: Path,
+    node_public_key: Path | None,
+    audit_public_key: Path | None,
+    force: bool,
+) -> None:
+    """Register site NAME and write the bundle for its operator.
+
+    NAME is the site.id of the site's config.
+    """
+    bundle = lib.add_site(
+        certs,
+        name,
+        superlink,
+        node_public_key=node_public_key,
+        audit_public_key=audit_public_key,
+        force=force,
+    )
+    node_pub = certs / lib.SITES / name / lib.NODE_PUB
+    fingerprint = lib.node_key_fingerprint(lib.load_node_public_key(node_pub))
+    click.echo(f"Registered site {name}: node key {fingerprint}")
+    if (certs / lib.SITES / name / lib.AUDIT_PUB).is_file():
+        click.echo(f"  audit key on file: {_shown(certs / lib.SITES / name / lib.AUDIT_PUB)}")
+    click.echo(f"Bundle for the site operator: {_shown(bundle)}")
+    for path in sorted(bundle.iterdir()):
+        click.echo(f"  {path.name}")
+    host, _ = lib.parse_superlink(superlink)
+    sans = lib.certificate_sans(certs / lib.SUPERLINK_CERT)
+    if not _host_in(host, sans):
+        click.secho(
+            f"warning: {host} is not among the TLS certificate's names ({', '.join(sans)}); "
+            "the site will refuse the connection. Use one of those names in --superlink, or "
+            f"add {host} with `fedlora pki init --force --address …` (a new CA: every bundle "
+            "must then be issued again).",
+            fg="yellow",
+            err=True,
+        )
+    if node_public_key is None:
+        click.secho(
+            f"warning: the bundle holds the site's PRIVATE keys ({lib.NODE_KEY}, "
+            f"{lib.AUDIT_KEY}): hand it over only by a secure channel and delete your copy "
+            "afterwards. Prefer `fedlora pki site-keys` at the site.",
+            fg="yellow",
+            err=True,
+        )
+    click.echo("\nNext steps:")
+    click.echo("  1. Register the node key at the SuperLink:")
+    click.echo(f"       flwr supernode register {_shown(node_pub)}")
+    click.echo(
+        f"  2. Send {_shown(bundle)} to the site operator;\n"
+        f"     its {lib.README} and {lib.CONNECTION} tell them what to do."
+    )
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_in(host: str, sans: list[str]) -> bool:
+    """Whether the certificate names ``host`` (IP addresses compared as addresses)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower() in {san.lower() for san in sans}
+    for san in sans:
+        try:
+            if ipaddress.ip_address(san) == address:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+@pki.command("site-keys")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+def site_keys(directory: Path) -> None:
+    """At a site: create its node and audit key pairs in DIR.
+
+    The private keys stay here; send only the two public files to the coordinator.
+    """
+    lib.make_site_keys(directory)
+    node = lib.load_node_public_key(directory / lib.NODE_PUB)
+    audit_key = signing.load_public_key(directory / lib.AUDIT_PUB)
+    click.echo(f"Wrote in {_shown(directory)}:")
+    click.echo(f"  {lib.NODE_KEY}       node-authentication private key (mode 0600, keep here)")
+    click.echo(f"  {lib.NODE_PUB}       its public key  {lib.node_key_fingerprint(node)}")
+    click.echo(f"  {lib.AUDIT_KEY}  audit-log signing private key (mode 0600, keep here)")
+    click.echo(f"  {lib.AUDIT_PUB}      its public key  {signing.fingerprint(audit_key)}")
+    click.echo("\nSend these two files to the coordinator (they are public):")
+    click.echo(f"  {_shown(directory / lib.NODE_PUB)}")
+    click.echo(f"  {_shown(directory / lib.AUDIT_PUB)}")
+    click.echo("Then, in the site config, under [connection] and [site] respectively:")
+    click.echo(f"  node_key = {json.dumps(_shown(directory / lib.NODE_KEY))}")
+    click.echo(f"  signing_key = {json.dumps(_shown(directory / lib.AUDIT_KEY))}")
+
+
+@pki.command("list")
+@CERTS_OPTION
+def list_(certs: Path) -> None:
+    """Show the sites, and the TLS certificate's names and expiry."""
+    ca = certs / lib.CA_CERT
+    if not ca.is_file():
+        raise ConfigError(f"no CA at {ca}: run `fedlora pki init --certs {certs}` first")
+    server = certs / lib.SUPERLINK_CERT
+    click.echo(f"CA:        {_shown(ca)}, valid until {lib.certificate_expiry(ca):%Y-%m-%d}")
+    click.echo(
+        f"SuperLink: {_shown(server)}, valid until {lib.certificate_expiry(server):%Y-%m-%d}"
+    )
+    click.echo(f"  names:   {', '.join(lib.certificate_sans(server))}")
+    try:
+        lib.check_certificate_chain(server, ca)
+    except ConfigError as exc:
+        click.secho(f"  PROBLEM: {exc}", fg="red")
+    else:
+        click.echo("  chains to the CA: yes")
+    sites = lib.registered_node_keys(certs)
+    click.echo(f"\nSites ({len(sites)}):")
+    if not sites:
+        click.echo("  none yet: `fedlora pki add-site NAME --superlink HOST:PORT …`")
+    width = max((len(name) for name in sites), default=0)
+    for name, path in sites.items():
+        try:
+            fingerprint = lib.node_key_fingerprint(lib.load_node_public_key(path))
+        except ConfigError as exc:
+            fingerprint = f"UNUSABLE: {exc}"
+        audit = "audit key on file" if (path.parent / lib.AUDIT_PUB).is_file() else "no audit key"
+        click.echo(f"  {name:<{width}}  {fingerprint}  {audit}")
