@@ -27,6 +27,7 @@ from common.config import (
     SiteConnection,
     load_federation_config,
     load_site_config,
+    validate_model,
 )
 from common.errors import ConfigError, DataError, PolicyError
 from common.protocol import RoundRequest
@@ -356,9 +357,11 @@ def run(
                 f"{site_config} has no [connection] table: paste the bundle's connection.toml "
                 "into it, or give --superlink, --ca-certificate and --node-key"
             )
-        connection = SiteConnection.model_validate(overrides)
+        connection = validate_model(SiteConnection, overrides, "the command line")
     else:
-        connection = SiteConnection.model_validate({**connection.model_dump(), **overrides})
+        connection = validate_model(
+            SiteConnection, {**connection.model_dump(), **overrides}, str(site_config)
+        )
     problems = check_ready(config)
     if problems:
         for problem in problems:

@@ -10,6 +10,7 @@ and when it was refused (unregistered key, wrong CA) the daemon stops and says w
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
@@ -41,6 +42,8 @@ REFUSALS = {
 """What flower-supernode prints when it is refused, and what the operator should do."""
 RESTART_DELAYS = (5.0, 10.0, 30.0, 60.0)
 HELD_RETRY_SECONDS = 10.0
+HELD_RETRY_LIMIT = 18
+"""About three minutes: a held connection clears after two missed heartbeats (~60 s)."""
 
 
 class NodeRefusedError(FedloraError):
@@ -71,7 +74,7 @@ class SupernodeSettings:
             "--port",
             str(self.local_port),
             "--node-config",
-            f'site-config="{self.config_path}"',
+            f"site-config={json.dumps(str(self.config_path))}",
         ]
 
 
@@ -120,6 +123,11 @@ def check_connection(connection: SiteConnection, timeout: float = 10.0) -> bool:
             f"connection.ca_certificate does not vouch for ({exc.verify_message}); "
             "check the address and the CA certificate from the coordinator's bundle"
         ) from exc
+    except ssl.SSLError as exc:
+        raise NodeRefusedError(
+            f"the SuperLink at {connection.superlink} did not complete a TLS handshake "
+            f"({exc.reason or exc}); is it running with TLS (fedlora coordinator start)?"
+        ) from exc
     except OSError as exc:
         logger.warning(
             "the SuperLink at %s is not reachable yet (%s); the SuperNode will keep trying",
@@ -139,9 +147,11 @@ def run_supernode(
 
     A node key the SuperLink does not accept is a refusal, unless this daemon's node was
     accepted before: after a crash the SuperLink keeps counting the old connection as
-    live until it misses a heartbeat, and refuses the same key meanwhile."""
+    live until it misses heartbeats, and refuses the same key meanwhile (retried for
+    about three minutes)."""
     attempt = 0
     accepted_before = False
+    held_retries = 0
     while True:
         seen: list[str] = []
 
@@ -154,9 +164,12 @@ def run_supernode(
         code = run_daemon(settings.command(), settings.log_file, settings.environment(), follow)
         if code == 0:
             return 0
-        accepted_before = accepted_before or ACCEPTED in seen
+        if ACCEPTED in seen:
+            accepted_before, attempt, held_retries = True, 0, 0
         refusals = [marker for marker in seen if marker in REFUSALS]
-        if refusals and not (refusals[0] == NOT_ACTIVATED and accepted_before):
+        held = refusals[:1] == [NOT_ACTIVATED] and accepted_before
+        held_retries = held_retries + 1 if held else 0
+        if refusals and not (held and held_retries <= HELD_RETRY_LIMIT):
             raise NodeRefusedError(
                 f"the SuperNode was refused: {REFUSALS[refusals[0]]} (log: {settings.log_file})"
             )

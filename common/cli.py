@@ -14,6 +14,10 @@ from transformers.utils import logging as transformers_logging
 
 from common.errors import FedloraError
 
+INTERNAL_ERROR = 70
+"""Exit code of an unexpected failure (EX_SOFTWARE), apart from 1 and 2, which mean
+something the operator can fix."""
+
 
 class _RoleGroup(click.Group):
     """Loads the installed command groups lazily, so ``--help`` stays fast."""
@@ -71,7 +75,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 def main() -> None:
-    """Entry point: operator-facing errors print as one message, never a traceback."""
+    """Entry point: operator-facing errors print as one message, never a traceback;
+    anything else is a defect, logged with its traceback, exit 70."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -85,3 +90,7 @@ def main() -> None:
     except FedloraError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
+    except Exception as exc:  # a defect, not an operator's mistake: keep it distinguishable
+        logging.getLogger("fedlora").exception("unexpected failure")
+        click.secho(f"internal error: {type(exc).__name__}: {exc}", fg="red", err=True)
+        sys.exit(INTERNAL_ERROR)

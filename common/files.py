@@ -1,9 +1,11 @@
-"""Durable writes shared by the site's ledger and every audit log: a file replaced whole
-or not at all, and a folder whose new entries survive a power cut."""
+"""Durable writes shared by the site's ledger, every audit log and the keys: a file
+replaced whole or not at all, a private file never readable by others, and a folder
+whose new entries survive a power cut."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -41,4 +43,29 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+PRIVATE_FILE_MODE = 0o600
+
+
+def write_private_file(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Create ``path`` with mode 0600 holding ``data`` (a private key); FileExistsError
+    unless ``replace``. The bytes go to a 0600 temporary file first, then are linked (or
+    renamed) into place: never readable by others, never seen half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    try:
+        os.fchmod(descriptor, PRIVATE_FILE_MODE)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     fsync_folder(path.parent)

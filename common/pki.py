@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,11 +49,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common import signing
 from common.errors import ConfigError, SigningError
-from common.files import fsync_folder, write_atomically
+from common.files import PRIVATE_FILE_MODE, write_atomically, write_private_file
 
 logger = logging.getLogger(__name__)
 
-PRIVATE_KEY_MODE = 0o600
+PRIVATE_KEY_MODE = PRIVATE_FILE_MODE
 CERTS_MODE = 0o700
 
 CA_CERT = "ca.pem"
@@ -87,30 +86,6 @@ NODE_CURVE = ec.SECP384R1
 
 
 # ------------------------------------------------------------------------ writing ---
-
-
-def _write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
-    """Create ``path`` with mode 0600 holding ``data``; FileExistsError unless ``replace``.
-
-    The bytes go to a 0600 temporary file first, then are linked (or renamed) into
-    place, so the key is never readable by others, nor seen half-written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temporary = Path(name)
-    try:
-        os.fchmod(descriptor, PRIVATE_KEY_MODE)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_folder(path.parent)
 
 
 def _refuse_existing(paths: Sequence[Path], hint: str) -> None:
@@ -156,20 +131,27 @@ def _check_node_curve(key: ec.EllipticCurvePublicKey, path: Path, what: str) -> 
         )
 
 
-def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
-    """A SuperNode's public key, checked as ``flwr supernode register`` checks it: an
-    OpenSSH EC key on a NIST curve (so a bad key is refused here, not at registration)."""
+def _read_public_key_file(path: Path, what: str, expected: str) -> bytes:
+    """The bytes of a public key a site sent; a private key sent by mistake is refused."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"node public key {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read node public key {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     if b"PRIVATE KEY" in data:
         raise ConfigError(
-            f"{path} is a private key; the site must keep it and send only its "
-            f"{NODE_PUB} (the line starting 'ecdsa-sha2-nistp384 ')"
+            f"{path} is a private key; the site must keep it and send only its {expected}"
         )
+    return data
+
+
+def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """A SuperNode's public key, checked as ``flwr supernode register`` checks it: an
+    OpenSSH EC key on a NIST curve (so a bad key is refused here, not at registration)."""
+    data = _read_public_key_file(
+        path, "node public key", f"{NODE_PUB} (the line starting 'ecdsa-sha2-nistp384 ')"
+    )
     try:
         key = serialization.load_ssh_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -232,7 +214,7 @@ def write_node_key_pair(private_path: Path, public_path: Path) -> None:
         serialization.NoEncryption(),
     )
     try:
-        _write_private(private_path, private)
+        write_private_file(private_path, private)
     except FileExistsError:
         raise ConfigError(f"refusing to overwrite {private_path}: it appeared meanwhile") from None
     write_atomically(public_path, _openssh_public(key.public_key()).decode("ascii") + "\n")
@@ -263,16 +245,7 @@ def registered_node_keys(certs: Path) -> dict[str, Path]:
 
 def _load_audit_public_key(path: Path) -> Ed25519PublicKey:
     """A site's audit key as sent to the coordinator: a PEM Ed25519 *public* key."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"audit public key {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read audit public key {path}: {exc.strerror}") from None
-    if b"PRIVATE KEY" in data:
-        raise ConfigError(
-            f"{path} is a private key; the site must keep it and send only its {AUDIT_PUB}"
-        )
+    _read_public_key_file(path, "audit public key", AUDIT_PUB)
     try:
         return signing.load_public_key(path)
     except SigningError as exc:
@@ -490,12 +463,11 @@ def init_pki(certs: Path, addresses: Sequence[str], days: int = 365, force: bool
     if isinstance(addresses, str):  # one address, not a sequence of one-letter names
         addresses = [addresses]
     names: list[x509.GeneralName] = []
-    for address in addresses:
+    # The coordinator's own commands reach the SuperLink on loopback: always valid there.
+    for address in [*addresses, *DEFAULT_ADDRESSES]:
         name = _address_name(address)
         if name not in names:
             names.append(name)
-    if not names:
-        raise ConfigError("give at least one --address the sites use to reach the SuperLink")
     outputs = [CA_CERT, CA_KEY, SUPERLINK_CERT, SUPERLINK_KEY, COORDINATOR_KEY, COORDINATOR_PUB]
     existing = [name for name in outputs if (certs / name).exists()]
     if existing and not force:
@@ -510,8 +482,8 @@ def init_pki(certs: Path, addresses: Sequence[str], days: int = 365, force: bool
     server_key = ec.generate_private_key(ec.SECP384R1())
     server = _build_server_certificate(server_key, ca, ca_key, names, days, now)
     # ca.pem goes last: its presence is what marks a finished `init`.
-    _write_private(certs / CA_KEY, _pem_private(ca_key), replace=force)
-    _write_private(certs / SUPERLINK_KEY, _pem_private(server_key), replace=force)
+    write_private_file(certs / CA_KEY, _pem_private(ca_key), replace=force)
+    write_private_file(certs / SUPERLINK_KEY, _pem_private(server_key), replace=force)
     write_atomically(certs / SUPERLINK_CERT, _pem_certificate(server))
     _write_ed25519_pair(certs / COORDINATOR_KEY, certs / COORDINATOR_PUB, replace=force)
     write_atomically(certs / CA_CERT, _pem_certificate(ca))

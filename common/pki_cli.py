@@ -101,16 +101,8 @@ def init(certs: Path, addresses: tuple[str, ...], days: int, force: bool) -> Non
             err=True,
         )
     click.echo("\nNext steps:")
-    click.echo(
-        "  1. Start the SuperLink with TLS and node authentication, for example on port 9092"
-    )
-    click.echo("     of every interface (it listens on 127.0.0.1 only without --host):")
-    click.echo(
-        f"       flower-superlink --ssl-ca-certfile {_shown(certs / lib.CA_CERT)} \\\n"
-        f"           --ssl-certfile {_shown(certs / lib.SUPERLINK_CERT)} \\\n"
-        f"           --ssl-keyfile {_shown(certs / lib.SUPERLINK_KEY)} \\\n"
-        "           --enable-supernode-auth --host 0.0.0.0 --port 9092"
-    )
+    click.echo("  1. Start the SuperLink (TLS, node authentication, a persistent database):")
+    click.echo(f"       fedlora coordinator start --certs {_shown(certs)} --port 9092")
     click.echo(
         "  2. Ask each site to run `fedlora pki site-keys DIR` and send you node.pub and "
         "audit.pub, then:\n"
@@ -189,8 +181,8 @@ def add_site(
             err=True,
         )
     click.echo("\nNext steps:")
-    click.echo("  1. Register the node key at the SuperLink:")
-    click.echo(f"       flwr supernode register {_shown(node_pub)}")
+    click.echo("  1. Register the node key at the SuperLink (done by every `coordinator start`):")
+    click.echo(f"       fedlora coordinator register --certs {_shown(certs)}")
     click.echo(
         f"  2. Send {_shown(bundle)} to the site operator;\n"
         f"     its {lib.README} and {lib.CONNECTION} tell them what to do."

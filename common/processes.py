@@ -1,7 +1,8 @@
 """Flower's daemons run under fedlora's commands: prepared arguments, a known log file,
 and clean stops. The child gets its own process group, so a SIGTERM to the command (as
 systemd sends) reaches the daemon and everything it started (ClientApp and ServerApp
-processes), and nothing is left running."""
+processes, where the daemon did not give them a session of their own), and nothing
+is left running."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+from common.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0
@@ -28,7 +31,7 @@ def executable(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if found is None:
-        raise FileNotFoundError(f"{name} is not installed in this environment")
+        raise ConfigError(f"{name} is not installed in this environment (pip install flwr)")
     return found
 
 
@@ -52,30 +55,28 @@ def run_daemon(
 ) -> int:
     """Run ``command`` until it exits or this process is asked to stop; every output
     line goes to ``log_file`` (appended) and to ``on_line``. Returns the exit code, 0
-    when stopped by SIGTERM or SIGINT. Whatever the command started goes with it."""
+    when stopped by SIGTERM or SIGINT. The command's process group goes with it (Flower
+    daemons stop the app processes they start in their own sessions themselves)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        list(command),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env=dict(environment),
-        start_new_session=True,
-    )
     stop_requested: list[float] = []
+    running: list[subprocess.Popen[str]] = []
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("received %s: stopping %s", signal.Signals(signum).name, Path(command[0]).name)
         stop_requested.append(time.monotonic())
-        _signal_group(process, signal.SIGTERM)
+        for child in running:
+            _signal_group(child, signal.SIGTERM)
 
     def pump() -> None:
+        process = running[0]
         with log_file.open("a", encoding="utf-8") as log:
             assert process.stdout is not None
             for line in process.stdout:
-                log.write(line)
-                log.flush()
+                try:
+                    log.write(line)
+                    log.flush()
+                except OSError:  # a full disk must not stop draining the pipe
+                    logger.exception("could not write to %s", log_file)
                 if on_line is not None:
                     try:
                         on_line(line.rstrip("\n"))
@@ -83,8 +84,21 @@ def run_daemon(
                         logger.exception("could not show a line of %s", Path(command[0]).name)
 
     reader = threading.Thread(target=pump, name="daemon-output", daemon=True)
+    # Handlers first: a stop request that comes while the daemon starts still reaches it.
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        process = subprocess.Popen(
+            list(command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=dict(environment),
+            start_new_session=True,
+        )
+        running.append(process)
+        if stop_requested:
+            _signal_group(process, signal.SIGTERM)
         reader.start()
         if started is not None:
             started(process)
@@ -98,15 +112,15 @@ def run_daemon(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        # Children of the daemon (ClientApp, ServerApp, SuperExec processes) go with it.
-        _signal_group(process, signal.SIGTERM)
-        reader.join(timeout=STOP_GRACE_SECONDS)
-        if reader.is_alive():
-            _signal_group(process, signal.SIGKILL)
-            reader.join(timeout=5)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        for leftover in running:  # what is left of the daemon's group goes with it
+            _signal_group(leftover, signal.SIGTERM)
+            reader.join(timeout=STOP_GRACE_SECONDS)
+            if reader.is_alive():
+                _signal_group(leftover, signal.SIGKILL)
+                reader.join(timeout=5)
+            if leftover.poll() is None:
+                leftover.kill()
+                leftover.wait()
     return 0 if stop_requested else code
 
 

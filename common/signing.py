@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import SigningError
+from common.files import write_private_file
 
 PRIVATE_KEY_MODE = 0o600
 
@@ -67,18 +66,7 @@ def write_private_key(path: Path, private_key: Ed25519PrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temporary = Path(name)
-    try:
-        os.fchmod(descriptor, PRIVATE_KEY_MODE)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_private_file(path, pem)
 
 
 def write_public_key(path: Path, public_key: Ed25519PublicKey) -> None:

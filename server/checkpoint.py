@@ -5,7 +5,10 @@ refused."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,10 @@ from safetensors.numpy import load_file, save_file
 
 from common.adapters import AdapterArrays, adapter_sha256
 from common.errors import ConfigError
-from common.files import write_atomically
+from common.files import fsync_folder, write_atomically
 
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
 
 
 class EvaluatedAdapter(BaseModel):
@@ -60,8 +64,29 @@ class CheckpointStore:
         target = self.path(server_round)
         temporary = target.with_suffix(".tmp")
         save_file({k: np.require(v, requirements="C") for k, v in arrays.items()}, str(temporary))
+        with temporary.open("rb") as handle:  # on disk before state.json names it
+            os.fsync(handle.fileno())
         temporary.replace(target)
+        fsync_folder(self.directory)
         return target
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One process at a time runs (or resumes) a task's run in a directory: a resume
+        while the interrupted ServerApp still runs would write the same files twice."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / LOCK_FILE).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"another process is running this task's run in {self.directory.parent.parent} "
+                    "(the interrupted run may still be going: `flwr ls`, `flwr stop RUN_ID`)"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def load(self, server_round: int) -> dict[str, npt.NDArray[np.generic]]:
         return dict(load_file(str(self.path(server_round))))

@@ -11,12 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
 )
 
 from common import pki
@@ -33,7 +28,7 @@ from server.deployment import (
     wait_for_port,
 )
 from server.run import RESULT_DIR
-from server.run_report import deployment_summary, print_summary, write_plots
+from server.run_report import deployment_summary, print_summary, round_progress, write_plots
 
 logger = logging.getLogger(__name__)
 
@@ -191,22 +186,16 @@ def run(
             tasks[federation.task] = staged
     console = Console(stderr=True)
     started = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with round_progress(console) as progress:
         for task, config in tasks.items():
             if (run_dir / RESULT_DIR / f"{task}.json").exists():
                 progress.console.print(f"{task}: finished earlier, skipped")
                 continue
-            resume = (
-                run_dir / "checkpoints" / task / STATE_FILE
-            ).exists() and resume_dir is not None
-            rounds = _planned_rounds(config)
-            bar = progress.add_task(f"{task}{' (resumed)' if resume else ''}", total=rounds)
+            # A task interrupted before its first checkpoint starts over in its own log.
+            resume = resume_dir is not None
+            checkpointed = (run_dir / "checkpoints" / task / STATE_FILE).exists()
+            label = f"{task} (resumed)" if resume and checkpointed else task
+            bar = progress.add_task(label, total=_planned_rounds(config))
 
             def follow(line: str, bar: TaskID = bar) -> None:
                 found = ROUND_LINE.search(line)

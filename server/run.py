@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from common.adapters import arrays_to_record, lora_a_dtype, seeded_lora_a
+from common.adapters import adapter_sha256, arrays_to_record, lora_a_dtype, seeded_lora_a
 from common.audit.review import COORDINATOR_PRIVATE_KEY, COORDINATOR_PUBLIC_KEY
 from common.config import FederationConfig
 from common.errors import ConfigError
@@ -28,7 +28,7 @@ from common.signing import (
 )
 from common.tasks import TASKS, model_fingerprint
 from server.aggregation import AGGREGATORS
-from server.audit import CoordinatorAudit, config_sha256
+from server.audit import CoordinatorAudit, config_sha256, coordinator_log_path
 from server.checkpoint import CheckpointStore
 from server.distribution import release_artifact
 from server.reporting import RunRecorder
@@ -76,16 +76,19 @@ def run_federation(
     every step is recorded in the run's signed audit log. With ``resume``, carry on the
     run in ``run_dir`` from its last checkpointed round."""
     key = coordinator_key(run_dir, signing_key)
-    if resume and (run_dir / RESULT_DIR / f"{federation.task}.json").exists():
-        raise ConfigError(f"the {federation.task} run in {run_dir} finished; nothing to resume")
-    opener = CoordinatorAudit.reopen if resume else CoordinatorAudit.open
-    audit = opener(run_dir, federation.task, key)
-    publish_public_key(run_dir, key)
-    try:
-        return _run_federation(grid, federation, run_dir, audit, key, resume)
-    except BaseException as exc:
-        audit.run_failed(exc)
-        raise
+    with CheckpointStore(run_dir / "checkpoints" / federation.task).exclusive():
+        if resume and (run_dir / RESULT_DIR / f"{federation.task}.json").exists():
+            raise ConfigError(f"the {federation.task} run in {run_dir} finished; nothing to resume")
+        # A run that failed before its first checkpoint resumes from its start, in its log.
+        log_exists = coordinator_log_path(run_dir, federation.task).exists()
+        opener = CoordinatorAudit.reopen if resume and log_exists else CoordinatorAudit.open
+        audit = opener(run_dir, federation.task, key)
+        publish_public_key(run_dir, key)
+        try:
+            return _run_federation(grid, federation, run_dir, audit, key, resume)
+        except BaseException as exc:
+            audit.run_failed(exc)
+            raise
 
 
 def _run_federation(
@@ -99,7 +102,7 @@ def _run_federation(
     spec = TASKS.get(federation.task)
     checkpoints = CheckpointStore(run_dir / "checkpoints" / federation.task)
     settings_sha256 = config_sha256(federation)
-    state = checkpoints.load_state() if resume else None
+    state = checkpoints.load_state() if resume and checkpoints.state_path.exists() else None
     if state is not None and state.config_sha256 != settings_sha256:
         raise ConfigError(
             f"the federation config differs from the one the {federation.task} run in "
@@ -157,6 +160,8 @@ def _run_federation(
         strategy.save_state(0)
     else:
         strategy.resume(state)
+        if adapter_sha256(strategy.global_adapter) != state.adapter_sha256:
+            raise ConfigError("the resumed adapter differs from the checkpointed one")
         audit.run_resumed(
             run=str(grid.run.run_id),
             run_id=run_id,

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from server.distribution import ARTIFACTS_DIR
@@ -245,6 +246,17 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def round_progress(console: Console) -> Progress:
+    """The progress display of a run: one bar per task, counting rounds."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def print_summary(

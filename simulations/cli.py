@@ -14,16 +14,12 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
 )
 
 from server.aggregation import AGGREGATORS
-from server.run_report import print_summary, write_plots
+from server.run_report import print_summary, round_progress, write_plots
 from simulations.report import build_summary
 from simulations.runner import prepare, run_task
 from simulations.scenario import builtin_scenarios, load_scenario
@@ -129,13 +125,7 @@ def simulate(
     console = Console(stderr=True)
     with _rich_logging(console, verbose):
         started = time.monotonic()
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with round_progress(console) as progress:
             sites_bar = progress.add_task("preparing sites", total=len(loaded.sites))
 
             def site_ready(site: str, generated: bool) -> None:

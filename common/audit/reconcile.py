@@ -67,9 +67,16 @@ def reconcile(
     result = Reconciliation(site=site, run=run)
     received: dict[int, dict[str, Any]] = {}
     excluded: dict[int, dict[str, Any]] = {}
-    for entry in coordinator:
+    resumes = _resumes(coordinator)
+    for position, entry in enumerate(coordinator):
         data = _data(entry)
         if data.get("site") != site or entry.get("event") not in ROUND_EVENTS:
+            continue
+        if _superseded(data.get("round"), resumes, position=position):
+            result.notes.append(
+                f"round {data['round']}: the coordinator's {entry.get('event')} before the "
+                "run was interrupted; the round was run again after the resume"
+            )
             continue
         if not isinstance(data.get("round"), int):
             result.problems.append(f"a coordinator entry about {site} has no round number")
@@ -93,6 +100,13 @@ def reconcile(
         if not isinstance(data.get("round"), int):
             result.problems.append("a training-done entry of the site has no round number")
             continue
+        if _superseded(data["round"], resumes, time=str(entry.get("time", ""))):
+            result.notes.append(
+                f"round {data['round']}: the site trained it (update "
+                f"{_short(data.get('update_sha256'))}, ε {data.get('epsilon_after')}) before "
+                "the run was interrupted; the round was run again after the resume"
+            )
+            continue
         if int(data["round"]) in sent:
             result.problems.append(f"round {data['round']}: the site logged two updates sent")
         # The entry's own number and hash ride along: the coordinator recorded them.
@@ -108,6 +122,32 @@ def reconcile(
     if not received and not sent:
         result.notes.append(f"site {site} sent no update in run {run}")
     return result
+
+
+def _resumes(coordinator: Sequence[dict[str, Any]]) -> list[tuple[int, str, int]]:
+    """(position, time, from_round) of each resume in the coordinator's log."""
+    return [
+        (position, str(entry.get("time", "")), int(_data(entry)["from_round"]))
+        for position, entry in enumerate(coordinator)
+        if entry.get("event") == "run-resumed" and isinstance(_data(entry).get("from_round"), int)
+    ]
+
+
+def _superseded(
+    server_round: object,
+    resumes: list[tuple[int, str, int]],
+    *,
+    position: int | None = None,
+    time: str | None = None,
+) -> bool:
+    """Whether an entry about ``server_round`` came before a resume that ran the round
+    again (placed by its position in the coordinator's log, or by its time)."""
+    if not isinstance(server_round, int):
+        return False
+    return any(
+        server_round > from_round and (position < at if position is not None else str(time) < when)
+        for at, when, from_round in resumes
+    )
 
 
 def _reconcile_round(

@@ -405,3 +405,44 @@ def test_a_site_log_rewritten_by_its_own_key_does_not_reconcile(
     assert result.matched == 3  # hashes and ε agree: only the position gives it away
     assert all("the site's log was rewritten" in p for p in result.problems)
     assert len(result.problems) == 3
+
+
+def _entry(actor: str, seq: int, time: str, event: str, **data: Any) -> dict[str, Any]:
+    return {"actor": actor, "seq": seq, "time": time, "event": event, "data": data}
+
+
+def _update(round_: int, digest: str, epsilon: float, time: str) -> dict[str, Any]:
+    return _entry(
+        "coordinator", 0, time, "update-received",
+        round=round_, site="bank-x", status="accepted", update_sha256=digest, epsilon=epsilon,
+    )  # fmt: skip
+
+
+def _trained(seq: int, round_: int, digest: str, epsilon: float, time: str) -> dict[str, Any]:
+    return _entry(
+        "bank-x", seq, time, "training-done",
+        run="R", round=round_, update_sha256=digest, epsilon_after=epsilon,
+    )  # fmt: skip
+
+
+def test_a_round_run_again_after_a_resume_is_a_note_not_a_problem() -> None:
+    coordinator = [
+        _entry("coordinator", 0, "2026-01-01T10:00:00Z", "run-started", run="R"),
+        _update(1, "a" * 64, 1.0, "2026-01-01T10:01:00Z"),
+        # round 2 was under way when the SuperLink died; the resume ran it again
+        _entry("coordinator", 2, "2026-01-01T10:05:00Z", "run-resumed", run="S", from_round=1),
+        _update(2, "c" * 64, 3.0, "2026-01-01T10:06:00Z"),
+    ]
+    site = [
+        _trained(1, 1, "a" * 64, 1.0, "2026-01-01T10:00:50Z"),
+        _trained(2, 2, "b" * 64, 2.0, "2026-01-01T10:02:00Z"),  # lost in the crash
+        _trained(3, 2, "c" * 64, 3.0, "2026-01-01T10:05:50Z"),
+    ]
+    outcome = reconcile(coordinator, site)
+    assert outcome.ok, outcome.problems
+    assert outcome.matched == 2
+    assert any(
+        "before the run was interrupted" in note and "bbbb" in note for note in outcome.notes
+    )
+    # Without the resume the same logs are a problem: two updates of round 2 at the site.
+    assert not reconcile([e for e in coordinator if e["event"] != "run-resumed"], site).ok

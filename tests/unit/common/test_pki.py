@@ -170,9 +170,10 @@ def test_addresses_become_dns_or_ip_names_and_days_set_the_expiry(tmp_path: Path
     pki.init_pki(folder, addresses, days=30)
     server = load_cert(folder / "superlink.pem")
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    # The given names first, then the loopback ones the coordinator's own commands use.
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
     ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
-    assert ips == ["10.0.0.5", "2001:db8::1", "::1"]
+    assert ips == ["10.0.0.5", "2001:db8::1", "::1", "127.0.0.1"]
     common_name = server.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert common_name == "superlink.example.org"
     lifetime = server.not_valid_after_utc - datetime.now(UTC)
@@ -205,7 +206,12 @@ def test_init_twice_is_refused_unless_forced(certs: Path) -> None:
         assert (certs / name).read_bytes() != before[name], name
     for name in ("ca.key", "superlink.key", "coordinator.key"):
         assert mode(certs / name) == 0o600, name
-    assert pki.certificate_sans(certs / "superlink.pem") == ["other.example.org"]
+    assert pki.certificate_sans(certs / "superlink.pem") == [
+        "other.example.org",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+    ]
     pki.check_certificate_chain(certs / "superlink.pem", certs / "ca.pem")
 
 
@@ -628,9 +634,9 @@ def test_cli_init_add_site_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert result.exit_code == 0, result.output
     certs = tmp_path / "certs"  # the default
     assert mode(certs) == 0o700
-    assert pki.certificate_sans(certs / "superlink.pem") == ["superlink.example.org"]
-    assert "flower-superlink --ssl-ca-certfile" in result.stdout
-    assert str(certs / "ca.pem") in result.stdout
+    assert pki.certificate_sans(certs / "superlink.pem")[0] == "superlink.example.org"
+    assert "fedlora coordinator start --certs" in result.stdout
+    assert f"--certs {certs}" in result.stdout
 
     result = runner.invoke(pki_group, ["site-keys", "keys"])
     assert result.exit_code == 0, result.output
@@ -652,7 +658,7 @@ def test_cli_init_add_site_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert result.exit_code == 0, result.output
     assert "PRIVATE" not in result.stderr and "warning" not in result.stderr
-    assert "flwr supernode register" in result.stdout
+    assert "fedlora coordinator register" in result.stdout
 
     result = runner.invoke(pki_group, ["add-site", "bank-b", "--superlink", "10.1.2.3:9092"])
     assert result.exit_code == 0, result.output

@@ -4,6 +4,8 @@ that are only handed back when they hash to what the state recorded."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,29 @@ def test_load_verified_of_a_truncated_checkpoint_is_a_config_error(tmp_path: Pat
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ConfigError):
         store.load_verified(1, adapter_sha256(arrays))
+
+
+def test_only_one_process_at_a_time_runs_a_task_in_a_directory(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run" / "checkpoints" / "task")
+    store.directory.mkdir(parents=True)
+    held = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)",
+            str(store.directory / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert held.stdout is not None
+    try:
+        assert held.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="another process"), store.exclusive():
+            pass
+    finally:
+        held.kill()
+        held.wait()
+    with store.exclusive():  # free again once the other process is gone
+        pass
