@@ -131,14 +131,18 @@ def _check_node_curve(key: ec.EllipticCurvePublicKey, path: Path, what: str) -> 
         )
 
 
-def _read_public_key_file(path: Path, what: str, expected: str) -> bytes:
-    """The bytes of a public key a site sent; a private key sent by mistake is refused."""
+def _read_key_file(path: Path, what: str) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _read_public_key_file(path: Path, what: str, expected: str) -> bytes:
+    """The bytes of a public key a site sent; a private key sent by mistake is refused."""
+    data = _read_key_file(path, what)
     if b"PRIVATE KEY" in data:
         raise ConfigError(
             f"{path} is a private key; the site must keep it and send only its {expected}"
@@ -173,12 +177,7 @@ def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
 def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """A SuperNode's private key, checked as ``flower-supernode`` checks it (an unencrypted
     OpenSSH EC key) and, like every fedlora private key, not readable by other users."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"node key {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read node key {path}: {exc.strerror}") from None
+    data = _read_key_file(path, "node key")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:  # encrypted: flower-supernode cannot ask for a passphrase

@@ -118,24 +118,59 @@ def deployment_summary(
         entries[task] = task_entry(result, names, released)
         for site in names:
             record = result["site_privacy"].get(site) or {}
-            own = [r for r in result["exclusions"] if r["site"] == site]
-            excluded = count_statuses(own, "train")
-            sites[site] = {
-                "kind": result.get("site_kinds", {}).get(site, ""),
-                "task": task,
-                "examples": record.get("examples", 0),
-                "rounds_trained": record.get("rounds_trained", 0),
-                "rounds_refused": excluded["refused"],
-                "updates_excluded": sum(excluded.values()) - excluded["refused"],
-                "epsilon_spent": record.get("epsilon", 0.0),
-                "epsilon_budget": record.get("epsilon_budget", 0.0),
-                "behaviour": None,
-                "delta": record.get("delta", 0.0),
-            }
+            sites[site] = site_entry(
+                result,
+                site,
+                kind=result.get("site_kinds", {}).get(site, ""),
+                task=task,
+                epsilon_spent=record.get("epsilon", 0.0),
+                epsilon_budget=record.get("epsilon_budget", 0.0),
+                delta=record.get("delta", 0.0),
+            )
+    return write_summary(run_dir, name, wall_seconds, entries, sites)
+
+
+def site_entry(
+    result: dict[str, Any],
+    site: str,
+    *,
+    kind: str,
+    task: str,
+    epsilon_spent: float,
+    epsilon_budget: float,
+    delta: float,
+    behaviour: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """summary.json's entry for one site of a task's run; the privacy figures come from
+    whoever may know them (the site's ledger in a simulation, its replies otherwise)."""
+    record = result["site_privacy"].get(site) or {}
+    excluded = count_statuses([r for r in result["exclusions"] if r["site"] == site], "train")
+    return {
+        "kind": kind,
+        "task": task,
+        "examples": record.get("examples", 0),
+        "rounds_trained": record.get("rounds_trained", 0),
+        "rounds_refused": excluded["refused"],
+        "updates_excluded": sum(excluded.values()) - excluded["refused"],
+        "epsilon_spent": epsilon_spent,
+        "epsilon_budget": epsilon_budget,
+        "behaviour": behaviour,
+        "delta": delta,
+    }
+
+
+def write_summary(
+    run_dir: Path,
+    name: str,
+    wall_seconds: float,
+    tasks: dict[str, Any],
+    sites: dict[str, Any],
+) -> dict[str, Any]:
+    """Write summary.json (the audit trail verified and its report written first)."""
     summary = {
         "scenario": name,
         "wall_seconds": round(wall_seconds, 1),
-        "tasks": entries,
+        "tasks": tasks,
         "sites": sites,
         "audit": audit_summary(run_dir),
     }

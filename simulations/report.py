@@ -3,7 +3,6 @@ site's own ledger and installed artifact); plots and tables are server.run_repor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,11 @@ from common.config import load_site_config
 from common.errors import ArtifactError
 from common.signing import load_public_key
 from server.run_report import (
-    audit_summary,
-    count_statuses,
     read_result,
+    site_entry,
     task_entry,
     verify_released_artifact,
+    write_summary,
 )
 from simulations.scenario import Scenario
 
@@ -35,33 +34,20 @@ def build_summary(scenario: Scenario, run_dir: Path, wall_seconds: float) -> dic
             artifact_summary(run_dir, task, result.get("artifact") or {}, scenario),
         )
         for spec in scenario.sites_of(task):
-            record = result["site_privacy"].get(spec.id)
             site = Site(load_site_config(run_dir / "sites" / f"{spec.id}.toml"))
-            own = [r for r in result["exclusions"] if r["site"] == spec.id]
-            excluded = count_statuses(own, "train")
-            sites[spec.id] = {
-                "kind": spec.kind,
-                "task": task,
-                "examples": record["examples"] if record else 0,
-                "rounds_trained": record["rounds_trained"] if record else 0,
-                "rounds_refused": excluded["refused"],
-                "updates_excluded": sum(excluded.values()) - excluded["refused"],
+            sites[spec.id] = site_entry(
+                result,
+                spec.id,
+                kind=spec.kind,
+                task=task,
                 # A local simulation may read each site's own ledger: the lifetime ε,
                 # also for a site that refused every round of this run.
-                "epsilon_spent": site.open_ledger(site.load_data().dataset).epsilon(),
-                "epsilon_budget": site.config.privacy.epsilon,
-                "behaviour": spec.behaviour.model_dump() if spec.behaviour else None,
-                "delta": site.config.privacy.delta,
-            }
-    summary = {
-        "scenario": scenario.name,
-        "wall_seconds": round(wall_seconds, 1),
-        "tasks": tasks,
-        "sites": sites,
-        "audit": audit_summary(run_dir),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+                epsilon_spent=site.open_ledger(site.load_data().dataset).epsilon(),
+                epsilon_budget=site.config.privacy.epsilon,
+                delta=site.config.privacy.delta,
+                behaviour=spec.behaviour.model_dump() if spec.behaviour else None,
+            )
+    return write_summary(run_dir, scenario.name, wall_seconds, tasks, sites)
 
 
 def artifact_summary(

@@ -95,11 +95,18 @@ def _strategy(
 
 class FakeGrid:
     """The part of a Grid the strategy uses: the connected nodes, and introductions
-    (answered with the site name for the nodes in ``names``, unanswered otherwise)."""
+    (answered with the site name for the nodes in ``names``, unanswered otherwise;
+    ``details`` replaces what a node says of itself: site id, kind, task…)."""
 
-    def __init__(self, nodes: Iterable[int], names: Mapping[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        nodes: Iterable[int],
+        names: Mapping[int, str] | None = None,
+        details: Mapping[int, Mapping[str, str]] | None = None,
+    ) -> None:
         self.nodes = list(nodes)
         self.names = dict(names or {})
+        self.details = {node: dict(told) for node, told in (details or {}).items()}
         self.introduced: list[int] = []
         self._polls = 0
 
@@ -115,7 +122,10 @@ class FakeGrid:
             assert message.metadata.message_type == MessageType.QUERY
             node = message.metadata.dst_node_id
             self.introduced.append(node)
-            if node in self.names:
+            if node in self.details:
+                site = ConfigRecord(dict(self.details[node]))
+                answers.append(Message(RecordDict({"site": site}), reply_to=message))
+            elif node in self.names:
                 site = ConfigRecord(
                     {SITE_ID_KEY: self.names[node], "kind": "bank", AUDIT_KEY: f"ed25519:{node}"}
                 )

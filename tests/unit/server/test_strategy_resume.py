@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.adapters import AdapterArrays, adapter_sha256, arrays_to_record, record_to_arrays
 from common.audit.log import AuditLog
@@ -24,6 +24,7 @@ from server.checkpoint import CheckpointStore, RunState
 from server.reporting import RunRecorder
 from server.strategy import FedLoraStrategy
 from tests.unit.server.replies import eval_metrics, nudged, train_metrics
+from tests.unit.server.test_strategy import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -81,35 +82,9 @@ def _strategy(
     )
 
 
-class FakeGrid:
-    """The connected nodes, and introductions: node -> what its site says of itself
-    (site id, kind, task); nodes not in ``sites`` do not answer."""
-
-    def __init__(
-        self, nodes: Iterable[int], sites: Mapping[int, Mapping[str, str]] | None = None
-    ) -> None:
-        self.nodes = list(nodes)
-        self.sites = {node: dict(details) for node, details in (sites or {}).items()}
-        self.introduced: list[int] = []
-        self._polls = 0
-
-    def get_node_ids(self) -> list[int]:
-        self._polls += 1
-        assert self._polls < 20, "FakeGrid has fewer nodes than the strategy waits for"
-        return list(self.nodes)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        answers = []
-        for message in messages:
-            assert message.metadata.message_type == MessageType.QUERY
-            node = message.metadata.dst_node_id
-            self.introduced.append(node)
-            if node in self.sites:
-                site = ConfigRecord()
-                for key, value in self.sites[node].items():
-                    site[key] = value
-                answers.append(Message(RecordDict({"site": site}), reply_to=message))
-        return answers
+def _grid(nodes: Iterable[int], sites: Mapping[int, Mapping[str, str]] | None = None) -> FakeGrid:
+    """The strategy tests' grid; ``sites``: node -> what its site says of itself."""
+    return FakeGrid(nodes, details=sites)
 
 
 def _site(name: str, task: str | None = TASK) -> dict[str, str]:
@@ -150,7 +125,7 @@ def _round(strategy: FedLoraStrategy, flower_round: int, accuracy: float, seed: 
         flower_round,
         ArrayRecord(),
         ConfigRecord(),
-        FakeGrid(NODES),  # type: ignore[arg-type]
+        _grid(NODES),  # type: ignore[arg-type]
     )
     arrays, _ = strategy.aggregate_train(flower_round, _honest_replies(instructions, seed))
     assert arrays is not None, strategy.recorder.exclusions
@@ -158,7 +133,7 @@ def _round(strategy: FedLoraStrategy, flower_round: int, accuracy: float, seed: 
         flower_round,
         ArrayRecord(),
         ConfigRecord(),
-        FakeGrid(NODES),  # type: ignore[arg-type]
+        _grid(NODES),  # type: ignore[arg-type]
     )
     answers = [_answer(m, None, eval_metrics(50, 1 - accuracy, accuracy)) for m in evaluation]
     assert strategy.aggregate_evaluate(flower_round, answers) is not None
@@ -323,7 +298,7 @@ def test_resumed_hooks_number_rounds_after_the_completed_one(tmp_path: Path) -> 
             1,
             ArrayRecord(),
             ConfigRecord(),
-            FakeGrid(NODES),  # type: ignore[arg-type]
+            _grid(NODES),  # type: ignore[arg-type]
         )
     )
     assert requests.rounds == [run_round]
@@ -346,7 +321,7 @@ def test_resumed_hooks_number_rounds_after_the_completed_one(tmp_path: Path) -> 
             1,
             ArrayRecord(),
             ConfigRecord(),
-            FakeGrid(NODES),  # type: ignore[arg-type]
+            _grid(NODES),  # type: ignore[arg-type]
         )
     )
     assert requests.rounds == [run_round, run_round]
@@ -415,7 +390,7 @@ def test_nodes_of_another_task_are_left_out(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path)
     strategy.min_sites = 1
     nodes = [1, 2, 3, 4]
-    grid = FakeGrid(
+    grid = _grid(
         nodes,
         {
             1: _site("bank-1"),
@@ -438,7 +413,7 @@ def test_nodes_of_another_task_are_left_out(tmp_path: Path) -> None:
             1,
             ArrayRecord(),
             ConfigRecord(),
-            FakeGrid(nodes),  # type: ignore[arg-type]
+            _grid(nodes),  # type: ignore[arg-type]
         )
     )
     assert sorted(m.metadata.dst_node_id for m in evaluation) == [1, 3, 4]
@@ -447,7 +422,7 @@ def test_nodes_of_another_task_are_left_out(tmp_path: Path) -> None:
 def test_a_node_left_out_is_not_timed_out(tmp_path: Path) -> None:
     """The other task's node was never asked, so its silence is no exclusion."""
     strategy = _strategy(tmp_path)
-    grid = FakeGrid([1, 2, 3], {1: _site("bank-1"), 2: _site("bank-2"), 3: _site("h-3", "x")})
+    grid = _grid([1, 2, 3], {1: _site("bank-1"), 2: _site("bank-2"), 3: _site("h-3", "x")})
     instructions = list(
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     )
