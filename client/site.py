@@ -189,6 +189,7 @@ class Site:
             max_grad_norm=request.max_grad_norm,
             noise_multiplier=0.0,
             accountant=self.config.privacy.accountant,
+            grad_sample_mode=self.config.privacy.grad_sample_mode,
         )
 
     def plan_round(
@@ -357,11 +358,7 @@ class Site:
                 reason=str(exc),
             )
             raise
-        adapter_out = {
-            k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
-        }
-        if request.freeze_lora_a:
-            adapter_out = without_lora_a(adapter_out)
+        adapter_out = outgoing_adapter(model, request)
         self.audit.record(
             "training-done",
             run=run,
@@ -407,6 +404,16 @@ class Site:
             loss=result.loss,
         )
         return result
+
+
+def outgoing_adapter(model: PeftModel, request: RoundRequest) -> AdapterArrays:
+    """The update as it leaves the site (and as it is hashed): the adapter's tensors in
+    the run's update precision, without the frozen A matrices under FFA-LoRA."""
+    arrays = {
+        name: value.detach().cpu().numpy().astype(request.update_dtype, copy=False)
+        for name, value in get_peft_model_state_dict(model).items()
+    }
+    return without_lora_a(arrays) if request.freeze_lora_a else arrays
 
 
 def load_site(path: Path) -> Site:

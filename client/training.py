@@ -18,15 +18,14 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from opacus import GradSampleModule, PrivacyEngine
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus import PrivacyEngine
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -48,6 +47,11 @@ class TrainingPlan:
     noise_multiplier: float
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
+    """How Opacus computes per-sample gradients: 'hooks', 'functorch' or 'ghost' (ghost
+    clipping: norms without materialising per-sample gradients, two backward passes)."""
+    private: bool = True
+    """False trains the same model, batches and data with no clipping and no noise: the
+    baseline of the DP-overhead and utility benchmarks. A site never trains this way."""
     optimizer: str = "sgd"
     """'sgd' (with momentum 0.9) or 'adam'."""
     seed: int | None = None
@@ -108,12 +112,42 @@ class OneRecordPerPerson(Dataset[tuple[torch.Tensor, ...]]):
         return tuple(self.records[pick])
 
 
+class PerSampleLoss(nn.Module):
+    """Cross-entropy per record, weighted by class; ``reduction`` is Opacus's switch.
+
+    Ghost clipping calls the criterion with ``reduction = "none"`` to get one loss per
+    record, so the weighting lives here rather than in the training loop.
+    """
+
+    def __init__(self, class_weights: torch.Tensor | None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.class_weights = class_weights
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+        if self.class_weights is not None:
+            losses = losses * self.class_weights[labels]
+        return losses.mean() if self.reduction == "mean" else losses
+
+
 class PrivateTraining(NamedTuple):
-    engine: PrivacyEngine
-    module: GradSampleModule
-    optimizer: DPOptimizer
-    loader: DPDataLoader
+    engine: PrivacyEngine | None
+    """None when the plan is not private."""
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[tuple[torch.Tensor, ...]]
     trainable: list[nn.Parameter]
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _empty_step(optimizer: torch.optim.Optimizer, trainable: Sequence[nn.Parameter]) -> None:
+    """The noise-only step of an empty Poisson batch: zero per-sample gradients (or, under
+    ghost clipping, zero gradients and no per-sample norms) and Opacus's step."""
+    for parameter in trainable:
+        parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))  # type: ignore[attr-defined]
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
 
 
 class DPTrainer:
@@ -141,91 +175,109 @@ class DPTrainer:
         return TensorDataset(*tensors, torch.from_numpy(data.labels))
 
     def _per_sample_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-        if self.class_weights is not None:
-            losses = losses * self.class_weights[labels]
-        return losses
+        return PerSampleLoss(self.class_weights, reduction="none")(logits, labels)
 
     def make_private(
         self, data: SiteData, plan: TrainingPlan, history: Sequence[HistoryEntry]
     ) -> PrivateTraining:
-        """Opacus's model, optimizer and person-level Poisson loader for ``plan``.
+        """Opacus's model, optimizer, criterion and person-level Poisson loader for ``plan``.
 
-        The accountant starts from ``history``, so ε keeps accumulating across rounds.
+        The accountant starts from ``history``, so ε keeps accumulating across rounds. A
+        plan that is not private gets the same optimizer over fixed-size shuffled batches
+        of the same one-record-per-person data, and no Opacus at all.
         """
         self.model.train()
         seed = plan.seed if plan.seed is not None else secrets.randbits(63)
         people = OneRecordPerPerson(self._dataset(data), data.person_keys, seed=seed)
-        loader = DataLoader(
-            people, batch_size=plan.batch_size, generator=torch.Generator().manual_seed(seed + 1)
-        )
+        generator = torch.Generator().manual_seed(seed + 1)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
         if plan.optimizer == "adam":
             optimizer = torch.optim.Adam(trainable, lr=plan.learning_rate)
         else:
             optimizer = torch.optim.SGD(trainable, lr=plan.learning_rate, momentum=0.9)
+        criterion = PerSampleLoss(self.class_weights)
+        if not plan.private:
+            loader = DataLoader(
+                people, batch_size=plan.batch_size, shuffle=True, generator=generator
+            )
+            return PrivateTraining(None, self.model, optimizer, loader, trainable, criterion)
+        loader = DataLoader(people, batch_size=plan.batch_size, generator=generator)
         with warnings.catch_warnings():
             # Opacus warns that secure RNG is off (torchcsprng is not part of the stack).
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=plan.accountant)
             engine.accountant.history = [tuple(entry) for entry in history]
-            module, private_optimizer, private_loader = engine.make_private(
+            made = engine.make_private(
                 module=self.model,
                 optimizer=optimizer,
                 data_loader=loader,
+                criterion=criterion,
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=plan.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode=plan.grad_sample_mode,
                 noise_generator=torch.Generator().manual_seed(seed + 2),
             )
-        return PrivateTraining(engine, module, private_optimizer, private_loader, trainable)
+        if len(made) == 4:  # ghost clipping wraps the criterion too
+            module, private_optimizer, criterion, private_loader = made
+        else:
+            module, private_optimizer, private_loader = made
+        return PrivateTraining(
+            engine, module, private_optimizer, private_loader, trainable, criterion
+        )
 
     def train(
         self, data: SiteData, plan: TrainingPlan, history: Sequence[HistoryEntry]
     ) -> TrainResult:
         """Run ``plan.epochs`` of DP-SGD, charging an accountant that starts from ``history``."""
-        private = self.make_private(data, plan, history)
-        engine, private_model, private_optimizer, private_loader, trainable = private
+        # Subnormal floats (a zero-initialised head sends ~1e-40 gradients back through
+        # the frozen backbone) run CPU matmuls ~4x slower; flushing them to zero changes
+        # nothing a DP step can see. The setting is per process: sites train in their own.
+        torch.set_flush_denormal(True)
+        engine, model, optimizer, loader, trainable, criterion = self.make_private(
+            data, plan, history
+        )
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         with warnings.catch_warnings():
             # Frozen inputs make torch warn about full backward hooks on every batch.
             warnings.filterwarnings("ignore", message="Full backward hook")
             try:
                 for _ in range(plan.epochs):
-                    for *inputs, labels in private_loader:
-                        private_optimizer.zero_grad(set_to_none=True)
+                    for *inputs, labels in loader:
+                        optimizer.zero_grad(set_to_none=True)
                         if len(labels) == 0:
                             # An empty Poisson batch still takes a noise-only step, charged
                             # to the accountant like any other. Models cannot run on zero
                             # records, so hand Opacus the (empty) per-sample gradients.
-                            for parameter in trainable:
-                                parameter.grad_sample = parameter.new_zeros(  # type: ignore[attr-defined]
-                                    (0, *parameter.shape)
-                                )
-                            private_optimizer.step()
+                            _empty_step(optimizer, trainable)
                             steps += 1
                             continue
                         kwargs = dict(zip(self.input_names, inputs, strict=True))
-                        outputs = private_model(**kwargs)
-                        losses = self._per_sample_loss(outputs.logits, labels)
-                        losses.mean().backward()
-                        private_optimizer.step()
-                        total_loss += float(losses.detach().sum())
-                        correct += int((outputs.logits.argmax(-1) == labels).sum())
+                        logits = model(**kwargs).logits
+                        criterion(logits, labels).backward()
+                        optimizer.step()
+                        total_loss += float(self._per_sample_loss(logits.detach(), labels).sum())
+                        correct += int((logits.argmax(-1) == labels).sum())
                         seen += len(labels)
                         steps += 1
             finally:
-                private_model._close()  # removes Opacus hooks; the peft model stays usable
+                if isinstance(model, AbstractGradSampleModule):
+                    model._close()  # removes Opacus hooks; the peft model stays usable
         self.model.eval()
+        if engine is None:
+            history_out = [tuple(entry) for entry in history]
+            round_entry: HistoryEntry = (0.0, 0.0, steps)
+        else:
+            history_out = list(engine.accountant.history)
+            round_entry = (plan.noise_multiplier, float(loader.sample_rate), steps)  # type: ignore[attr-defined]
         return TrainResult(
             loss=total_loss / max(seen, 1),
             accuracy=correct / max(seen, 1),
             examples=len(data.labels),
             steps=steps,
-            history=[(float(s), float(q), int(n)) for s, q, n in engine.accountant.history],
-            round_entry=(plan.noise_multiplier, float(private_loader.sample_rate), steps),
+            history=[(float(s), float(q), int(n)) for s, q, n in history_out],
+            round_entry=round_entry,
         )
 
     @torch.no_grad()

@@ -45,6 +45,16 @@ def payload_bytes(arrays: Mapping[str, npt.NDArray[np.generic]]) -> int:
     return sum(int(value.nbytes) for value in arrays.values())
 
 
+class PackedAdapter(dict[str, npt.NDArray[np.floating]]):
+    """An adapter whose tensors are views of one contiguous vector, ``flat``."""
+
+    def __init__(
+        self, views: Mapping[str, npt.NDArray[np.floating]], flat: npt.NDArray[np.floating]
+    ) -> None:
+        super().__init__(views)
+        self.flat = flat
+
+
 @dataclass(frozen=True)
 class AdapterSchema:
     """Names, shapes and dtypes of the run's adapter, fixed by the initial global adapter."""
@@ -70,6 +80,40 @@ class AdapterSchema:
             int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             for _, shape, dtype in self.entries
         )
+
+    def with_dtype(self, dtype: str) -> AdapterSchema:
+        """The same tensors in ``dtype``: what an update looks like on the wire."""
+        return AdapterSchema(tuple((name, shape, dtype) for name, shape, _ in self.entries))
+
+    def pack(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> PackedAdapter:
+        """One contiguous vector in the schema's order and dtype, the tensors its views.
+
+        Aggregating packed updates is one fused operation per update rather than one
+        per tensor (a ViT-B/16 adapter has 48), which is what makes 1000 updates fast.
+        """
+        dtype = np.dtype(self.entries[0][2]) if self.entries else np.dtype(np.float32)
+        if any(np.dtype(entry_dtype) != dtype for _, _, entry_dtype in self.entries):
+            raise UpdateError("a packed adapter needs one dtype for every tensor")
+        flat = (
+            np.concatenate(
+                [np.asarray(arrays[name], dtype=dtype).reshape(-1) for name, _, _ in self.entries]
+            )
+            if self.entries
+            else np.zeros(0, dtype)
+        )
+        return self.unpack(flat)
+
+    def unpack(self, flat: npt.NDArray[np.floating]) -> PackedAdapter:
+        """The schema's tensors as views of ``flat`` (no copy)."""
+        if flat.ndim != 1 or flat.size != self.elements:
+            raise UpdateError(f"a packed adapter has {self.elements} values, not {flat.size}")
+        views: dict[str, npt.NDArray[np.floating]] = {}
+        start = 0
+        for name, shape, _ in self.entries:
+            size = int(np.prod(shape, dtype=np.int64))
+            views[name] = flat[start : start + size].reshape(shape)
+            start += size
+        return PackedAdapter(views, flat)
 
     def check(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Raise UpdateError naming the first mismatch (missing, extra, shape, dtype)."""

@@ -26,6 +26,7 @@ from common.errors import ConfigError
 
 SiteKind = Literal["hospital", "bank"]
 AccountantName = Literal["prv", "rdp"]
+GradSampleMode = Literal["hooks", "functorch", "ghost"]
 
 
 class StrictModel(BaseModel):
@@ -100,6 +101,12 @@ class PrivacyBudget(StrictModel):
     delta: float = Field(default=1e-5, gt=0, lt=1e-2, description="δ of the guarantee.")
     accountant: AccountantName = Field(
         default="prv", description="How ε is computed: 'prv' (tight, default) or 'rdp'."
+    )
+    grad_sample_mode: GradSampleMode = Field(
+        default="hooks",
+        description="How Opacus computes per-sample gradient norms: 'hooks' (default, "
+        "fastest in benchmarks/dp_overhead.py), 'functorch', or 'ghost' (ghost clipping: "
+        "less memory, a second backward pass). The privacy guarantee is the same.",
     )
 
 
@@ -301,6 +308,12 @@ class FederationSettings(StrictModel):
         gt=0,
         allow_inf_nan=False,
         description="Seconds to wait for replies; late sites are skipped.",
+    )
+    update_precision: Literal["float16", "float32"] = Field(
+        default="float16",
+        description="Precision sites send their adapter updates in. 'float16' halves the "
+        "traffic; its rounding is far below the DP noise, and the coordinator aggregates "
+        "in float32/float64 either way.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     dp: DPSettings = Field(default_factory=DPSettings)

@@ -62,6 +62,11 @@ SITE_REMAINING_BUDGET = -1.0
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
+UPDATE_DTYPES = ("float32", "float16")
+"""Precisions an update may travel in. float16 rounds each value to 11 significant bits,
+far below the DP noise (σ·C/B per step), and post-processing costs no privacy."""
+
+
 @dataclass(frozen=True)
 class RoundRequest:
     task: str
@@ -85,6 +90,8 @@ class RoundRequest:
     run_id: str
     """The federation run the round belongs to. It stays the same when a run is resumed,
     so a site keeps the run's privacy plan; empty: the Flower run that carries it."""
+    update_dtype: str = "float32"
+    """The dtype a site sends its update in (UPDATE_DTYPES); float16 halves the traffic."""
 
     @classmethod
     def for_round(
@@ -122,6 +129,7 @@ class RoundRequest:
             freeze_lora_a=freeze_lora_a,
             seed=federation.seed,
             run_id=run_id,
+            update_dtype=federation.update_precision,
         )
 
     @property
@@ -186,6 +194,8 @@ class RoundRequest:
             problems.append("run_id must be up to 64 letters, digits, '.', '_' or '-'")
         if not all(isinstance(target, str) for target in self.lora_targets):
             problems.append("lora_targets must be module names")
+        if self.update_dtype not in UPDATE_DTYPES:
+            problems.append(f"update_dtype must be one of {', '.join(UPDATE_DTYPES)}")
         if problems:
             raise UpdateError("invalid round configuration: " + "; ".join(problems))
 

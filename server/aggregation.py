@@ -12,50 +12,120 @@ influence over a statistic meant to resist it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import zip_longest
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
-from common.adapters import lora_pairs
+from common.adapters import AdapterSchema, PackedAdapter, lora_pairs
 from common.registry import Registry
 
 Arrays = Mapping[str, npt.NDArray[np.floating]]
 Aggregate = dict[str, npt.NDArray[np.floating]]
-Aggregator = Callable[[Sequence[Arrays], Sequence[float]], Aggregate]
+Aggregator = Callable[[Iterable[Arrays], Iterable[float]], Aggregate]
+"""Takes the updates and their weights as iterables: fedavg streams them, the robust
+aggregators (which need every value of a coordinate at once) hold them all."""
 
 
-def _check_updates(updates: Sequence[Arrays], weights: Sequence[float]) -> None:
-    if not updates:
+def _check_updates(
+    updates: Iterable[Arrays], weights: Iterable[float]
+) -> tuple[list[Arrays], list[float]]:
+    """Every update and weight, in lists, once checked to belong together."""
+    held, held_weights = list(updates), list(weights)
+    if not held:
         raise ValueError("nothing to aggregate")
-    if len(updates) != len(weights):
+    if len(held) != len(held_weights):
         raise ValueError("one weight per update is required")
-    names = set(updates[0])
-    if any(set(update) != names for update in updates[1:]):
+    names = set(held[0])
+    if any(set(update) != names for update in held[1:]):
         raise ValueError("every update must carry the same tensors")
+    return held, held_weights
 
 
-def fedavg(updates: Sequence[Arrays], weights: Sequence[float]) -> Aggregate:
-    """Weighted mean of every tensor (weights: examples per site), in float64, cast back.
+PARTIAL_SUM_UPDATES = 32
+"""fedavg sums at most this many updates in float32 before folding them into float64."""
 
-    One pass over the updates with a running sum, so memory does not grow with the
-    number of sites.
+
+def fedavg(
+    updates: Iterable[Arrays],
+    weights: Iterable[float],
+    partial_sum_updates: int = PARTIAL_SUM_UPDATES,
+) -> Aggregate:
+    """Weighted mean of every tensor (weights: examples per site), cast back to the
+    updates' dtype.
+
+    Streaming: one pass over ``updates`` (a generator is fine), holding one running sum,
+    so memory does not grow with the number of sites. Each update is handled as one
+    contiguous vector (packed updates, see ``AdapterSchema.pack``, are used as they are)
+    with one fused multiply-add, on every core; float32 partial sums of at most
+    ``partial_sum_updates`` updates are folded into a float64 total, so rounding is that
+    of a 32-term float32 sum, far below the DP noise in any update.
     """
-    _check_updates(updates, weights)
-    if not all(np.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError("weights must be finite and non-negative")
-    total = float(sum(weights))
-    if total <= 0:
+    schema: AdapterSchema | None = None
+    running: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    scale, weight_sum, in_partial = 1.0, 0.0, 0
+    for update, weight in _paired(updates, weights):
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError("weights must be finite and non-negative")
+        if schema is None:
+            if not update:
+                raise ValueError("every update must carry the same tensors")
+            schema = AdapterSchema.of(update)
+            exact = schema.entries[0][2] == "float64"
+            running = torch.zeros(schema.elements, dtype=torch.float64 if exact else torch.float32)
+            total = torch.zeros(schema.elements, dtype=torch.float64)
+            scale = weight if weight > 0 else 1.0  # relative weights: one update stays exact
+        elif set(update) != {name for name, _, _ in schema.entries}:
+            raise ValueError("every update must carry the same tensors")
+        assert running is not None and total is not None
+        flat = _flat(update, schema)
+        running.add_(torch.from_numpy(flat).to(running.dtype), alpha=weight / scale)
+        weight_sum += weight
+        in_partial += 1
+        if in_partial == partial_sum_updates:
+            total.add_(running)
+            running.zero_()
+            in_partial = 0
+    if schema is None or running is None or total is None:
+        raise ValueError("nothing to aggregate")
+    if weight_sum <= 0:
         raise ValueError("weights must have a positive sum")
-    sums: dict[str, npt.NDArray[np.float64]] = {
-        name: np.zeros(value.shape, dtype=np.float64) for name, value in updates[0].items()
-    }
-    for update, weight in zip(updates, weights, strict=True):
-        for name, value in update.items():
-            sums[name] += np.asarray(value, dtype=np.float64) * (weight / total)
-    return {name: sums[name].astype(updates[0][name].dtype) for name in sums}
+    total.add_(running)
+    mean = (total * (scale / weight_sum)).numpy()
+    dtype = aggregate_dtype(np.dtype(schema.entries[0][2]))
+    return dict(schema.with_dtype(dtype.name).unpack(mean.astype(dtype)))
+
+
+def aggregate_dtype(update_dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """What an aggregate is kept in: the updates' dtype, but never below float32 (sites
+    may send float16 to halve the traffic; the global adapter stays full precision)."""
+    return np.promote_types(update_dtype, np.float32)
+
+
+def _paired(updates: Iterable[Arrays], weights: Iterable[float]) -> Iterator[tuple[Arrays, float]]:
+    sentinel = object()
+    for update, weight in zip_longest(updates, weights, fillvalue=sentinel):
+        if update is sentinel or weight is sentinel:
+            raise ValueError("one weight per update is required")
+        yield update, weight  # type: ignore[misc]
+
+
+def _flat(update: Arrays, schema: AdapterSchema) -> npt.NDArray[np.floating]:
+    """The update as one vector in the schema's order: free for a packed update."""
+    if (
+        isinstance(update, PackedAdapter)
+        and update.flat.dtype == np.dtype(schema.entries[0][2])
+        and list(update) == [name for name, _, _ in schema.entries]
+    ):
+        return update.flat
+    return schema.pack(update).flat
 
 
 def _coordinatewise(
@@ -66,12 +136,12 @@ def _coordinatewise(
     result: Aggregate = {}
     for name, first in updates[0].items():
         stacked = np.stack([np.asarray(u[name], dtype=np.float64) for u in updates])
-        result[name] = statistic(stacked).astype(first.dtype)
+        result[name] = statistic(stacked).astype(aggregate_dtype(first.dtype))
     return result
 
 
 def symmetric_trimmed_mean(
-    updates: Sequence[Arrays], weights: Sequence[float], trim_fraction: float = 0.2
+    updates: Iterable[Arrays], weights: Iterable[float], trim_fraction: float = 0.2
 ) -> Aggregate:
     """Coordinate-wise mean after dropping the ⌊β·N⌋ smallest and largest values (the
     textbook trimmed mean of Yin et al., 2018).
@@ -81,7 +151,7 @@ def symmetric_trimmed_mean(
     attacker's side by a fraction of the spread between sites; under DP that spread is
     the noise, and the bias costs accuracy (see the README's robustness benchmark).
     """
-    _check_updates(updates, weights)
+    updates, weights = _check_updates(updates, weights)
     trim = _trim_count(trim_fraction, len(updates))
 
     def statistic(stacked: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -93,7 +163,7 @@ def symmetric_trimmed_mean(
 
 
 def trimmed_mean(
-    updates: Sequence[Arrays], weights: Sequence[float], trim_fraction: float = 0.2
+    updates: Iterable[Arrays], weights: Iterable[float], trim_fraction: float = 0.2
 ) -> Aggregate:
     """Coordinate-wise mean after dropping the ⌊β·N⌋ values farthest from the median.
 
@@ -103,7 +173,7 @@ def trimmed_mean(
     plain mean of the rest, without a bias toward the attacker's side. With too few
     sites to trim anything it is the plain (unweighted) mean.
     """
-    _check_updates(updates, weights)
+    updates, weights = _check_updates(updates, weights)
     trim = _trim_count(trim_fraction, len(updates))
 
     def statistic(stacked: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -120,9 +190,9 @@ def _trim_count(trim_fraction: float, sites: int) -> int:
     return math.floor(trim_fraction * sites)
 
 
-def coordinate_median(updates: Sequence[Arrays], weights: Sequence[float]) -> Aggregate:
+def coordinate_median(updates: Iterable[Arrays], weights: Iterable[float]) -> Aggregate:
     """Coordinate-wise median: tolerates any minority of arbitrary sites."""
-    _check_updates(updates, weights)
+    updates, weights = _check_updates(updates, weights)
     return _coordinatewise(updates, lambda stacked: np.asarray(np.median(stacked, axis=0)))
 
 
@@ -135,7 +205,7 @@ def lora_product_error(
     module m (Frobenius, stacked), with the weights of the weighted mean. 0 means the
     aggregate is exactly the average update; averaging A and B separately is not.
     """
-    _check_updates(updates, weights)
+    updates, weights = _check_updates(updates, weights)
     total = float(sum(weights))
     error_sq, reference_sq = 0.0, 0.0
     for a_name, b_name in lora_pairs(aggregate):

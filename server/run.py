@@ -12,9 +12,14 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from common.adapters import adapter_sha256, arrays_to_record, lora_a_dtype, seeded_lora_a
+from common.adapters import (
+    adapter_sha256,
+    arrays_to_record,
+    lora_a_dtype,
+    seeded_lora_a,
+)
 from common.audit.review import COORDINATOR_PRIVATE_KEY, COORDINATOR_PUBLIC_KEY
 from common.config import FederationConfig
 from common.errors import ConfigError
@@ -65,6 +70,13 @@ def full_model_bytes(model: torch.nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
+def initial_model(federation: FederationConfig) -> PeftModel:
+    """The base model with the run's round-0 LoRA, initialised from the run's seed."""
+    spec = TASKS.get(federation.task)
+    torch.manual_seed(federation.seed)
+    return spec.wrap_with_lora(spec.load_base_model(federation.base_model), federation.lora)
+
+
 def run_federation(
     grid: Grid,
     federation: FederationConfig,
@@ -111,8 +123,7 @@ def _run_federation(
     run_id = state.run_id if state is not None else str(grid.run.run_id)
     aggregation = AGGREGATORS.get(federation.aggregator)
     base_sha256 = model_fingerprint(federation.base_model)
-    torch.manual_seed(federation.seed)
-    model = spec.wrap_with_lora(spec.load_base_model(federation.base_model), federation.lora)
+    model = initial_model(federation)
     initial = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
     frozen: dict[str, Any] = {}
     if aggregation.freezes_lora_a:

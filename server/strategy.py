@@ -333,6 +333,8 @@ class FedLoraStrategy(FedAvg):
             self.recorder.round_trained(server_round, int(sum(weights)), None, reason)
             self.audit.round_failed(server_round, reason)
             return None, metric_record({"sites": float(len(good)), **counts})
+        # Updates arrive in the run's update precision, packed by validation; the
+        # aggregate is computed and kept in (at least) float32.
         aggregate = self.aggregator(updates, weights)
         error = lora_product_error(
             [{**update, **self.frozen} for update in updates],

@@ -252,6 +252,8 @@ def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
         "audit_key": fingerprint(key),
     }
     done = events[4]
+    assert {value.dtype for value in sent.values()} == {np.dtype(request.update_dtype)}
+    assert request.update_dtype == "float16"  # the federation default: half the bytes
     assert done["update_sha256"] == adapter_sha256(sent)  # what the coordinator will hash
     metrics = reply.content.metric_records["metrics"]
     assert done["epsilon_after"] == metrics["epsilon"] and done["epsilon_before"] == 0.0
@@ -437,7 +439,8 @@ def test_an_ffa_round_trains_b_only_and_keeps_the_run_seeded_a(
     assert set(outcome.adapter) == set(sent)
     assert not any(is_lora_a(name) for name in outcome.adapter)
     for name, value in outcome.adapter.items():
-        assert value.shape == sent[name].shape and value.dtype == sent[name].dtype, name
+        assert value.shape == sent[name].shape, name
+        assert value.dtype == np.dtype(request.update_dtype), name  # the wire's precision
     b_names = [name for name in sent if ".lora_B." in name]
     assert len(b_names) == len(frozen)
     for name in b_names:
@@ -454,19 +457,22 @@ def test_an_ffa_round_trains_b_only_and_keeps_the_run_seeded_a(
     state = get_peft_model_state_dict(model)
     for name, value in frozen.items():
         np.testing.assert_array_equal(state[name].detach().numpy(), value, err_msg=name)
-    # And what the site reports is the model it trained.
+    # And what the site reports is the model it trained, in the run's update precision.
     for name, value in outcome.adapter.items():
-        np.testing.assert_array_equal(state[name].detach().numpy(), value, err_msg=name)
+        sent_as = state[name].detach().numpy().astype(request.update_dtype)
+        np.testing.assert_array_equal(sent_as, value, err_msg=name)
 
     # Evaluation under FFA fills in the same A: it matches evaluating B with the seeded A
-    # sent explicitly, and differs from B with another seed's A.
-    ffa_eval = site.evaluate(request, outcome.adapter, run="ffa-run")
+    # sent explicitly, and differs from B with another seed's A. (A global adapter comes
+    # back in float32, as the coordinator aggregates.)
+    trained = {name: value.astype(np.float32) for name, value in outcome.adapter.items()}
+    ffa_eval = site.evaluate(request, trained, run="ffa-run")
     plain = _ffa_request(federation, freeze_lora_a=False)
-    with_a = site.evaluate(plain, {**outcome.adapter, **frozen}, run="ffa-run")
+    with_a = site.evaluate(plain, {**trained, **frozen}, run="ffa-run")
     assert ffa_eval.loss == pytest.approx(with_a.loss, rel=1e-6, abs=1e-7)
     assert ffa_eval.accuracy == with_a.accuracy
     other_a = seeded_lora_a({k: v.shape for k, v in initial.items()}, FFA_SEED + 1)
-    with_other_a = site.evaluate(plain, {**outcome.adapter, **other_a}, run="ffa-run")
+    with_other_a = site.evaluate(plain, {**trained, **other_a}, run="ffa-run")
     assert with_other_a.loss != pytest.approx(ffa_eval.loss, rel=1e-6, abs=1e-7)
 
 

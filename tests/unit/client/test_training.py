@@ -137,3 +137,69 @@ def test_holdout_is_by_person_and_exact() -> None:
     assert not set(train.person_keys) & set(holdout.person_keys)
     again_train, _ = split_holdout(data, 0.2, seed=0)
     assert again_train.person_keys == train.person_keys
+
+
+def _tabular(seed: int = 0, records: int = 40) -> tuple[torch.nn.Module, SiteData, tuple[str, ...]]:
+    spec = TASKS.get("tabular-classification")
+    torch.manual_seed(seed)
+    model = spec.model_class(
+        spec.demo_config(num_numeric_features=2, categorical_cardinalities=[2])
+    )
+    rng = np.random.default_rng(seed)
+    numeric = rng.standard_normal((records, 2)).astype(np.float32)
+    data = SiteData(
+        features={
+            "numeric_values": numeric,
+            "categorical_ids": np.zeros((records, 1), dtype=np.int64),
+        },
+        labels=(numeric[:, 0] > 0).astype(np.int64),
+        person_keys=[str(i) for i in range(records)],
+        classes=["no", "yes"],
+    )
+    return spec.wrap_with_lora(model, LoraSettings(r=2)), data, tuple(spec.input_names)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_every_grad_sample_mode_clips_to_the_same_step(mode: str) -> None:
+    """Without noise, one full batch moves the weights the same in every Opacus mode:
+    the modes differ in how per-sample norms are computed, not in what is clipped."""
+    steps = {}
+    for name in ("hooks", mode):
+        model, data, inputs = _tabular()
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        plan = _plan(batch_size=40, noise_multiplier=0.0, max_grad_norm=0.01, grad_sample_mode=name)
+        result = DPTrainer(model, inputs).train(data, plan, [])
+        assert result.steps == 1 and result.history[0][0] == 0.0
+        steps[name] = {
+            n: p.detach() - before[n] for n, p in model.named_parameters() if n in before
+        }
+    for name, moved in steps["hooks"].items():
+        assert torch.allclose(steps[mode][name], moved, atol=1e-6), name
+
+
+def test_ghost_clipping_takes_noise_steps_on_empty_batches() -> None:
+    model, data, inputs = _tabular()
+    plan = _plan(batch_size=1, grad_sample_mode="ghost")
+    trainer = DPTrainer(model, inputs)
+    result = trainer.train(data, plan, [])
+    assert result.steps == 40
+    assert result.history == [(1.0, pytest.approx(1 / 40), 40)]
+    # Opacus's hooks are gone after a round: the same model trains again.
+    assert trainer.train(data, plan, result.history).steps == 40
+
+
+def test_a_plan_that_is_not_private_neither_clips_nor_charges() -> None:
+    """The benchmarks' baseline: fixed batches, no Opacus, nothing for the accountant."""
+    model, data, inputs = _tabular()
+    plan = _plan(batch_size=8, private=False, max_grad_norm=1e-6, learning_rate=0.05)
+    earlier = [(2.0, 0.5, 3)]
+    trainer = DPTrainer(model, inputs)
+    first = trainer.evaluate(data).loss
+    result = trainer.train(data, plan, earlier)
+    assert result.steps == 5  # 40 people in batches of exactly 8
+    assert result.history == earlier and result.round_entry == (0.0, 0.0, 5)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    # A clipping bound of 1e-6 would freeze a private run; this one learns.
+    for _ in range(5):
+        trainer.train(data, plan, [])
+    assert trainer.evaluate(data).loss < first - 0.05

@@ -10,6 +10,8 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 
 from common.adapters import (
     AdapterSchema,
+    PackedAdapter,
+    adapter_sha256,
     arrays_to_record,
     is_lora_a,
     lora_pairs,
@@ -404,3 +406,56 @@ def test_without_lora_a_plus_seeded_lora_a_has_the_full_schema() -> None:
     a_elements = sum(int(np.prod(PEFT_SHAPES[name])) for name in A_NAMES)
     assert full.elements - sent.elements == a_elements
     assert full.payload_bytes - sent.payload_bytes == 4 * a_elements
+
+
+# ------------------------------------------------------------------ packing ---
+
+
+def _packable(dtype: str = "float32") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(4)
+    return {
+        "b.lora_B.weight": rng.standard_normal((6, 2)).astype(dtype),
+        "a.lora_A.weight": rng.standard_normal((2, 6)).astype(dtype),
+        "head.bias": rng.standard_normal(3).astype(dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_packed_adapter_is_one_vector_with_the_same_tensors(dtype: str) -> None:
+    arrays = _packable(dtype)
+    packed = AdapterSchema.of(arrays).pack(arrays)
+    assert isinstance(packed, PackedAdapter)
+    assert packed.flat.shape == (12 + 12 + 3,) and packed.flat.dtype == np.dtype(dtype)
+    assert list(packed) == sorted(arrays)  # the schema's order
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(packed[name], value)
+        assert np.shares_memory(packed[name], packed.flat)
+    # The same bytes, so the same audit hash as the tensors sent one by one.
+    assert adapter_sha256(packed) == adapter_sha256(arrays)
+
+
+def test_packing_casts_to_the_schema_dtype() -> None:
+    arrays = _packable("float16")
+    packed = AdapterSchema.of(_packable("float32")).pack(arrays)
+    assert packed.flat.dtype == np.float32
+    np.testing.assert_array_equal(packed["head.bias"], arrays["head.bias"].astype(np.float32))
+
+
+def test_unpacking_the_wrong_number_of_values_is_an_update_error() -> None:
+    schema = AdapterSchema.of(_packable())
+    with pytest.raises(UpdateError, match="27 values, not 26"):
+        schema.unpack(np.zeros(26, np.float32))
+
+
+def test_a_schema_with_two_dtypes_cannot_be_packed() -> None:
+    arrays = {**_packable(), "head.bias": np.zeros(3, np.float64)}
+    with pytest.raises(UpdateError, match="one dtype"):
+        AdapterSchema.of(arrays).pack(arrays)
+
+
+def test_with_dtype_keeps_names_and_shapes() -> None:
+    schema = AdapterSchema.of(_packable())
+    wire = schema.with_dtype("float16")
+    assert [(n, s) for n, s, _ in wire.entries] == [(n, s) for n, s, _ in schema.entries]
+    assert {d for _, _, d in wire.entries} == {"float16"}
+    assert wire.payload_bytes == schema.payload_bytes // 2

@@ -65,6 +65,7 @@ def test_for_round_copies_the_federation_settings() -> None:
         freeze_lora_a=False,
         seed=11,
         run_id="run-7",
+        update_dtype="float16",  # the federation default: half the traffic
     )
 
 
@@ -120,6 +121,7 @@ def test_to_record_uses_dashed_keys() -> None:
         "freeze-lora-a",
         "seed",
         "run-id",
+        "update-dtype",
     }
     assert record["server-round"] == 2
     assert record["base-model-sha256"] == SHA

@@ -8,6 +8,7 @@ did not answer), so these tests need a Flower task identity (``flower_task_ident
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,7 +49,10 @@ B_NAME = "l0.q.lora_B.weight"
 SHAPES = {A_NAME: (4, 16), B_NAME: (64, 4), "head.weight": (2, 64), "head.bias": (2,)}
 """Real peft-style LoRA names (``.lora_A.``/``.lora_B.``, so the pair is recognised), and
 big enough that honest replies fit the default payload limit with room to spare."""
-FEDERATION = FederationConfig(task="tabular-classification", base_model=Path("/m"), rounds=3)
+# The fake sites reply in float32; update precision has its own tests.
+FEDERATION = FederationConfig(
+    task="tabular-classification", base_model=Path("/m"), rounds=3, update_precision="float32"
+)
 TIMEOUT = 600.0
 SIGNING_KEY = Ed25519PrivateKey.generate()
 
@@ -1077,3 +1081,32 @@ def test_the_audit_log_records_failed_rounds_evaluations_and_rollbacks(tmp_path:
         "evaluate",
         "train",
     ]
+
+
+def test_float16_updates_aggregate_into_a_float32_global_and_are_hashed_as_sent(
+    tmp_path: Path,
+) -> None:
+    strategy = _strategy(tmp_path)
+    half = dataclasses.replace(_request(2), update_dtype="float16")
+    strategy.request_for_round = lambda _round: half  # type: ignore[method-assign]
+    names = {101: "bank-1", 102: "bank-2", 103: "bank-3"}
+    instructions = _configure(strategy, 2, names)
+    assert RoundRequest.from_record(instructions[101].content.config_records["config"]) == half
+    updates, replies = {}, []
+    for node, count in {101: 50, 102: 150, 103: 100}.items():
+        moved = nudged(_sent(instructions[node]), seed=node, scale=0.01)
+        updates[node] = {name: value.astype(np.float16) for name, value in moved.items()}
+        replies.append(
+            _answer(instructions[node], updates[node], train_metrics(count), names[node])
+        )
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert arrays is not None and metrics is not None and metrics["sites"] == 3.0
+    got = record_to_arrays(arrays)
+    assert all(value.dtype == np.float32 for value in got.values())
+    expected = _reference(list(updates.values()), [50.0, 150.0, 100.0])
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-6)
+    received = [e for e in _audit_entries(tmp_path) if e["event"] == "update-received"]
+    assert sorted(e["data"]["update_sha256"] for e in received) == sorted(
+        adapter_sha256(update) for update in updates.values()
+    )

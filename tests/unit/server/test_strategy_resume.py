@@ -33,7 +33,9 @@ OTHER_TASK = "dicom-classification"
 A_NAME = "l0.q.lora_A.weight"
 B_NAME = "l0.q.lora_B.weight"
 SHAPES = {A_NAME: (4, 16), B_NAME: (64, 4), "head.weight": (2, 64), "head.bias": (2,)}
-FEDERATION = FederationConfig(task=TASK, base_model=Path("/m"), rounds=6)
+FEDERATION = FederationConfig(
+    task=TASK, base_model=Path("/m"), rounds=6, update_precision="float32"
+)
 SIGNING_KEY = Ed25519PrivateKey.generate()
 NODES = (1, 2)
 EXAMPLES = {1: 20, 2: 30}

@@ -56,7 +56,12 @@ GLOBAL = _global()
 """The adapter the coordinator sent; honest updates are small moves away from it."""
 SCHEMA = AdapterSchema.of(GLOBAL)
 REQUEST = RoundRequest.for_round(
-    FederationConfig(task="tabular-classification", base_model=Path("/m")), "f" * 64, 1, ("q",)
+    FederationConfig(
+        task="tabular-classification", base_model=Path("/m"), update_precision="float32"
+    ),
+    "f" * 64,
+    1,
+    ("q",),
 )
 LIMITS = UpdateLimits(
     # These toy tensors are smaller than their .npy headers: size is not what is tested here.

@@ -48,6 +48,7 @@ def _request(**changes: object) -> RoundRequest:
         batch_size=BATCH,
         learning_rate=0.1,
         dp=DPSettings(max_grad_norm=1.0, noise_multiplier=SIGMA),
+        update_precision="float32",  # the fake updates below; float16 has its own tests
     )
     request = RoundRequest.for_round(federation, "0" * 64, 1, ("q_proj", "v_proj"))
     return dataclasses.replace(request, **changes)  # type: ignore[arg-type]
@@ -621,3 +622,25 @@ def test_off_disables_the_norm_check() -> None:
     arrays, norm = _validate(huge, limits=_limits(norm_bound="off"))
     assert norm == pytest.approx(1e6, rel=1e-5)
     assert set(arrays) == set(huge)
+
+
+def test_a_float16_update_is_accepted_when_the_run_asks_for_float16() -> None:
+    request = _request(update_dtype="float16")
+    update = {name: value.astype(np.float16) for name, value in _moved(0.5).items()}
+    arrays, norm = _validate(update, request=request)
+    assert all(value.dtype == np.float16 for value in arrays.values())
+    assert norm == pytest.approx(0.5, rel=1e-2)  # float16 rounding, nothing more
+
+
+@pytest.mark.parametrize(("asked", "sent"), [("float16", np.float32), ("float32", np.float16)])
+def test_an_update_in_another_precision_than_asked_is_rejected(asked: str, sent: type) -> None:
+    update = {name: value.astype(sent) for name, value in _moved(0.5).items()}
+    with pytest.raises(UpdateError, match=f"dtype {np.dtype(sent)}, expected {asked}"):
+        _validate(update, request=_request(update_dtype=asked))
+
+
+def test_a_float16_update_that_overflowed_is_rejected_as_non_finite() -> None:
+    update = {name: value.astype(np.float16) for name, value in _moved(0.5).items()}
+    update[HEAD] = np.full_like(update[HEAD], 1e6)  # beyond float16: inf
+    with pytest.raises(UpdateError, match="non-finite"):
+        _validate(update, request=_request(update_dtype="float16"))

@@ -1,0 +1,235 @@
+"""The benchmarks' parts: what they measure must be what they say, on tiny inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from transformers import ViTForImageClassification
+
+from benchmarks import aggregation, end_to_end, framework, traffic, utility
+from benchmarks.__main__ import parse_arguments, print_table
+from benchmarks.fixtures import QUICK_ROUNDS, scenario_document
+from benchmarks.measure import isolated, measured, verdict
+from benchmarks.results import record
+from client.site import Site
+from common.adapters import AdapterSchema
+from common.audit.log import AuditLog
+from common.config import FederationConfig, LoraSettings, load_site_config
+from common.protocol import RoundRequest
+from common.tasks import TASKS
+from server.aggregation import fedavg
+from tests.conftest import write_site_config
+
+
+def _allocate_and_sum(megabytes: int) -> int:
+    block = np.ones(megabytes * 1024 * 1024, dtype=np.uint8)
+    return int(block.sum())
+
+
+def _fail() -> None:
+    raise ValueError("broken on purpose")
+
+
+# ------------------------------------------------------------------ measuring ---
+
+
+def test_a_section_sees_the_memory_it_allocates() -> None:
+    with measured() as small:
+        _allocate_and_sum(1)
+    with measured() as large:
+        _allocate_and_sum(200)
+    assert large.peak_bytes - large.start_bytes >= 190 * 1024 * 1024
+    assert small.added_bytes < 50 * 1024 * 1024  # the high-water mark was reset
+    assert large.seconds > 0
+
+
+def test_isolated_runs_in_another_process_and_reports_failures() -> None:
+    assert isolated(_allocate_and_sum, 1) == 1024 * 1024
+    with pytest.raises(RuntimeError, match="ValueError: broken on purpose"):
+        isolated(_fail)
+
+
+@pytest.mark.parametrize(
+    ("value", "target", "at_least", "expected"),
+    [(1.2, 1.3, False, True), (1.31, 1.3, False, False), (0.96, 0.95, True, True)],
+)
+def test_verdicts(value: float, target: float, at_least: bool, expected: bool) -> None:
+    assert verdict(value, target, at_least=at_least) is expected
+    assert verdict(None, target) is None
+
+
+def test_results_keep_other_entries(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    record("traffic", {"ratio": 0.1}, path)
+    record("aggregation", {"seconds": 0.2}, path)
+    record("traffic", {"ratio": 0.05}, path)
+    results = json.loads(path.read_text())
+    assert results["traffic"]["ratio"] == 0.05 and results["aggregation"]["seconds"] == 0.2
+    assert "measured" in results["traffic"] and "machine" in results["traffic"]
+
+
+# -------------------------------------------------------------------- traffic ---
+
+
+def test_the_vit_b16_update_is_the_lora_and_head_of_86m_parameters() -> None:
+    schema = aggregation.vit_b16_adapter_schema("float16")
+    # r=16 on q and v of 12 layers (768 wide), and a two-class head.
+    assert schema.elements == 12 * 2 * (16 * 768 + 768 * 16) + 768 * 2 + 2
+    assert {dtype for _, _, dtype in schema.entries} == {"float16"}
+
+
+def test_traffic_counts_the_serialised_update_against_the_full_model() -> None:
+    spec = TASKS.get("dicom-classification")
+    config = spec.demo_config(image_size=16, hidden_size=32, layers=2, patch_size=4)
+    base = ViTForImageClassification(config)
+    full = sum(p.numel() * 4 for p in base.parameters())
+    figures = traffic.measure_model("dicom-classification", base, LoraSettings(r=4))
+    assert figures["full_model_bytes"] == full
+    f16, f32 = figures["float16"], figures["float32"]
+    assert f16["ratio"] == pytest.approx(f16["update_bytes"] / full)
+    # float16 saves two bytes a value; each array's .npy header stays the same size.
+    values = figures["trainable_parameters"]
+    assert f32["update_bytes"] - f16["update_bytes"] == 2 * values
+    assert figures["float16-ffa"]["update_bytes"] < f16["update_bytes"]  # B only: no A
+    assert figures["ratio"] == f16["ratio"]
+
+
+def test_the_update_is_two_bytes_a_trained_value_plus_headers() -> None:
+    spec = TASKS.get("tabular-classification")
+    model = spec.wrap_with_lora(
+        spec.model_class(spec.demo_config(num_numeric_features=2, categorical_cardinalities=[3])),
+        LoraSettings(r=2),
+    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    federation = FederationConfig(task=spec.name, base_model=Path("."))
+    request = RoundRequest.for_round(federation, "0" * 64, 1, spec.default_lora_targets)
+    values = sum(p.numel() for p in trained)
+    sent = traffic.update_bytes(model, request)  # float16 by default
+    assert 2 * values < sent < 2 * values + 256 * len(trained)
+    as_float32 = traffic.update_bytes(model, dataclasses.replace(request, update_dtype="float32"))
+    assert 4 * values < as_float32 < 4 * values + 256 * len(trained)
+
+
+# ---------------------------------------------------------------- aggregation ---
+
+
+def test_streaming_and_stacked_aggregation_agree() -> None:
+    schema = AdapterSchema((("a", (3, 4), "float16"), ("b", (5,), "float16")))
+    pool = aggregation.update_pool(schema, 4, seed=1)
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    streamed = fedavg(aggregation.stream(pool, 6), weights)
+    stacked = aggregation.stacked_mean(aggregation.stream(pool, 6), weights)
+    flat = np.concatenate([streamed["a"].reshape(-1), streamed["b"]])
+    np.testing.assert_allclose(flat, stacked, rtol=1e-5, atol=1e-7)
+    assert streamed["a"].dtype == np.float32
+
+
+def test_the_stream_yields_the_pool_without_copies() -> None:
+    schema = AdapterSchema((("a", (2,), "float32"),))
+    pool = aggregation.update_pool(schema, 3)
+    streamed = list(aggregation.stream(pool, 7))
+    assert len(streamed) == 7 and streamed[3] is pool[0]
+
+
+def test_aggregation_figures_for_a_few_updates() -> None:
+    values = aggregation.aggregate_once(3, "streaming", "float16", repeats=2)
+    assert values["update_values"] == aggregation.vit_b16_adapter_schema("float16").elements
+    assert len(values["seconds_all"]) == 2 and values["peak_bytes"] > 0
+
+
+# ----------------------------------------------------------- framework overhead ---
+
+
+def test_round_times_come_from_the_coordinator_audit_log(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "coordinator.jsonl", "coordinator", Ed25519PrivateKey.generate())
+    for server_round in (1, 2, 3):
+        log.append("round-started", round=server_round, phase="train", sites=[])
+        log.append("round-started", round=server_round, phase="evaluate", sites=[])
+    starts = framework.round_starts(tmp_path / "coordinator.jsonl")
+    assert sorted(starts) == [1, 2, 3]
+    assert starts[1] <= starts[2] <= starts[3]
+    seconds = framework.round_seconds({1: 10.0, 2: 13.5, 3: 20.0})
+    assert seconds == {1: 3.5, 2: 6.5}  # the last round has no successor
+
+
+# -------------------------------------------------------------------- utility ---
+
+
+def test_pooled_data_keeps_every_record_and_person(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    sites = [
+        Site(load_site_config(write_site_config(small_scenario, site_workspace, s, tmp_path)))
+        for s in ("bank-a", "bank-b")
+    ]
+    parts = [site.load_data().train for site in sites]
+    both = utility.pooled(parts)
+    assert len(both.labels) == sum(len(p.labels) for p in parts)
+    assert both.persons == sum(p.persons for p in parts)
+    weights = utility.balanced_class_weights(both)
+    counts = np.bincount(both.labels, minlength=2)
+    assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])
+
+
+@pytest.mark.slow
+def test_federate_trains_private_and_non_private_rounds(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    paths = [
+        write_site_config(small_scenario, site_workspace, s, tmp_path, epsilon=8.0)
+        for s in ("bank-a", "bank-b")
+    ]
+    sites = [Site(load_site_config(path)) for path in paths]
+    federation = FederationConfig(
+        task="tabular-classification",
+        base_model=site_workspace / "models" / "tabular-classification",
+        rounds=2,
+        batch_size=32,
+        learning_rate=0.1,
+        dp={"epsilon_per_run": 4.0},
+    )
+    holdout = utility.pooled([site.load_data().holdout for site in sites])
+    private = utility.federate(federation, sites, holdout, private=True, run="bench")
+    assert len(private.accuracy) == 2 and all(0 <= a <= 1 for a in private.accuracy)
+    assert all(seconds > 0 for seconds in private.train_seconds)
+    spent = [site.open_ledger(site.load_data().dataset).epsilon() for site in sites]
+    assert all(0 < value <= 4.0 + 1e-6 for value in spent)  # the sites' own accounting
+    plain = utility.federate(federation, sites, holdout, private=False, run="plain")
+    after = [site.open_ledger(site.load_data().dataset).epsilon() for site in sites]
+    assert after == spent  # nothing private was spent
+    assert len(plain.accuracy) == 2
+
+
+# -------------------------------------------------------------- the command ---
+
+
+def test_framework_overhead_brings_its_baseline() -> None:
+    args = parse_arguments(["--quick", "--only", "framework_overhead"])
+    assert args.quick and args.only == ["framework_overhead"]
+    with pytest.raises(SystemExit):
+        parse_arguments(["--only", "nonsense"])
+
+
+def test_the_table_marks_missed_targets(capsys) -> None:
+    print_table({"traffic": [("vit", "0.3%", "≤ 0.5%", True), ("x", "2×", "≤ 1×", False)]})
+    out = capsys.readouterr().out
+    assert "met" in out and "MISSED" in out and "traffic" in out
+
+
+def test_quick_settings_shrink_sites_and_rounds() -> None:
+    full, quick = scenario_document(False), scenario_document(True)
+    assert quick["tasks"]["dicom-classification"]["rounds"] == QUICK_ROUNDS["dicom-classification"]
+    for before, after in zip(full["sites"], quick["sites"], strict=True):
+        size = "patients" if before["kind"] == "hospital" else "customers"
+        assert after[size] < before[size]
+
+
+def test_tree_memory_includes_the_process_itself() -> None:
+    total, largest = end_to_end.tree_resident_bytes(psutil.Process())
+    assert total >= largest > 0
