@@ -88,6 +88,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def chosen_entries(only: list[str] | None) -> list[str]:
+    """The entries to run, in order, with the ones they compare against."""
+    chosen = [entry for entry in ENTRIES if not only or entry in only]
+    needed = {need for entry in chosen for need in NEEDS.get(entry, ())}
+    return [entry for entry in ENTRIES if entry in chosen or entry in needed]
+
+
 def print_table(sections: dict[str, list[Row]]) -> None:
     width = max((len(row[0]) for rows in sections.values() for row in rows), default=20)
     verdicts = {True: "met", False: "MISSED", None: ""}
@@ -133,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.setLevel(logging.INFO)
     for name in ("benchmarks.dp_overhead", "benchmarks.aggregation", "benchmarks.utility"):
         logging.getLogger(name).setLevel(logging.INFO)
-    chosen = [entry for entry in ENTRIES if not args.only or entry in args.only]
-    needed = {need for entry in chosen for need in NEEDS.get(entry, ())}
-    chosen = [entry for entry in ENTRIES if entry in chosen or entry in needed]
+    chosen = chosen_entries(args.only)
     started = time.monotonic()
     figures: dict[str, Any] = {}
     sections: dict[str, list[Row]] = {}

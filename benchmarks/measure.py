@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 STATUS = Path("/proc/self/status")
@@ -74,13 +75,28 @@ def _child(
 
 
 def isolated(function: Callable[..., Any], *args: Any, timeout: float = 1800) -> Any:
-    """``function(*args)`` in a fresh spawned process; its (picklable) result."""
+    """``function(*args)`` in a fresh spawned process; its (picklable) result.
+
+    A child that dies without answering (killed for memory, say) is reported at once,
+    not after ``timeout``.
+    """
     context = multiprocessing.get_context("spawn")
     queue: multiprocessing.Queue[Any] = context.Queue()
     process = context.Process(target=_child, args=(queue, function, args))
     process.start()
+    deadline = time.monotonic() + timeout
     try:
-        status, value = queue.get(timeout=timeout)
+        while True:
+            try:
+                status, value = queue.get(timeout=1.0)
+                break
+            except Empty:
+                if not process.is_alive():
+                    status, value = "error", f"the process died (exit {process.exitcode})"
+                    break
+                if time.monotonic() > deadline:
+                    status, value = "error", f"no answer within {timeout:.0f} s"
+                    break
     finally:
         process.join(timeout=30)
         if process.is_alive():

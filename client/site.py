@@ -342,6 +342,8 @@ class Site:
             plan = self.plan_round(request, data.train.persons, ledger, run)
         if first_round_of_run:
             self._data_summary(run, data)
+        if not plan.training.private:  # only benchmarks build such plans; never a site
+            raise PolicyError(f"site {self.site_id} trains only under differential privacy")
         model = self.build_model(request, adapter)
         trainer = DPTrainer(model, self.task.input_names, data.class_weights)
         result = trainer.train(data.train, plan.training, ledger.history)

@@ -63,6 +63,9 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 UPDATE_DTYPES = ("float32", "float16")
+OPTIONAL_KEYS = frozenset({"update-dtype"})
+"""Keys a coordinator from before they existed does not send: their defaults apply
+(such a coordinator expects float32 updates)."""
 """Precisions an update may travel in. float16 rounds each value to 11 significant bits,
 far below the DP noise (σ·C/B per step), and post-processing costs no privacy."""
 
@@ -144,9 +147,10 @@ class RoundRequest:
         values: dict[str, Any] = {}
         for field in fields(cls):
             key = field.name.replace("_", "-")
-            if key not in record:
+            if key in record:
+                values[field.name] = record[key]
+            elif key not in OPTIONAL_KEYS:
                 raise UpdateError(f"round configuration lacks {key!r}")
-            values[field.name] = record[key]
         values["lora_targets"] = list(values["lora_targets"])
         request = cls(**values)
         request.validate()

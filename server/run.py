@@ -194,7 +194,7 @@ def _run_federation(
         federation.task,
         federation.rounds,
         federation.aggregator,
-        strategy.schema.payload_bytes,
+        strategy.schema.with_dtype(federation.update_precision).payload_bytes,
     )
     strategy.start(
         grid=grid,
@@ -231,7 +231,7 @@ def _run_federation(
         "rollbacks": recorder.rollbacks,
         "failed_rounds": recorder.failed_rounds,
         "best_round": strategy.best.server_round if strategy.best else None,
-        "adapter_bytes": strategy.schema.payload_bytes,
+        "adapter_bytes": strategy.schema.with_dtype(federation.update_precision).payload_bytes,
         "model_parameters_bytes": full_model_bytes(model),
     }
     try:

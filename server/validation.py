@@ -182,7 +182,12 @@ def validate_update(
         arrays = record_to_arrays(record)
     except Exception as exc:  # any way bytes from another party fail to decode
         raise UpdateError(f"undecodable arrays: {type(exc).__name__}: {exc}") from None
-    wire = schema.with_dtype(request.update_dtype)
+    # The run's precision, or full precision: a site from before update_precision sends
+    # float32 whatever the request says, and its update is as good (and hashed as sent).
+    full_precision = all(
+        str(arrays[name].dtype) == dtype for name, _, dtype in schema.entries if name in arrays
+    )
+    wire = schema if full_precision else schema.with_dtype(request.update_dtype)
     wire.check(arrays)
     # One contiguous vector per update (the tensors its views, the bytes unchanged): the
     # aggregator then reads each update in one pass instead of one call per tensor.

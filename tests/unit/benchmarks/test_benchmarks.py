@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import ViTForImageClassification
 
-from benchmarks import aggregation, end_to_end, framework, traffic, utility
-from benchmarks.__main__ import parse_arguments, print_table
+from benchmarks import aggregation, dp_overhead, end_to_end, framework, traffic, utility
+from benchmarks.__main__ import ENTRIES, chosen_entries, parse_arguments, print_table
 from benchmarks.fixtures import QUICK_ROUNDS, scenario_document
 from benchmarks.measure import isolated, measured, verdict
 from benchmarks.results import record
@@ -24,6 +24,7 @@ from common.config import FederationConfig, LoraSettings, load_site_config
 from common.protocol import RoundRequest
 from common.tasks import TASKS
 from server.aggregation import fedavg
+from server.audit import coordinator_log_path
 from tests.conftest import write_site_config
 
 
@@ -135,6 +136,10 @@ def test_the_stream_yields_the_pool_without_copies() -> None:
     pool = aggregation.update_pool(schema, 3)
     streamed = list(aggregation.stream(pool, 7))
     assert len(streamed) == 7 and streamed[3] is pool[0]
+    # For the memory pass every update is a buffer of its own, as decoded replies are.
+    copied = list(aggregation.stream(pool, 4, copies=True))
+    assert not np.shares_memory(copied[3].flat, pool[0].flat)
+    np.testing.assert_array_equal(copied[3].flat, pool[0].flat)
 
 
 def test_aggregation_figures_for_a_few_updates() -> None:
@@ -209,11 +214,59 @@ def test_federate_trains_private_and_non_private_rounds(
 # -------------------------------------------------------------- the command ---
 
 
-def test_framework_overhead_brings_its_baseline() -> None:
-    args = parse_arguments(["--quick", "--only", "framework_overhead"])
-    assert args.quick and args.only == ["framework_overhead"]
+def test_framework_overhead_brings_the_runs_it_compares() -> None:
+    args = parse_arguments(["--quick", "--only", "framework_overhead", "traffic"])
+    assert args.quick
+    assert chosen_entries(args.only) == ["traffic", "utility", "end_to_end", "framework_overhead"]
+    assert chosen_entries(None) == list(ENTRIES)
     with pytest.raises(SystemExit):
         parse_arguments(["--only", "nonsense"])
+
+
+def test_framework_ratios_set_flower_rounds_against_local_training(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(coordinator_log_path(tmp_path, "tabular-classification"), "coordinator", key)
+    for server_round in (1, 2, 3, 4):
+        log.append("round-started", round=server_round, phase="train", sites=[])
+    starts = framework.round_starts(coordinator_log_path(tmp_path, "tabular-classification"))
+    figures = framework.run(tmp_path, 10.0, {"tabular-classification": [1e-3, 1e-3, 1e-3, 1e-3]})
+    entry = figures["tasks"]["tabular-classification"]
+    assert set(entry["ratio_per_round"]) == {1, 2, 3}  # round 4 has no successor
+    assert entry["ratio_per_round"][2] == pytest.approx((starts[3] - starts[2]) / 1e-3)
+    assert figures["run_ratio"] == pytest.approx(10.0 / 4e-3)
+
+
+def _run(accuracy: list[float], loss: list[float]) -> utility.FederatedRun:
+    return utility.FederatedRun(accuracy=accuracy, loss=loss, train_seconds=[1.0] * len(loss))
+
+
+def test_federated_beats_a_site_only_with_higher_accuracy() -> None:
+    assert utility.beats(_run([0.8, 0.9], [0.5, 0.3]), _run([0.8, 0.85], [0.4, 0.2]))
+    # A tie at the ceiling is not a win, whatever the losses say.
+    assert not utility.beats(_run([1.0], [0.1]), _run([1.0], [0.3]))
+    mean = utility.mean_run([_run([0.5, 0.7], [1.0, 0.8]), _run([0.7, 0.9], [0.6, 0.4])])
+    assert mean.accuracy == pytest.approx([0.6, 0.8]) and mean.final == pytest.approx(0.8)
+
+
+def _mode(seconds: float, peak: int, start: int = 100) -> dict[str, float]:
+    return {"seconds_per_step": seconds, "peak_bytes": peak, "start_bytes": start}
+
+
+def test_dp_overhead_ratios_and_the_default_mode() -> None:
+    modes = {
+        "non-private": _mode(0.010, 1000),
+        "hooks": _mode(0.012, 1100),
+        "functorch": _mode(0.011, 1400),  # faster, but over the memory target
+        "ghost": {"error": "not supported"},
+    }
+    entry = dp_overhead.summarise(modes, 32, "site")
+    assert entry["modes"]["hooks"]["time_ratio"] == pytest.approx(1.2)
+    assert entry["modes"]["hooks"]["memory_ratio"] == pytest.approx(1.1)
+    assert entry["modes"]["hooks"]["added_memory_ratio"] == pytest.approx(1000 / 900)
+    assert entry["meets_targets"] and not entry["modes"]["functorch"]["meets_targets"]
+    assert dp_overhead.choose_default({"task": entry}) == "hooks"  # ghost failed
+    slow = dp_overhead.summarise({**modes, "hooks": _mode(0.02, 1000)}, 32, "site")
+    assert not slow["meets_targets"]
 
 
 def test_the_table_marks_missed_targets(capsys) -> None:

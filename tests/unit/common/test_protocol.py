@@ -237,3 +237,19 @@ def test_a_run_id_that_could_name_a_path_or_is_not_text_is_refused(run_id: objec
     record["run-id"] = run_id  # type: ignore[assignment]
     with pytest.raises(UpdateError, match="run_id"):
         RoundRequest.from_record(record)
+
+
+def test_a_record_from_a_coordinator_without_update_dtype_asks_for_float32() -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 2, ("q_proj",)).to_record()
+    del record["update-dtype"]
+    assert RoundRequest.from_record(record).update_dtype == "float32"
+    del record["seed"]
+    with pytest.raises(UpdateError, match="lacks 'seed'"):
+        RoundRequest.from_record(record)
+
+
+def test_an_unknown_update_dtype_is_refused() -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 2, ("q_proj",)).to_record()
+    record["update-dtype"] = "int8"
+    with pytest.raises(UpdateError, match="update_dtype must be one of float32, float16"):
+        RoundRequest.from_record(record)
