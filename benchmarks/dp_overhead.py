@@ -15,6 +15,7 @@ over the steps taken) and peak resident memory during training. Ratios are again
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,8 @@ def train_once(
     site = Site(load_site_config(site_config))
     loaded = site.load_data()
     data = loaded.train
-    per_epoch = max(1, -(-data.persons // batch_size))
     plan = TrainingPlan(
-        epochs=max(1, -(-steps // per_epoch)),
+        epochs=1,
         batch_size=batch_size,
         learning_rate=0.1,
         max_grad_norm=1.0,
@@ -59,6 +59,7 @@ def train_once(
         private=mode != "non-private",
         seed=0,
     )
+    plan = replace(plan, epochs=max(1, math.ceil(steps / plan.batches_per_epoch(data.persons))))
     model = site.task.wrap_with_lora(site.task.load_base_model(site.config.site.base_model), lora)
     trainer = DPTrainer(model, site.task.input_names, loaded.class_weights)
     torch.manual_seed(0)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from peft import get_peft_model_state_dict
 
 from benchmarks.fixtures import Template
 from benchmarks.measure import verdict
@@ -41,7 +40,7 @@ from common.config import FederationConfig, load_site_config
 from common.protocol import RoundRequest
 from common.tasks import TASKS, model_fingerprint
 from server.aggregation import AGGREGATORS
-from server.run import initial_model
+from server.run import adapter_arrays, initial_model
 
 logger = logging.getLogger("benchmarks.utility")
 
@@ -136,8 +135,7 @@ def federate(
 ) -> FederatedRun:
     """Rounds of local training and aggregation, as the coordinator runs them."""
     aggregate = AGGREGATORS.get(federation.aggregator).build(federation.trim_fraction)
-    model = initial_model(federation)
-    adapter = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    adapter: AdapterArrays = adapter_arrays(initial_model(federation))
     outcome = FederatedRun()
     for server_round in range(1, federation.rounds + 1):
         request = _request(federation, server_round, run)

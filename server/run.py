@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from common.adapters import (
+    AdapterArrays,
     adapter_sha256,
     arrays_to_record,
     lora_a_dtype,
@@ -68,6 +69,11 @@ def publish_public_key(run_dir: Path, key: Ed25519PrivateKey) -> None:
 def full_model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter (base, LoRA and head): what full-model FL would send."""
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def adapter_arrays(model: PeftModel) -> AdapterArrays:
+    """The model's adapter (LoRA and head) as arrays of its own, as the coordinator holds it."""
+    return {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def initial_model(federation: FederationConfig) -> PeftModel:
@@ -124,7 +130,7 @@ def _run_federation(
     aggregation = AGGREGATORS.get(federation.aggregator)
     base_sha256 = model_fingerprint(federation.base_model)
     model = initial_model(federation)
-    initial = {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    initial = adapter_arrays(model)
     frozen: dict[str, Any] = {}
     if aggregation.freezes_lora_a:
         frozen = seeded_lora_a(
