@@ -17,7 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from client.predict import Records, dicom_records, load_preprocessing, table_records
+from client.predict import (
+    Records,
+    dicom_records,
+    load_preprocessing,
+    table_records,
+    text_records,
+)
 from client.predict import predict as run_model
 from common.artifact import MANIFEST, MODEL_INT8, Manifest, VerifiedArtifact, verify_artifact
 from common.audit.review import COORDINATOR_PUBLIC_KEY
@@ -257,6 +263,12 @@ def inspect(directory: Path, key: Path | None, site: Path | None, as_json: bool)
     help="A CSV (or .parquet) table with the columns the model was trained on.",
 )
 @click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A CSV, Parquet or JSONL file of texts, in a column named as in training "
+    "(tokenised with the site's base-model tokenizer; empty texts are skipped).",
+)
+@click.option(
     "--preprocessing",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The site cleaning to apply (default: DIR/preprocessing.json, written when a site "
@@ -282,20 +294,21 @@ def predict(
     directory: Path,
     dicom: Path | None,
     table: Path | None,
+    text: Path | None,
     preprocessing: Path | None,
     output: Path | None,
     key: Path | None,
     site: Path | None,
     allow_unchecked: bool,
 ) -> None:
-    """Run the int8 model on DICOM images or table rows, cleaned as in training.
+    """Run the int8 model on DICOM images, table rows or texts, cleaned as in training.
 
     The artifact is verified first with a pinned key (--key, or the one a site config
     pins with --site); one that fails verification, or that the sites have not checked,
     is never run.
     """
-    if (dicom is None) == (table is None):
-        raise click.UsageError("give exactly one of --dicom PATH or --csv PATH")
+    if sum(source is not None for source in (dicom, table, text)) != 1:
+        raise click.UsageError("give exactly one of --dicom PATH, --csv PATH or --text PATH")
     verified, _ = _verified(directory, key, site, run_key=False)
     if verified.manifest.metrics is None and not allow_unchecked:
         raise ArtifactError(
@@ -307,6 +320,8 @@ def predict(
     records: Records
     if dicom is not None:
         records = dicom_records(cleaning, dicom)
+    elif text is not None:
+        records = text_records(cleaning, text)
     else:
         assert table is not None
         records = table_records(cleaning, table)

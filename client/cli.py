@@ -31,7 +31,7 @@ from common.config import (
 )
 from common.errors import ConfigError, DataError, PolicyError
 from common.protocol import RoundRequest
-from common.tasks import TASKS
+from common.tasks import TASKS, model_outputs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,16 +83,23 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
         "rejected": [],
         "labels": {name: 0 for name in config.data.classes},
     }
-    if not (config.site.base_model / "config.json").is_file():
+    model_config = config.site.base_model / "config.json"
+    if not model_config.is_file():
         problems.append("site.base_model: no model saved with save_pretrained there")
+    else:
+        try:
+            runtime.check_classes(model_outputs(model_config))
+        except ConfigError as exc:
+            problems.append(str(exc))
     try:
         loaded = runtime.load_data()
-    except DataError as exc:
+    except (DataError, ConfigError) as exc:  # ConfigError: a text site's tokenizer
         problems.append(str(exc))
     else:
         data = loaded.all
         report["records"] = {"accepted": data.accepted, "rejected": len(data.rejected)}
         report["rejected"] = [{"record": r.record, "reason": r.reason} for r in data.rejected]
+        report["adjusted"] = dict(data.adjusted)
         report["labels"] = data.label_counts()
         report["people"] = {
             "total": data.persons,
@@ -130,6 +137,8 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
         console.print(
             f"people: {people['total']} ({people['train']} train, {people['holdout']} held out)"
         )
+    for change, count in report.get("adjusted", {}).items():
+        console.print(f"[yellow]kept, but {change}:[/yellow] {count} records")
     labels = Table(title="records per label")
     labels.add_column("label")
     labels.add_column("records", justify="right")

@@ -21,10 +21,12 @@ import pandas as pd
 from client.data import Rejection
 from client.data.dicom import UnusableImageError, preprocess_file
 from client.data.tabular import TabularPreprocessor
+from client.data.text import text_of, tokenise
 from common.artifact import MODEL_INT8, Manifest
-from common.config import DicomDataConfig
+from common.config import DicomDataConfig, TextDataConfig
 from common.errors import DataError
 from common.inference import OnnxClassifier, softmax
+from common.tasks.text import load_tokenizer, tokenizer_fingerprint
 
 PREPROCESSING_FILE = "preprocessing.json"
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
@@ -42,6 +44,21 @@ def dicom_preprocessing(config: DicomDataConfig) -> dict[str, Any]:
 
 def tabular_preprocessing(preprocessor: TabularPreprocessor) -> dict[str, Any]:
     return {"format": "table", "classes": list(preprocessor.classes), **preprocessor.to_dict()}
+
+
+def text_preprocessing(config: TextDataConfig, base_model: Path) -> dict[str, Any]:
+    """The tokenizer is the base model's (the artifact names that model by its hash);
+    its site-local folder is recorded here, with the length limits of training."""
+    return {
+        "format": "text",
+        "classes": list(config.classes),
+        "text_column": config.text_column,
+        "max_tokens": config.max_tokens,
+        "max_characters": config.max_characters,
+        "overlong": config.overlong,
+        "tokenizer": str(base_model),
+        "tokenizer_sha256": tokenizer_fingerprint(base_model),
+    }
 
 
 def load_preprocessing(
@@ -62,8 +79,9 @@ def load_preprocessing(
     if pixels is not None:
         return {"format": "dicom", "classes": None, "image_size": int(pixels.shape[-1])}
     raise DataError(
-        "tabular prediction needs the cleaning fitted at a site: install the artifact at "
-        f"a site (it writes {PREPROCESSING_FILE}) or pass --preprocessing FILE"
+        "tabular and text prediction need a site's cleaning (its fitted table cleaning, or "
+        f"its tokenizer and length limits): install the artifact at a site (it writes "
+        f"{PREPROCESSING_FILE}) or pass --preprocessing FILE"
     )
 
 
@@ -126,6 +144,49 @@ def table_records(preprocessing: dict[str, Any], path: Path) -> Records:
         raise DataError(f"{path.name} cannot be read as a table: {exc}") from None
     features = cleaning.transform(frame)
     return Records([f"row {i + 1}" for i in range(len(frame))], features)
+
+
+def text_records(preprocessing: dict[str, Any], path: Path) -> Records:
+    """Every text of a CSV, Parquet or JSONL file, tokenised as in training, with the
+    same tokenizer (checked by hash) and length limits; texts training would have
+    rejected (empty, or over-long under ``overlong = "reject"``) are skipped."""
+    if preprocessing.get("format") != "text":
+        raise DataError("this artifact was not trained on texts (use --dicom or --csv)")
+    column = str(preprocessing["text_column"])
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif path.suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=True, dtype={column: str})
+        else:
+            frame = pd.read_csv(path, dtype={column: str})
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path.name} cannot be read as a table of texts: {exc}") from None
+    if column not in frame.columns:
+        raise DataError(f"{path.name} has no column {column!r} (the text column of training)")
+    tokenizer_dir = Path(preprocessing["tokenizer"])
+    if not tokenizer_dir.is_dir():
+        raise DataError(f"the tokenizer folder of training ({tokenizer_dir}) does not exist")
+    if tokenizer_fingerprint(tokenizer_dir) != preprocessing.get("tokenizer_sha256"):
+        raise DataError(
+            f"the tokenizer in {tokenizer_dir} is not the one this artifact was trained with "
+            "(its files changed since the site installed it)"
+        )
+    tokenised = tokenise(
+        [text_of(value) for value in frame[column]],
+        load_tokenizer(tokenizer_dir),
+        max_tokens=int(preprocessing["max_tokens"]),
+        max_characters=int(preprocessing["max_characters"]),
+        overlong=str(preprocessing.get("overlong", "truncate")),
+    )
+    names = [f"row {i + 1}" for i in range(len(frame))]
+    skipped = [
+        Rejection(name, reason)
+        for name, reason in zip(names, tokenised.reasons, strict=True)
+        if reason is not None
+    ]
+    kept = [name for name, keep in zip(names, tokenised.kept, strict=True) if keep]
+    return Records(kept, tokenised.features(), skipped)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from client.audit import SiteAudit
 from client.data import SiteData, dataset_fingerprint, split_holdout
 from client.data.dicom import load_dicom_dataset
 from client.data.tabular import load_tabular_dataset
+from client.data.text import load_text_dataset
 from client.ledger import LedgerError, PrivacyLedger, RunPlan, read_index
 from client.policy import check_cohort, check_request
-from client.predict import dicom_preprocessing, tabular_preprocessing
+from client.predict import dicom_preprocessing, tabular_preprocessing, text_preprocessing
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
 from client.training import DPTrainer, EvalResult, TrainingPlan, TrainResult
 from common.adapters import (
@@ -40,10 +41,17 @@ from common.adapters import (
     seeded_lora_a,
     without_lora_a,
 )
-from common.config import DicomDataConfig, SiteConfig, load_site_config
-from common.errors import BudgetError, PolicyError
+from common.config import (
+    DicomDataConfig,
+    SiteConfig,
+    TextDataConfig,
+    data_kind,
+    load_site_config,
+)
+from common.errors import BudgetError, ConfigError, PolicyError
 from common.protocol import SITE_CALIBRATED, SITE_REMAINING_BUDGET, RoundRequest
 from common.tasks import TASKS, TaskSpec
+from common.tasks.text import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +97,11 @@ class Site:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.task: TaskSpec = TASKS.get(config.site.task)
+        if data_kind(config.data) != self.task.data_kind:
+            raise ConfigError(
+                f"site {config.site.id}: task {self.task.name!r} trains on "
+                f"{self.task.data_kind} data, but [data] describes {data_kind(config.data)} data"
+            )
         self.audit = SiteAudit(config)
 
     @property
@@ -114,6 +127,10 @@ class Site:
         if isinstance(data_config, DicomDataConfig):
             data = load_dicom_dataset(data_config, self.salt)
             preprocessing = dicom_preprocessing(data_config)
+        elif isinstance(data_config, TextDataConfig):
+            base_model = self.config.site.base_model
+            data = load_text_dataset(data_config, self.salt, load_tokenizer(base_model))
+            preprocessing = text_preprocessing(data_config, base_model)
         else:
             data, preprocessor = load_tabular_dataset(data_config, self.salt)
             class_weights = list(preprocessor.class_weights)
@@ -127,6 +144,8 @@ class Site:
         a table's is fitted on its data (so only then is the data read)."""
         if isinstance(self.config.data, DicomDataConfig):
             return dicom_preprocessing(self.config.data)
+        if isinstance(self.config.data, TextDataConfig):
+            return text_preprocessing(self.config.data, self.config.site.base_model)
         return self.load_data().preprocessing
 
     def open_ledger(self, dataset: str, accept_new: bool = False) -> PrivacyLedger:
@@ -157,9 +176,9 @@ class Site:
         Under FFA-LoRA the coordinator sends no A matrices: they are regenerated from the
         run's seed and frozen, so only B (and the head) train.
         """
-        model = self.task.wrap_with_lora(
-            self.task.load_base_model(self.config.site.base_model), request.lora
-        )
+        base = self.task.load_base_model(self.config.site.base_model)
+        self.check_classes(base.config.num_labels or 0)
+        model = self.task.wrap_with_lora(base, request.lora)
         local = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
         if request.freeze_lora_a:
             frozen = seeded_lora_a(
@@ -176,6 +195,15 @@ class Site:
                 if is_lora_a(name):
                     parameter.requires_grad_(False)
         return model
+
+    def check_classes(self, outputs: int) -> None:
+        """The model must have one output per class the site's data names."""
+        classes = len(self.config.data.classes)
+        if outputs != classes:
+            raise ConfigError(
+                f"site {self.site_id}: data.classes names {classes} classes but the base "
+                f"model has {outputs} outputs (num_labels / id2label in its config.json)"
+            )
 
     # ------------------------------------------------------------------ privacy ---
 
@@ -328,6 +356,7 @@ class Site:
             train_records=len(data.train.labels),
             holdout_records=len(data.holdout.labels),
             rejected_records=len(data.all.rejected),
+            adjusted_records=dict(data.all.adjusted),
             class_counts=data.all.label_counts(),
         )
 

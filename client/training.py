@@ -83,6 +83,8 @@ class TrainResult:
     """The full accountant history after this round (previous rounds included)."""
     round_entry: HistoryEntry
     """What this round alone charged: (σ, q, steps)."""
+    batched: int = 0
+    """Records the round's batches held in all (Poisson batches vary in size)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class PerSampleLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
         if self.class_weights is not None:
-            losses = losses * self.class_weights[labels]
+            losses = losses * self.class_weights.to(logits.device)[labels]
         return losses.mean() if self.reduction == "mean" else losses
 
 
@@ -164,6 +166,12 @@ class DPTrainer:
         self.class_weights = (
             torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (a site's CPU; a GPU when the operator put it there):
+        batches and Opacus's noise are made there too."""
+        return next(self.model.parameters()).device
 
     def _dataset(self, data: SiteData) -> TensorDataset:
         missing = [name for name in self.input_names if name not in data.features]
@@ -217,7 +225,7 @@ class DPTrainer:
                 max_grad_norm=plan.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode=plan.grad_sample_mode,
-                noise_generator=torch.Generator().manual_seed(seed + 2),
+                noise_generator=torch.Generator(device=self.device).manual_seed(seed + 2),
             )
         if len(made) == 4:  # ghost clipping wraps the criterion too
             module, private_optimizer, criterion, private_loader = made
@@ -238,6 +246,7 @@ class DPTrainer:
         engine, model, optimizer, loader, trainable, criterion = self.make_private(
             data, plan, history
         )
+        device = self.device
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         with warnings.catch_warnings():
             # Frozen inputs make torch warn about full backward hooks on every batch.
@@ -253,7 +262,11 @@ class DPTrainer:
                             _empty_step(optimizer, trainable)
                             steps += 1
                             continue
-                        kwargs = dict(zip(self.input_names, inputs, strict=True))
+                        labels = labels.to(device)
+                        kwargs = {
+                            name: tensor.to(device)
+                            for name, tensor in zip(self.input_names, inputs, strict=True)
+                        }
                         logits = model(**kwargs).logits
                         criterion(logits, labels).backward()
                         optimizer.step()
@@ -278,6 +291,7 @@ class DPTrainer:
             steps=steps,
             history=[(float(s), float(q), int(n)) for s, q, n in history_out],
             round_entry=round_entry,
+            batched=seen,
         )
 
     @torch.no_grad()
@@ -285,8 +299,11 @@ class DPTrainer:
         """The model's logits on ``data``, one tensor per batch, in record order."""
         self.model.eval()
         loader = DataLoader(self._dataset(data), batch_size=batch_size)
+        device = self.device
         return [
-            self.model(**dict(zip(self.input_names, inputs, strict=True))).logits
+            self.model(
+                **{n: t.to(device) for n, t in zip(self.input_names, inputs, strict=True)}
+            ).logits.cpu()
             for *inputs, _ in loader
         ]
 

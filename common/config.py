@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -25,6 +27,7 @@ from pydantic import (
 from common.errors import ConfigError
 
 SiteKind = Literal["hospital", "bank"]
+DataKind = Literal["dicom", "table", "text"]
 AccountantName = Literal["prv", "rdp"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 
@@ -86,11 +89,83 @@ class TabularDataConfig(StrictModel):
     @model_validator(mode="after")
     def _has_features(self) -> TabularDataConfig:
         if not self.numeric_features and not self.categorical_features:
-            raise ValueError("declare at least one numeric or categorical feature")
+            raise ValueError(
+                "declare at least one numeric or categorical feature "
+                "(or a text_column, for a table of texts)"
+            )
         return self
 
 
-DataConfig = Annotated[DicomDataConfig | TabularDataConfig, Field(discriminator="format")]
+class TextDataConfig(StrictModel):
+    """A CSV, Parquet or JSON-lines file of texts (reports, narratives) with labels.
+
+    Texts are tokenised at the site with the base model's own tokenizer. Empty texts are
+    rejected; texts over ``max_tokens`` tokens are cut (or rejected, by ``overlong``) and
+    texts over ``max_characters`` are rejected before tokenising, so one huge cell cannot
+    exhaust the site's memory. Every such record is counted in the site's report.
+    """
+
+    format: Literal["csv", "parquet", "jsonl"]
+    path: Path = Field(description="The CSV, Parquet or JSONL (one JSON object per line) file.")
+    classes: list[str] = Field(min_length=2, description="Label values (as text), in label order.")
+    text_column: str = Field(description="Column (JSONL: key) holding the text.")
+    label_column: str
+    person_column: str | None = Field(
+        default=None, description="Column identifying the patient or customer; stays at the site."
+    )
+    max_tokens: int = Field(
+        default=128, ge=8, le=8192, description="Tokens kept per text (the model's input length)."
+    )
+    overlong: Literal["truncate", "reject"] = Field(
+        default="truncate",
+        description="Texts longer than max_tokens: 'truncate' keeps their first max_tokens "
+        "tokens, 'reject' leaves them out. Either way they are counted and reported.",
+    )
+    max_characters: int = Field(
+        default=100_000, ge=1, description="Texts longer than this are rejected untokenised."
+    )
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> TextDataConfig:
+        roles = {"text_column": self.text_column, "label_column": self.label_column}
+        if self.person_column is not None:
+            roles["person_column"] = self.person_column
+        names = list(roles.values())
+        for role, name in roles.items():
+            if names.count(name) > 1:
+                raise ValueError(f"column {name!r} is given for more than one role ({role}, …)")
+        return self
+
+
+def data_kind(data: object) -> DataKind | None:
+    """Which kind of data a ``[data]`` table describes: ``format = "dicom"`` is DICOM,
+    a table with a ``text_column`` (or in JSONL) is text, any other CSV/Parquet is a
+    feature table. None when it is none of them."""
+    if isinstance(data, dict):
+        fmt, has_text = data.get("format"), "text_column" in data
+    else:
+        fmt, has_text = getattr(data, "format", None), isinstance(data, TextDataConfig)
+    if fmt == "dicom":
+        return "dicom"
+    if has_text or fmt == "jsonl":
+        return "text"
+    if fmt in ("csv", "parquet"):
+        return "table"
+    return None
+
+
+DataConfig = Annotated[
+    Annotated[DicomDataConfig, Tag("dicom")]
+    | Annotated[TabularDataConfig, Tag("table")]
+    | Annotated[TextDataConfig, Tag("text")],
+    Discriminator(
+        data_kind,
+        custom_error_type="data_format",
+        custom_error_message="data.format must be 'dicom', 'csv', 'parquet' or 'jsonl' "
+        "(a CSV/Parquet file with a text_column is text data)",
+    ),
+]
 
 
 # --------------------------------------------------------------------------- site ---
@@ -192,13 +267,18 @@ class SiteConfig(StrictModel):
 
     @model_validator(mode="after")
     def _kind_matches_data(self) -> SiteConfig:
-        expected = "dicom" if self.site.kind == "hospital" else "table"
-        actual = "dicom" if self.data.format == "dicom" else "table"
-        if expected != actual:
+        # Hospitals hold images or texts (reports), banks tables or texts (narratives).
+        allowed: dict[SiteKind, tuple[DataKind, ...]] = {
+            "hospital": ("dicom", "text"),
+            "bank": ("table", "text"),
+        }
+        kind = data_kind(self.data)
+        if kind not in allowed[self.site.kind]:
+            described = {"dicom": "DICOM", "table": "CSV/Parquet tables", "text": "texts"}
             raise ValueError(
                 f"site.kind = {self.site.kind!r} expects "
-                f"{'DICOM' if expected == 'dicom' else 'CSV/Parquet'} data, "
-                f"but data.format = {self.data.format!r}"
+                + " or ".join(described[k] for k in allowed[self.site.kind])
+                + f", but data.format = {self.data.format!r}"
             )
         return self
 
@@ -341,7 +421,8 @@ class FederationConfig(FederationSettings):
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-_DATA_FORMATS = ("dicom", "csv", "parquet")
+_DATA_FORMATS = frozenset({"dicom", "table", "text"})
+"""The union tags pydantic puts in error locations (see :func:`data_kind`)."""
 
 
 def _toml_location(location: tuple[int | str, ...]) -> tuple[int | str, ...]:
@@ -361,6 +442,13 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key (check the spelling)"
         elif item["type"] == "missing":
             message = "required, but missing"
+        elif item["type"] == "data_format" and isinstance(item["input"], dict):
+            found = item["input"].get("format")
+            message = (
+                f"{message}; found {found!r}"
+                if found is not None
+                else f"{message}; 'format' is missing"
+            )
         lines.append(f"  - {location}: {message}")
     return "\n".join(lines)
 

@@ -169,7 +169,13 @@ def build_artifact(
     """
     shutil.rmtree(draft, ignore_errors=True)
     exported = export_model(
-        model, spec.example_inputs(model.config), fp32_path, draft / MODEL_INT8, spec.head_modules
+        model,
+        spec.example_inputs(model.config),
+        fp32_path,
+        draft / MODEL_INT8,
+        spec.head_modules,
+        sequence_inputs=spec.sequence_inputs,
+        prepare=spec.prepare_export,
     )
     copy_adapter(adapter_dir, draft)
     lora = model.peft_config["default"]

@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +63,18 @@ def merged_copy(model: PeftModel) -> nn.Module:
 
 
 def export_onnx(
-    model: nn.Module, example: dict[str, torch.Tensor], path: Path, opset: int = OPSET
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    path: Path,
+    opset: int = OPSET,
+    sequence_inputs: Sequence[str] = (),
 ) -> None:
-    """Trace ``model`` to ONNX with a free batch axis on every input and the logits."""
+    """Trace ``model`` to ONNX with a free batch axis on every input and the logits, and
+    a free length axis on ``sequence_inputs`` (token ids: any text length runs)."""
     names = list(example)
-    dynamic = {name: {0: "batch"} for name in [*names, "logits"]}
+    dynamic: dict[str, dict[int, str]] = {name: {0: "batch"} for name in [*names, "logits"]}
+    for name in sequence_inputs:
+        dynamic[name][1] = "sequence"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation notices, not problems
         torch.onnx.export(
@@ -109,7 +116,9 @@ def quantize_int8(fp32: Path, int8: Path, fp32_modules: Sequence[str]) -> list[s
         with tempfile.TemporaryDirectory() as scratch:
             prepared = Path(scratch) / "prepared.onnx"
             # Shape inference and constant folding first, as onnxruntime recommends.
-            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+            # auto_merge lets the symbolic pass equate the token count of a mixture of
+            # experts' routing with batch x sequence, which it cannot prove.
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False, auto_merge=True)
             quantize_dynamic(
                 str(prepared),
                 str(int8),
@@ -138,12 +147,18 @@ def export_model(
     fp32: Path,
     int8: Path,
     fp32_modules: Sequence[str] = ("classifier",),
+    sequence_inputs: Sequence[str] = (),
+    prepare: Callable[[nn.Module], None] | None = None,
 ) -> ExportedModel:
-    """Merge, export to ``fp32`` and quantize that to ``int8``."""
+    """Merge, export to ``fp32`` and quantize that to ``int8``. ``prepare`` switches the
+    merged copy to kernels the exporter can trace (the task's ``prepare_export``)."""
     for path in (fp32, int8):
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        export_onnx(merged_copy(model), example, fp32)
+        merged = merged_copy(model)
+        if prepare is not None:
+            prepare(merged)
+        export_onnx(merged, example, fp32, sequence_inputs=sequence_inputs)
         kept = quantize_int8(fp32, int8, fp32_modules)
     except ArtifactError:
         raise
@@ -153,7 +168,9 @@ def export_model(
     inputs = {
         name: InputSpec(
             dtype="int64" if tensor.dtype == torch.int64 else "float32",
-            shape=["batch", *tensor.shape[1:]],
+            shape=["batch", "sequence"]
+            if name in sequence_inputs
+            else ["batch", *tensor.shape[1:]],
         )
         for name, tensor in example.items()
     }

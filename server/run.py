@@ -143,7 +143,7 @@ def _run_federation(
             federation,
             base_sha256,
             r,
-            spec.default_lora_targets,
+            spec.lora_targets(model.config),
             freeze_lora_a=aggregation.freezes_lora_a,
             run_id=run_id,
         ),

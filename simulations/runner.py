@@ -7,6 +7,7 @@ way each virtual SuperNode finds its site config differs (by partition id here).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomli_w
 import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from client.app import build_client_app
 from client.audit import SITE_AUDIT_LOG
@@ -28,6 +31,7 @@ from common.audit.log import head_path
 from common.audit.review import AUDIT_DIR, COORDINATOR_PUBLIC_KEY, SITE_LOGS_DIR
 from common.config import FederationConfig, load_site_config
 from common.tasks import TASKS
+from common.tasks.text import build_word_tokenizer
 from server.app import build_server_app
 from server.run import coordinator_key, publish_public_key
 from simulations.faults import fault_mods
@@ -37,7 +41,17 @@ from simulations.generators.dicom import (
     write_hospital,
 )
 from simulations.generators.tabular import bank_schema, write_bank
-from simulations.scenario import BankSpec, HospitalSpec, Scenario, SiteBehaviour
+from simulations.generators.text import (
+    LABEL_COLUMN,
+    PERSON_COLUMNS,
+    TEXT_CLASSES,
+    TEXT_COLUMNS,
+    customer_narrative,
+    public_vocabulary,
+    radiology_report,
+    write_texts,
+)
+from simulations.scenario import AnySite, HospitalSpec, Scenario, SiteBehaviour, TextSiteSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +71,7 @@ class PartitionSites:
         return Path(self.site_configs[int(context.node_config["partition-id"])])
 
 
-def _generation_marker(spec: HospitalSpec | BankSpec, scenario: Scenario) -> dict[str, Any]:
+def _generation_marker(spec: AnySite, scenario: Scenario) -> dict[str, Any]:
     return {
         "generator": GENERATOR_VERSION,
         "seed": scenario.seed,
@@ -66,11 +80,11 @@ def _generation_marker(spec: HospitalSpec | BankSpec, scenario: Scenario) -> dic
     }
 
 
-def _site_seed(scenario: Scenario, spec: HospitalSpec | BankSpec) -> int:
+def _site_seed(scenario: Scenario, spec: AnySite) -> int:
     return scenario.seed * 1000 + [s.id for s in scenario.sites].index(spec.id)
 
 
-def generate_site_data(spec: HospitalSpec | BankSpec, scenario: Scenario, site_dir: Path) -> bool:
+def generate_site_data(spec: AnySite, scenario: Scenario, site_dir: Path) -> bool:
     """Write the site's synthetic data unless identical data is already there.
 
     Returns True when data was (re)generated. The site's ``state/`` folder is kept.
@@ -95,6 +109,17 @@ def generate_site_data(spec: HospitalSpec | BankSpec, scenario: Scenario, site_d
         )
         if spec.corrupt_files:
             write_corrupt_examples(data_dir, seed=seed)
+    elif isinstance(spec, TextSiteSpec):
+        write_texts(
+            data_dir / f"texts.{spec.format}",
+            kind=spec.kind,
+            people=spec.people,
+            seed=seed,
+            urgent_rate=spec.urgent_rate,
+            empty_texts=spec.empty_texts,
+            overlong_texts=spec.overlong_texts,
+            file_format=spec.format,
+        )
     else:
         write_bank(
             data_dir / f"loans.{spec.format}",
@@ -115,21 +140,28 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     model; its classification head is then replaced by a fresh one for the task.
     """
     directory = models_dir / task
-    marker = {
+    spec = TASKS.get(task)
+    marker: dict[str, Any] = {
         "builder": BASE_MODEL_VERSION,
         "seed": scenario.seed,
         "image_size": scenario.image_size,
         "imaging_backbone": scenario.imaging_backbone.model_dump(),
     }
+    if spec.data_kind == "text":  # its own settings and the vocabulary of its tokenizer
+        marker = {
+            "builder": BASE_MODEL_VERSION,
+            "seed": scenario.seed,
+            "text_backbone": scenario.text_backbone.model_dump(),
+            "vocabulary": hashlib.sha256("\n".join(public_vocabulary()).encode()).hexdigest(),
+        }
     marker_path = directory / "fedlora-demo-base.json"
     if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
         return directory
     shutil.rmtree(directory, ignore_errors=True)  # built by another version or setting
-    spec = TASKS.get(task)
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     torch.manual_seed(scenario.seed)
-    if spec.site_kind == "hospital":
+    if spec.data_kind == "dicom":
         config = spec.demo_config(
             image_size=scenario.image_size,
             num_labels=PRETEXT_CLASSES,
@@ -143,6 +175,27 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
         torch.nn.init.zeros_(model.classifier.weight)
         torch.nn.init.zeros_(model.classifier.bias)
         model.config.num_labels = len(IMAGING_CLASSES)
+        model.save_pretrained(temporary)
+    elif spec.data_kind == "text":
+        backbone = scenario.text_backbone
+        # The tokenizer is saved with the model, as in any downloaded checkpoint.
+        tokenizer = build_word_tokenizer(public_vocabulary(), backbone.max_tokens)
+        tokenizer.save_pretrained(temporary)
+        model = spec.new_model(
+            spec.demo_config(
+                architecture=backbone.architecture,
+                vocab_size=len(tokenizer),
+                num_labels=len(TEXT_CLASSES),
+                hidden_size=backbone.hidden_size,
+                layers=backbone.layers,
+                max_tokens=backbone.max_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        pretrain_text_backbone(model, tokenizer, backbone.max_tokens, seed=scenario.seed)
+        head = model.get_submodule("score")
+        assert isinstance(head, torch.nn.Linear)
+        torch.nn.init.zeros_(head.weight)  # as for imaging: no class preferred at first
         model.save_pretrained(temporary)
     else:
         schema = bank_schema()
@@ -185,12 +238,55 @@ def pretrain_imaging_backbone(
     return accuracy
 
 
+def pretrain_text_backbone(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int,
+    seed: int,
+    texts: int = 4000,
+    epochs: int = 3,
+) -> float:
+    """Next-token pretraining of the decoder on public synthetic reports and narratives
+    (no labels, no site data), as a real base model is a pretrained LLM; returns the
+    last batch's language-model loss."""
+    rng = np.random.default_rng(seed + 1)
+    corpus = [
+        (radiology_report if index % 2 else customer_narrative)(rng, bool(rng.random() < 0.5))
+        for index in range(texts)
+    ]
+    encoded = tokenizer(
+        corpus, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt"
+    )
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    targets = ids.masked_fill(mask == 0, -100)
+    language_model = AutoModelForCausalLM.from_config(model.config)
+    language_model.model.load_state_dict(model.model.state_dict())  # type: ignore[union-attr]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(language_model.parameters(), lr=3e-3)
+    language_model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        order = torch.randperm(texts, generator=generator)
+        for start in range(0, texts, 64):
+            batch = order[start : start + 64]
+            loss = language_model(
+                input_ids=ids[batch], attention_mask=mask[batch], labels=targets[batch]
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.model.load_state_dict(language_model.model.state_dict())  # type: ignore[union-attr]
+    final = float(loss.detach())
+    logger.info("text base model: public next-token loss %.3f", final)
+    return final
+
+
 def site_config_document(
-    spec: HospitalSpec | BankSpec,
+    spec: AnySite,
     task: str,
     site_dir: Path,
     base_model: Path,
-    image_size: int,
+    scenario: Scenario,
     coordinator_key: Path | None = None,
 ) -> dict[str, Any]:
     """The TOML a real site operator would write for this site."""
@@ -213,7 +309,17 @@ def site_config_document(
             "path": str(site_dir / "data"),
             "classes": IMAGING_CLASSES,
             "labels": "csv",
-            "image_size": image_size,
+            "image_size": scenario.image_size,
+        }
+    elif isinstance(spec, TextSiteSpec):
+        document["data"] = {
+            "format": spec.format,
+            "path": str(site_dir / "data" / f"texts.{spec.format}"),
+            "classes": TEXT_CLASSES,
+            "text_column": TEXT_COLUMNS[spec.kind],
+            "label_column": LABEL_COLUMN,
+            "person_column": PERSON_COLUMNS[spec.kind],
+            "max_tokens": scenario.text_backbone.max_tokens,
         }
     else:
         schema = bank_schema()
@@ -280,7 +386,12 @@ def prepare(
             path.write_text(
                 tomli_w.dumps(
                     site_config_document(
-                        spec, task, site_dir, base_model, scenario.image_size, pinned_key
+                        spec,
+                        task,
+                        site_dir,
+                        base_model,
+                        scenario,
+                        pinned_key,
                     )
                 )
             )

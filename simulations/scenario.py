@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from common.config import FederationSettings, StrictModel, read_toml, validate_model
+from common.config import (
+    DataKind,
+    FederationSettings,
+    SiteKind,
+    StrictModel,
+    read_toml,
+    validate_model,
+)
 from common.errors import ConfigError
 from common.tasks import TASKS
 
@@ -65,7 +72,49 @@ class BankSpec(StrictModel):
     )
 
 
-SiteSpec = Annotated[HospitalSpec | BankSpec, Field(discriminator="kind")]
+class TextSiteSpec(StrictModel):
+    """A hospital with radiology reports or a bank with customer narratives (text task)."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    kind: SiteKind
+    data: Literal["text"]
+    people: int = Field(ge=1, description="Patients or customers; each has 1-3 texts.")
+    urgent_rate: float = Field(default=0.4, gt=0, lt=1, description="Label skew.")
+    format: Literal["csv", "parquet", "jsonl"] = "csv"
+    empty_texts: int = Field(default=0, ge=0, description="Blank records to add.")
+    overlong_texts: int = Field(default=0, ge=0, description="Runaway long records to add.")
+    epsilon: float = Field(default=8.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0)
+    behaviour: SiteBehaviour | None = Field(
+        default=None, description="Fault injection for robustness studies; honest if unset."
+    )
+
+
+def _site_tag(value: Any) -> str | None:
+    """``data = "text"`` makes a text site; otherwise ``kind`` decides."""
+    if isinstance(value, dict):
+        return "text" if value.get("data") == "text" else value.get("kind")
+    return "text" if isinstance(value, TextSiteSpec) else getattr(value, "kind", None)
+
+
+SiteSpec = Annotated[
+    Annotated[HospitalSpec, Tag("hospital")]
+    | Annotated[BankSpec, Tag("bank")]
+    | Annotated[TextSiteSpec, Tag("text")],
+    Discriminator(
+        _site_tag,
+        custom_error_type="site_kind",
+        custom_error_message="kind must be 'hospital' or 'bank' (add data = \"text\" for a "
+        "site of texts)",
+    ),
+]
+AnySite = HospitalSpec | BankSpec | TextSiteSpec
+
+
+def site_data_kind(site: AnySite) -> DataKind:
+    if isinstance(site, TextSiteSpec):
+        return "text"
+    return "dicom" if isinstance(site, HospitalSpec) else "table"
 
 
 class TaskRunSpec(FederationSettings):
@@ -92,12 +141,28 @@ class ImagingBackbone(StrictModel):
         return self
 
 
+class TextBackbone(StrictModel):
+    """The demo decoder every text site shares: which architecture, and how small."""
+
+    architecture: Literal["deepseek_v3", "qwen2", "llama"] = "qwen2"
+    hidden_size: int = Field(default=64, ge=16, description="Width (a multiple of 8).")
+    layers: int = Field(default=2, ge=1, le=24, description="Decoder layers.")
+    max_tokens: int = Field(default=64, ge=8, le=2048, description="Tokens kept per text.")
+
+    @model_validator(mode="after")
+    def _width(self) -> TextBackbone:
+        if self.hidden_size % 8:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 8")
+        return self
+
+
 class Scenario(StrictModel):
     name: str
     description: str = ""
     seed: int = 0
     image_size: int = Field(default=32, ge=8)
     imaging_backbone: ImagingBackbone = Field(default_factory=ImagingBackbone)
+    text_backbone: TextBackbone = Field(default_factory=TextBackbone)
     tasks: dict[str, TaskRunSpec]
     sites: list[SiteSpec] = Field(min_length=1)
 
@@ -110,9 +175,9 @@ class Scenario(StrictModel):
         for task in self.tasks:
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; known: {TASKS.names()}")
-        for kind in {site.kind for site in self.sites}:
-            if not any(TASKS.get(task).site_kind == kind for task in self.tasks):
-                raise ValueError(f"sites of kind {kind!r} have no task in [tasks]")
+        for kind in {site_data_kind(site) for site in self.sites}:
+            if not any(TASKS.get(task).data_kind == kind for task in self.tasks):
+                raise ValueError(f"sites with {kind} data have no task in [tasks]")
         if self.image_size % self.imaging_backbone.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of "
@@ -120,10 +185,11 @@ class Scenario(StrictModel):
             )
         return self
 
-    def task_for(self, site: HospitalSpec | BankSpec) -> str:
-        return next(task for task in self.tasks if TASKS.get(task).site_kind == site.kind)
+    def task_for(self, site: AnySite) -> str:
+        kind = site_data_kind(site)
+        return next(task for task in self.tasks if TASKS.get(task).data_kind == kind)
 
-    def sites_of(self, task: str) -> list[HospitalSpec | BankSpec]:
+    def sites_of(self, task: str) -> list[AnySite]:
         return [site for site in self.sites if self.task_for(site) == task]
 
 

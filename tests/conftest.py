@@ -57,7 +57,7 @@ def write_site_config(
     spec = next(s for s in scenario.sites if s.id == site_id)
     task = scenario.task_for(spec)
     document = site_config_document(
-        spec, task, workspace / "sites" / site_id, workspace / "models" / task, scenario.image_size
+        spec, task, workspace / "sites" / site_id, workspace / "models" / task, scenario
     )
     state_dir = directory / f"{site_id}-state"
     document["site"]["state_dir"] = str(state_dir)

@@ -38,6 +38,8 @@ class SiteData:
     """Salted hash of the owner of each record (same person, same key)."""
     classes: list[str]
     rejected: list[Rejection] = field(default_factory=list)
+    adjusted: dict[str, int] = field(default_factory=dict)
+    """Records kept but changed, counted by what was done (texts cut to max_tokens)."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from client.data import Rejection, SiteData, person_key
-from common.config import TabularDataConfig
+from common.config import TabularDataConfig, TextDataConfig
 from common.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def load_tabular_dataset(
     """
     _check_roles(config)
     declared = _declared_columns(config, with_label=True)
-    frame = _read_table(config, declared)
+    frame = read_columns(config, declared)
     rows = len(frame)
     if rows == 0:
         raise DataError("the data table has no rows")
@@ -230,16 +230,14 @@ def load_tabular_dataset(
     for name in config.numeric_features:
         _numeric_column(frame, name, at_load=True)  # refuse malformed columns up front
 
-    labels, persons, rejected = _screen_rows(frame, config, salt)
+    labels, persons, rejected = screen_rows(frame, config, salt)
     accepted = np.array([label is not None for label in labels], dtype=bool)
     if not accepted.any():
         raise DataError(
-            f"no usable rows: all {rows} rows were rejected ({_reason_summary(rejected)})"
+            f"no usable rows: all {rows} rows were rejected ({reason_summary(rejected)})"
         )
     if rejected:
-        logger.warning(
-            "%d of %d rows rejected (%s)", len(rejected), rows, _reason_summary(rejected)
-        )
+        logger.warning("%d of %d rows rejected (%s)", len(rejected), rows, reason_summary(rejected))
 
     kept = frame.loc[accepted].reset_index(drop=True)
     preprocessor = TabularPreprocessor.fit(kept, config)
@@ -308,8 +306,11 @@ def _require_columns(found: Sequence[object], declared: Sequence[tuple[str, str]
             )
 
 
-def _read_table(config: TabularDataConfig, declared: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """Read only the declared columns; text-like ones as text so ids keep leading zeros."""
+def read_columns(
+    config: TabularDataConfig | TextDataConfig, declared: Sequence[tuple[str, str]]
+) -> pd.DataFrame:
+    """Read only the declared columns (of a CSV, Parquet or JSON-lines file); text-like
+    ones as text so ids keep leading zeros."""
     wanted = {name for name, _ in declared}
     textual = {name: str for name, key in declared if key != "data.numeric_features"}
     path = config.path
@@ -318,6 +319,11 @@ def _read_table(config: TabularDataConfig, declared: Sequence[tuple[str, str]]) 
             header = list(pd.read_csv(path, nrows=0).columns)
             _require_columns(header, declared)
             return pd.read_csv(path, usecols=lambda column: column in wanted, dtype=textual)
+        if config.format == "jsonl":
+            # Every key of every line is parsed, then the undeclared ones are dropped.
+            frame = pd.read_json(path, lines=True, dtype=textual)
+            _require_columns(list(frame.columns), declared)
+            return frame[[name for name, _ in declared]]
         import pyarrow.parquet as pq
 
         header = [
@@ -330,7 +336,7 @@ def _read_table(config: TabularDataConfig, declared: Sequence[tuple[str, str]]) 
     except FileNotFoundError:
         raise DataError("data.path: the table file does not exist") from None
     except IsADirectoryError:
-        raise DataError("data.path: is a directory, expected a CSV or Parquet file") from None
+        raise DataError("data.path: is a directory, expected a file") from None
     except PermissionError:
         raise DataError("data.path: permission denied when reading the table") from None
     except pd.errors.EmptyDataError:
@@ -369,8 +375,8 @@ def _numeric_column(
     return values
 
 
-def _screen_rows(
-    frame: pd.DataFrame, config: TabularDataConfig, salt: bytes
+def screen_rows(
+    frame: pd.DataFrame, config: TabularDataConfig | TextDataConfig, salt: bytes
 ) -> tuple[list[int | None], list[str], list[Rejection]]:
     """Label index (None if rejected) and person key per row, and the rejections."""
     lookup = _text_lookup(config.classes)
@@ -405,7 +411,7 @@ def _screen_rows(
     return labels, persons, rejected
 
 
-def _reason_summary(rejected: Sequence[Rejection]) -> str:
+def reason_summary(rejected: Sequence[Rejection]) -> str:
     counts = Counter(rejection.reason for rejection in rejected)
     return "; ".join(f"{reason}: {count}" for reason, count in counts.most_common())
 

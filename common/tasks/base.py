@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,11 +13,14 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from common.config import LoraSettings, SiteKind
+from common.config import DataKind, LoraSettings
 from common.errors import ConfigError
 from common.files import hash_file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,10 @@ class TaskSpec:
     """
 
     name: str
-    site_kind: SiteKind
+    data_kind: DataKind
+    """The site data it trains on (``[data]`` of a site config, see common.config)."""
     model_class: type[PreTrainedModel]
+    """What ``from_pretrained`` is called on: a model class, or a transformers Auto class."""
     input_names: tuple[str, ...]
     """Keyword arguments of the model's forward, in the order the loader produces them."""
     default_lora_targets: tuple[str, ...]
@@ -37,7 +44,34 @@ class TaskSpec:
     demo_config: Callable[..., PretrainedConfig]
     """Builds the small config used by the demo and the tests."""
     example_inputs: Callable[[Any], dict[str, torch.Tensor]]
-    """One record's model inputs (zeros) for a model config: what export traces with."""
+    """One record's model inputs for a model config: what export traces with."""
+    sequence_inputs: tuple[str, ...] = ()
+    """Inputs whose second axis is free (token sequences): exported with a dynamic length."""
+    lora_targets_for: Callable[[PretrainedConfig], tuple[str, ...]] | None = None
+    """Default LoRA targets by architecture, when one task serves several."""
+    tolerated_keys: tuple[str, ...] = ()
+    """Weight-name prefixes a base checkpoint may lack or carry extra: a causal LM's
+    ``lm_head`` and the new classification head of a text task. The head is trained and
+    sent with the adapter, so every site starts from the coordinator's head."""
+    after_load: Callable[[PreTrainedModel, Path], None] | None = None
+    """Checks and settings that need the model's directory (a text model's tokenizer)."""
+    prepare_export: Callable[[nn.Module], None] | None = None
+    """Switches a merged model to export-friendly kernels before it is traced."""
+
+    def _tolerated(self, key: str) -> bool:
+        return any(key.startswith(prefix) for prefix in self.tolerated_keys)
+
+    def new_model(self, config: PretrainedConfig) -> PreTrainedModel:
+        """A randomly initialised model of this task for ``config``."""
+        if hasattr(self.model_class, "from_config"):  # a transformers Auto class
+            built: PreTrainedModel = self.model_class.from_config(config)
+            return built
+        return self.model_class(config)
+
+    def lora_targets(self, config: PretrainedConfig) -> tuple[str, ...]:
+        if self.lora_targets_for is not None:
+            return self.lora_targets_for(config)
+        return self.default_lora_targets
 
     def load_base_model(self, directory: Path) -> PreTrainedModel:
         """Load the frozen base model from a local directory (never from a hub)."""
@@ -46,30 +80,41 @@ class TaskSpec:
                 f"base model directory {directory} has no config.json "
                 f"(expected a model saved with save_pretrained for task {self.name!r})"
             )
+        # float32 whatever the checkpoint's dtype: DP-SGD's clipping and noise need it.
         loaded: tuple[PreTrainedModel, dict[str, list[str]]] = self.model_class.from_pretrained(  # type: ignore[assignment]
-            directory, local_files_only=True, output_loading_info=True
+            directory, local_files_only=True, output_loading_info=True, dtype=torch.float32
         )
         model, info = loaded
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+        problems: dict[str, list[str]] = {}
+        for kind in ("missing_keys", "unexpected_keys"):
+            keys = [str(key) for key in info.get(kind, [])]
+            tolerated = [key for key in keys if self._tolerated(key)]
+            if tolerated:
+                logger.info("base model: %s %s (expected for this task)", kind, sorted(tolerated))
+            rest = [key for key in keys if key not in tolerated]
+            if rest:
+                problems[kind] = rest
         if problems:
             # A partly random base model would train and "work"; refuse it instead.
             raise ConfigError(
                 f"base model directory {directory} does not fit the {self.name} model: "
                 + "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in problems.items())
             )
+        if self.after_load is not None:
+            self.after_load(model, directory)
         model.eval()
         return model
 
     def build_demo_base_model(self, directory: Path, seed: int, **shape: Any) -> Path:
         """Create and save a small randomly initialised base model, as sites would load it."""
         torch.manual_seed(seed)
-        model = self.model_class(self.demo_config(**shape))
+        model = self.new_model(self.demo_config(**shape))
         model.save_pretrained(directory)
         return directory
 
     def wrap_with_lora(self, model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
         """Freeze the base, add LoRA on the targets and make the head trainable."""
-        targets = list(lora.target_modules or self.default_lora_targets)
+        targets = list(lora.target_modules or self.lora_targets(model.config))
         config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
@@ -87,6 +132,20 @@ class TaskSpec:
                 f"LoRA targets {targets} do not fit the {self.name} model: {exc}"
             ) from None
         return peft_model
+
+
+def model_outputs(config_file: Path) -> int:
+    """Outputs of a saved classifier, read from its config.json without loading it:
+    ``id2label``'s size, else ``num_labels``, else transformers' default of 2 (a causal
+    LM checkpoint names none)."""
+    try:
+        settings = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{config_file.name} of the base model cannot be read: {exc}") from None
+    labels = settings.get("id2label")
+    if labels:
+        return len(labels)
+    return int(settings.get("num_labels", 2))
 
 
 def model_fingerprint(directory: Path) -> str:

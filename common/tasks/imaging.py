@@ -40,7 +40,7 @@ def _example_image(config: ViTConfig) -> dict[str, torch.Tensor]:
 
 IMAGING_TASK = TaskSpec(
     name="dicom-classification",
-    site_kind="hospital",
+    data_kind="dicom",
     model_class=ViTForImageClassification,
     input_names=("pixel_values",),
     default_lora_targets=("q_proj", "v_proj"),

@@ -137,7 +137,7 @@ def _example_row(config: FTTransformerConfig) -> dict[str, torch.Tensor]:
 
 TABULAR_TASK = TaskSpec(
     name="tabular-classification",
-    site_kind="bank",
+    data_kind="table",
     model_class=FTTransformerForClassification,
     input_names=("numeric_values", "categorical_ids"),
     default_lora_targets=("q_proj", "v_proj"),

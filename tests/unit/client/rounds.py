@@ -29,7 +29,7 @@ def round_request(site: Site, server_round: int = 1, **overrides: object) -> Rou
         federation,
         model_fingerprint(site.config.site.base_model),
         server_round,
-        site.task.default_lora_targets,
+        site.task.lora_targets(site.task.load_base_model(site.config.site.base_model).config),
     )
 
 

@@ -29,11 +29,19 @@ CLIP = 0.05  # small, so that most per-sample gradients really are clipped
 
 
 def _model_and_inputs(task: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """``task``, or ``text-classification:<architecture>``."""
+    task, _, architecture = task.partition(":")
     spec = TASKS.get(task)
     torch.manual_seed(0)
     if task == "dicom-classification":
         config = spec.demo_config(image_size=16, hidden_size=32)
         inputs = {"pixel_values": torch.randn(BATCH, 1, 16, 16)}
+    elif task == "text-classification":
+        config = spec.demo_config(architecture=architecture, vocab_size=50, hidden_size=32)
+        config._experts_implementation = "batched_mm"  # DeepSeek-V3's experts, vmap-able
+        ids = torch.randint(1, 50, (BATCH, 10))
+        ids[::2, 7:] = 0  # right padding on every other text
+        inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
     else:
         config = spec.demo_config(num_numeric_features=3, categorical_cardinalities=[2, 4])
         inputs = {
@@ -41,7 +49,7 @@ def _model_and_inputs(task: str) -> tuple[torch.nn.Module, dict[str, torch.Tenso
             "categorical_ids": torch.tensor([[0, 1], [1, 4], [2, 0], [1, 2], [0, 3], [2, 4]]),
         }
     config._attn_implementation = "eager"  # torch.func's vmap over plain matmuls
-    model = spec.wrap_with_lora(spec.model_class(config), LoraSettings(r=4))
+    model = spec.wrap_with_lora(spec.new_model(config), LoraSettings(r=4))
     with torch.no_grad():  # LoRA B starts at zero; make every LoRA gradient non-trivial
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -65,7 +73,16 @@ def _reference_per_sample_grads(
     return vmap(grad(loss_of_one), in_dims=(None, 0, 0))(trainable, inputs, labels)
 
 
-@pytest.mark.parametrize("task", ["dicom-classification", "tabular-classification"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        "dicom-classification",
+        "tabular-classification",
+        "text-classification:deepseek_v3",
+        "text-classification:qwen2",
+        "text-classification:llama",
+    ],
+)
 def test_opacus_lora_per_sample_gradients_match_torch_func(task: str) -> None:
     model, inputs = _model_and_inputs(task)
     labels = torch.tensor([0, 1, 1, 0, 1, 0])

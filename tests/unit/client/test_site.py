@@ -11,6 +11,7 @@ from flwr.app import Message, MessageType, RecordDict
 from peft import PeftModel, get_peft_model_state_dict
 
 from client.app import build_client_app
+from client.cli import check_report
 from client.ledger import PrivacyLedger
 from client.site import Site
 from common.adapters import (
@@ -23,7 +24,7 @@ from common.adapters import (
 )
 from common.audit.log import read_entries, verify_log
 from common.config import FederationConfig, LoraSettings, load_site_config
-from common.errors import PolicyError, UpdateError
+from common.errors import ConfigError, PolicyError, UpdateError
 from common.protocol import (
     AUDIT_HEAD_HASH,
     AUDIT_HEAD_SEQ,
@@ -300,8 +301,20 @@ def test_client_app_evaluates_on_held_out_people(small_scenario, site_workspace,
     assert 0.0 <= metrics["eval-accuracy"] <= 1.0
 
 
-def test_tasks_registry_has_both_site_kinds() -> None:
-    assert {TASKS.get(name).site_kind for name in TASKS.names()} == {"hospital", "bank"}
+def test_tasks_registry_serves_every_kind_of_site_data() -> None:
+    assert {TASKS.get(name).data_kind for name in TASKS.names()} == {"dicom", "table", "text"}
+
+
+def test_a_task_that_does_not_fit_the_data_is_refused(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    config = load_site_config(path)
+    config = config.model_copy(
+        update={"site": config.site.model_copy(update={"task": "text-classification"})}
+    )
+    with pytest.raises(ConfigError, match="trains on text data, but \\[data\\] describes table"):
+        Site(config)
 
 
 def test_local_errors_leave_the_site_without_paths(
@@ -517,3 +530,14 @@ def test_the_client_app_runs_an_ffa_round(small_scenario, site_workspace, tmp_pa
     evaluation = app(message(MessageType.EVALUATE), node_context(config_path))
     assert not evaluation.has_error(), evaluation.error
     assert 0.0 <= evaluation.content.metric_records["metrics"]["eval-accuracy"] <= 1.0
+
+
+def test_classes_that_do_not_fit_the_model_are_a_problem_before_any_round(
+    small_scenario, site_workspace, tmp_path
+) -> None:
+    path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace('    "default",\n]', '    "default",\n    "late",\n]', 1))
+    report = check_report(path)
+    assert report["ok"] is False
+    assert any("names 3 classes but the base model has 2 outputs" in p for p in report["problems"])

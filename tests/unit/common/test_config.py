@@ -12,6 +12,7 @@ from common.config import (
     FederationConfig,
     SiteConfig,
     TabularDataConfig,
+    TextDataConfig,
     load_federation_config,
     load_site_config,
 )
@@ -255,14 +256,14 @@ def test_every_problem_is_reported_once_per_line(tmp_path: Path) -> None:
 def test_hospital_with_table_data_is_rejected(tmp_path: Path) -> None:
     text = _replace(BANK, 'kind = "bank"', 'kind = "hospital"')
     message = _error(load_site_config, _write(tmp_path, text))
-    assert "site.kind = 'hospital' expects DICOM data" in message
+    assert "site.kind = 'hospital' expects DICOM or texts" in message
     assert "data.format = 'parquet'" in message
 
 
 def test_bank_with_dicom_data_is_rejected(tmp_path: Path) -> None:
     text = _replace(HOSPITAL, 'kind = "hospital"', 'kind = "bank"')
     message = _error(load_site_config, _write(tmp_path, text))
-    assert "site.kind = 'bank' expects CSV/Parquet data" in message
+    assert "site.kind = 'bank' expects CSV/Parquet tables or texts" in message
     assert "data.format = 'dicom'" in message
 
 
@@ -696,3 +697,57 @@ def test_artifact_dir_inside_the_data_is_refused(tmp_path: Path) -> None:
     )
     message = _error(load_site_config, _write(tmp_path, text))
     assert "site.artifact_dir must not lie inside data.path" in message
+
+
+TEXTS = """\
+[site]
+id = "hospital-t"
+kind = "hospital"
+task = "text-classification"
+base_model = "models/llm"
+
+[data]
+format = "jsonl"
+path = "reports/reports.jsonl"
+classes = ["routine", "urgent"]
+text_column = "report"
+label_column = "triage"
+person_column = "patient_id"
+max_tokens = 96
+
+[privacy]
+epsilon = 4
+"""
+
+
+@pytest.mark.parametrize("kind", ["hospital", "bank"])
+def test_texts_load_for_hospitals_and_banks(tmp_path: Path, kind: str) -> None:
+    config = load_site_config(
+        _write(tmp_path, _replace(TEXTS, 'kind = "hospital"', f'kind = "{kind}"'))
+    )
+    assert isinstance(config.data, TextDataConfig)
+    assert config.data.max_tokens == 96 and config.data.overlong == "truncate"
+    assert config.data.path == (tmp_path / "reports" / "reports.jsonl").resolve()
+
+
+def test_a_csv_with_a_text_column_is_text_data(tmp_path: Path) -> None:
+    text = _replace(TEXTS, 'format = "jsonl"', 'format = "csv"')
+    assert isinstance(load_site_config(_write(tmp_path, text)).data, TextDataConfig)
+
+
+def test_jsonl_without_a_text_column_names_the_key(tmp_path: Path) -> None:
+    text = _replace(TEXTS, 'text_column = "report"\n', "")
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "data.text_column: required, but missing" in message
+
+
+def test_one_column_in_two_text_roles_is_refused(tmp_path: Path) -> None:
+    text = _replace(TEXTS, 'label_column = "triage"', 'label_column = "report"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "column 'report' is given for more than one role" in message
+
+
+def test_overlong_takes_truncate_or_reject(tmp_path: Path) -> None:
+    text = _replace(TEXTS, "max_tokens = 96", 'max_tokens = 96\noverlong = "drop"')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "data.overlong: Input should be 'truncate' or 'reject'" in message

@@ -81,15 +81,20 @@ def test_entries_iterable_is_consumed_once() -> None:
 
 def test_builtin_task_registry() -> None:
     assert TASKS.kind == "task"
-    assert TASKS.names() == ["dicom-classification", "tabular-classification"]
+    assert TASKS.names() == [
+        "dicom-classification",
+        "tabular-classification",
+        "text-classification",
+    ]
     for name in TASKS:
         spec = TASKS.get(name)
         assert isinstance(spec, TaskSpec)
         assert spec.name == name
-    assert TASKS.get("dicom-classification").site_kind == "hospital"
-    assert TASKS.get("tabular-classification").site_kind == "bank"
-    with pytest.raises(RegistryError, match="dicom-classification, tabular-classification"):
-        TASKS.get("text-classification")
+    assert TASKS.get("dicom-classification").data_kind == "dicom"
+    assert TASKS.get("tabular-classification").data_kind == "table"
+    assert TASKS.get("text-classification").data_kind == "text"
+    with pytest.raises(RegistryError, match="tabular-classification, text-classification"):
+        TASKS.get("speech-classification")
 
 
 def test_builtin_aggregator_registry() -> None:
