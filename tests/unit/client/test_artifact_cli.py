@@ -559,7 +559,7 @@ def test_predict_needs_exactly_one_input(
         args += [option, table if option == "--csv" else folder]
     result = _invoke("predict", release.artifact(TABULAR), *args)
     assert result.exit_code == 2
-    assert "exactly one of --dicom PATH or --csv PATH" in result.output
+    assert "exactly one of --dicom PATH, --csv PATH or --text PATH" in result.output
 
 
 @pytest.mark.slow
