@@ -141,19 +141,13 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     """
     directory = models_dir / task
     spec = TASKS.get(task)
-    marker: dict[str, Any] = {
-        "builder": BASE_MODEL_VERSION,
-        "seed": scenario.seed,
-        "image_size": scenario.image_size,
-        "imaging_backbone": scenario.imaging_backbone.model_dump(),
-    }
+    marker: dict[str, Any] = {"builder": BASE_MODEL_VERSION, "seed": scenario.seed}
     if spec.data_kind == "text":  # its own settings and the vocabulary of its tokenizer
-        marker = {
-            "builder": BASE_MODEL_VERSION,
-            "seed": scenario.seed,
-            "text_backbone": scenario.text_backbone.model_dump(),
-            "vocabulary": hashlib.sha256("\n".join(public_vocabulary()).encode()).hexdigest(),
-        }
+        marker["text_backbone"] = scenario.text_backbone.model_dump()
+        marker["vocabulary"] = hashlib.sha256("\n".join(public_vocabulary()).encode()).hexdigest()
+    else:
+        marker["image_size"] = scenario.image_size
+        marker["imaging_backbone"] = scenario.imaging_backbone.model_dump()
     marker_path = directory / "fedlora-demo-base.json"
     if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
         return directory

@@ -25,11 +25,11 @@ from client.data import Rejection, SiteData
 from client.data.tabular import read_columns, reason_summary, screen_rows
 from common.config import TextDataConfig
 from common.errors import DataError
+from common.tasks.text import TEXT_INPUTS
 
 logger = logging.getLogger(__name__)
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
+INPUT_IDS, ATTENTION_MASK = TEXT_INPUTS
 EMPTY_TEXT = "text is empty"
 
 
@@ -39,15 +39,15 @@ class Tokenised:
 
     input_ids: npt.NDArray[np.int64]
     attention_mask: npt.NDArray[np.int64]
-    kept: npt.NDArray[np.bool_]
-    """Per input text: whether it was tokenised (False: rejected, reason in ``reasons``)."""
     reasons: list[str | None]
+    """Per input text: why it was rejected, or None when it was tokenised."""
     cut: npt.NDArray[np.bool_]
     """Per input text: kept, but cut to max_tokens."""
 
     @property
-    def truncated(self) -> int:
-        return int(self.cut.sum())
+    def kept(self) -> npt.NDArray[np.bool_]:
+        """Per input text: whether it was tokenised (a row of the arrays)."""
+        return np.array([reason is None for reason in self.reasons], dtype=bool)
 
     def truncated_of(self, accepted: npt.NDArray[np.bool_]) -> int:
         """Cut texts among the ``accepted`` records (per input text)."""
@@ -115,8 +115,7 @@ def tokenise(
     for row, ids in enumerate(rows):
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
-    kept = np.array([reason is None for reason in reasons], dtype=bool)
-    return Tokenised(input_ids, attention_mask, kept, reasons, cut)
+    return Tokenised(input_ids, attention_mask, reasons, cut)
 
 
 def load_text_dataset(
