@@ -19,3 +19,12 @@ def record(name: str, figures: dict[str, Any], path: Path = RESULTS) -> None:
         **figures,
     }
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def report(name: str, figures: dict[str, Any], *, keep: bool = True) -> None:
+    """Print a standalone benchmark's figures as a two-column table, then record them
+    (unless ``keep`` is False)."""
+    width = max(len(key) for key in figures)
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in figures.items()))  # its table
+    if keep:
+        record(name, figures)

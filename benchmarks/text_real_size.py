@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig
 
 from benchmarks.measure import isolated, measured
-from benchmarks.results import record
+from benchmarks.results import report
 from client.data import SiteData
 from client.training import DPTrainer, TrainingPlan
 from common.cli import configure_logging
@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         arguments.steps,
         arguments.layers,
     )
-    width = max(len(key) for key in figures)
-    print("\n".join(f"{key:<{width}}  {value}" for key, value in figures.items()))  # its table
-    if not arguments.no_record:
-        record("text_real_size", figures)
+    report("text_real_size", figures, keep=not arguments.no_record)
 
 
 if __name__ == "__main__":

@@ -32,18 +32,20 @@ from common.errors import ArtifactError, ConfigError
 from common.signing import load_public_key
 
 ARTIFACT_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-KEY_HELP = (
-    "PEM public key of the coordinator that must have signed the artifact. Without it "
-    "or --site, verify and inspect fall back to keys/coordinator.pub two folders up "
-    "(RUN_DIR/artifacts/<task>), which proves integrity but not who signed."
-)
+KEY_HELP = "PEM public key of the coordinator that must have signed the artifact."
 SITE_HELP = "A site config (TOML): trust the coordinator key it pins (site.coordinator_key)."
+TRUST_RUN_KEY_HELP = (
+    f"Verify with the run's own {COORDINATOR_PUBLIC_KEY} two folders up "
+    "(RUN_DIR/artifacts/<task>). This proves integrity only, not who signed: whoever "
+    "can alter and re-sign the artifact can replace that key too."
+)
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 key_option = click.option("--key", type=FILE, help=KEY_HELP)
 site_option = click.option("--site", type=FILE, help=SITE_HELP)
+trust_run_key_option = click.option("--trust-run-key", is_flag=True, help=TRUST_RUN_KEY_HELP)
 RUN_KEY_SOURCE = (
-    f"the run's {COORDINATOR_PUBLIC_KEY}, beside the artifact: this proves integrity, "
-    "not who signed; pin the coordinator's key with --key"
+    f"the run's {COORDINATOR_PUBLIC_KEY}, beside the artifact (--trust-run-key): this "
+    "proves integrity, not who signed; pin the coordinator's key with --key or --site"
 )
 
 
@@ -60,12 +62,23 @@ def artifact() -> None:
 
 
 def trusted_key(
-    directory: Path, key: Path | None, site: Path | None, *, run_key: bool = True
+    directory: Path,
+    key: Path | None,
+    site: Path | None,
+    *,
+    trust_run_key: bool = False,
+    run_key_offered: bool = True,
 ) -> tuple[Ed25519PublicKey, str]:
-    """The key to verify with, and where it came from. ``run_key``: fall back to the
-    run directory's own key (a convenience for reviewing a simulation, not trust)."""
-    if key is not None and site is not None:
-        raise click.UsageError("give --key or --site, not both")
+    """The key to verify with, and where it came from: only one the caller named.
+
+    The run's own key lies beside the artifact, so whoever alters and re-signs the
+    model can replace it too: it is used only on an explicit ``--trust-run-key``
+    (integrity, for reviewing a run), never as a silent fallback. ``run_key_offered``
+    is False for commands that never trust it (predict), so the refusal names only
+    what they accept."""
+    if sum((key is not None, site is not None, trust_run_key)) > 1:
+        named = "--key, --site or --trust-run-key" if run_key_offered else "--key or --site"
+        raise click.UsageError(f"give one of {named}, not several")
     if key is not None:
         return load_public_key(key), f"--key {key}"
     if site is not None:
@@ -73,19 +86,35 @@ def trusted_key(
         if pinned is None:
             raise ConfigError(f"{site} sets no site.coordinator_key")
         return load_public_key(pinned), f"pinned by {site}"
-    beside = directory.resolve().parent.parent / COORDINATOR_PUBLIC_KEY
-    if run_key and beside.is_file():
+    if trust_run_key:
+        beside = directory.resolve().parent.parent / COORDINATOR_PUBLIC_KEY
+        if not beside.is_file():
+            raise ArtifactError(
+                "no-trusted-key",
+                f"--trust-run-key: no {COORDINATOR_PUBLIC_KEY} two folders up from "
+                f"{directory} (expected RUN_DIR/artifacts/<task>)",
+            )
         return load_public_key(beside), RUN_KEY_SOURCE
-    raise ArtifactError(
-        "no-trusted-key",
-        "no trusted coordinator key: pass --key COORDINATOR.pub or --site SITE_CONFIG",
-    )
+    options = "--key COORDINATOR.pub or --site SITE_CONFIG"
+    if run_key_offered:
+        options = (
+            "--key COORDINATOR.pub, --site SITE_CONFIG, or --trust-run-key (the run's own "
+            "key beside the artifact: integrity only, not who signed)"
+        )
+    raise ArtifactError("no-trusted-key", f"no trusted coordinator key: pass {options}")
 
 
 def _verified(
-    directory: Path, key: Path | None, site: Path | None, *, run_key: bool = True
+    directory: Path,
+    key: Path | None,
+    site: Path | None,
+    *,
+    trust_run_key: bool = False,
+    run_key_offered: bool = True,
 ) -> tuple[VerifiedArtifact, str]:
-    public_key, source = trusted_key(directory, key, site, run_key=run_key)
+    public_key, source = trusted_key(
+        directory, key, site, trust_run_key=trust_run_key, run_key_offered=run_key_offered
+    )
     return verify_artifact(directory, public_key), source
 
 
@@ -93,15 +122,23 @@ def _verified(
 @click.argument("directory", metavar="DIR", type=ARTIFACT_DIR)
 @key_option
 @site_option
+@trust_run_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def verify(directory: Path, key: Path | None, site: Path | None, as_json: bool) -> None:
+def verify(
+    directory: Path, key: Path | None, site: Path | None, trust_run_key: bool, as_json: bool
+) -> None:
     """Check the manifest's signature and every file's size and SHA-256.
+
+    The trusted key is the one given: --key, the one a site config pins (--site), or,
+    with --trust-run-key, the run's own keys/coordinator.pub (integrity only: it lies
+    beside the artifact, so it does not prove who signed). Without any of them nothing
+    is trusted and the command exits 2.
 
     Exits 0 when the artifact is intact and signed by the trusted key, 1 when a check
     fails (the output names which: bad-signature, bad-manifest, missing-file,
     size-mismatch, hash-mismatch), 2 when it cannot be checked at all.
     """
-    public_key, source = trusted_key(directory, key, site)
+    public_key, source = trusted_key(directory, key, site, trust_run_key=trust_run_key)
     try:
         verified = verify_artifact(directory, public_key)
     except ArtifactError as exc:
@@ -209,18 +246,22 @@ def _inspect_tables(manifest: Manifest) -> list[Table]:
 @click.argument("directory", metavar="DIR", type=ARTIFACT_DIR)
 @key_option
 @site_option
+@trust_run_key_option
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest (and verification) as JSON."
 )
-def inspect(directory: Path, key: Path | None, site: Path | None, as_json: bool) -> None:
+def inspect(
+    directory: Path, key: Path | None, site: Path | None, trust_run_key: bool, as_json: bool
+) -> None:
     """Show the manifest: provenance, ε per site, sizes, hashes and fp32/int8 metrics.
 
-    The artifact is verified first; when that fails (or no key is known) the manifest is
-    still shown, marked NOT VERIFIED, and the command exits 1.
+    The artifact is verified first, with the key given as for verify (--key, --site, or
+    --trust-run-key for integrity only); when that fails, or no key is given, the
+    manifest is still shown, marked NOT VERIFIED, and the command exits 1.
     """
     verification: dict[str, Any]
     try:
-        verified, source = _verified(directory, key, site)
+        verified, source = _verified(directory, key, site, trust_run_key=trust_run_key)
         manifest = verified.manifest
         verification = {"verified": True, "key_source": source}
     except ArtifactError as exc:
@@ -309,7 +350,7 @@ def predict(
     """
     if sum(source is not None for source in (dicom, table, text)) != 1:
         raise click.UsageError("give exactly one of --dicom PATH, --csv PATH or --text PATH")
-    verified, _ = _verified(directory, key, site, run_key=False)
+    verified, _ = _verified(directory, key, site, run_key_offered=False)
     if verified.manifest.metrics is None and not allow_unchecked:
         raise ArtifactError(
             "unchecked",

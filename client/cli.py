@@ -31,6 +31,7 @@ from common.config import (
 )
 from common.errors import ConfigError, DataError, PolicyError
 from common.protocol import RoundRequest
+from common.superexec import ensure_secret
 from common.tasks import TASKS, model_outputs
 
 
@@ -381,6 +382,7 @@ def run(
         connection=connection,
         local_port=local_port,
         log_file=config.site.state_dir / "supernode.log",
+        superexec_secret=ensure_secret(config.site.state_dir),
     )
     click.echo(
         f"site {config.site.id}: ready; connecting to {connection.superlink} (TLS, node key "

@@ -23,9 +23,12 @@ from client.site import Site
 from common import pki
 from common.config import SiteConfig, SiteConnection
 from common.errors import ConfigError, FedloraError
-from common.processes import executable, flower_environment, run_daemon
+from common.processes import Daemon, executable, flower_environment, run_daemons
+from common.superexec import superexec_command
 
 logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
 
 NOT_ACTIVATED = "Failed to activate SuperNode"
 ACCEPTED = "SuperNode ID:"
@@ -56,13 +59,17 @@ class SupernodeSettings:
     connection: SiteConnection
     local_port: int
     log_file: Path
+    superexec_secret: Path
 
     def environment(self) -> dict[str, str]:
         """Flower's own files (the installed app) stay in the site's private state."""
         return flower_environment({"FLWR_HOME": str(self.log_file.parent / "flower")})
 
     def command(self) -> list[str]:
-        # No --allow-runtime-dependency-installation: sites are air-gapped.
+        """The SuperNode in process isolation: it starts no app process itself, and
+        serves the runs' tasks on its Runtime API (127.0.0.1:local_port) only to the
+        SuperExec holding the site's secret. No --allow-runtime-dependency-installation:
+        sites are air-gapped."""
         return [
             executable("flower-supernode"),
             "--root-certificates",
@@ -71,10 +78,27 @@ class SupernodeSettings:
             self.connection.superlink,
             "--auth-supernode-private-key",
             str(self.connection.node_key),
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(self.superexec_secret),
+            "--host",
+            LOOPBACK,
             "--port",
             str(self.local_port),
             "--node-config",
             f"site-config={json.dumps(str(self.config_path))}",
+        ]
+
+    def superexec_command(self) -> list[str]:
+        """The SuperExec that runs the ClientApp processes (plain HTTP on loopback,
+        every request signed with the secret)."""
+        return superexec_command(f"{LOOPBACK}:{self.local_port}", self.superexec_secret)
+
+    def daemons(self, on_line: Callable[[str], None]) -> list[Daemon]:
+        return [
+            Daemon(self.command(), self.log_file, on_line),
+            Daemon(self.superexec_command(), self.log_file.with_name("superexec.log")),
         ]
 
 
@@ -161,7 +185,7 @@ def run_supernode(
             seen.extend(marker for marker in REFUSALS if marker in line)
             on_line(line)
 
-        code = run_daemon(settings.command(), settings.log_file, settings.environment(), follow)
+        code = run_daemons(settings.daemons(follow), settings.environment())
         if code == 0:
             return 0
         if ACCEPTED in seen:

@@ -48,7 +48,7 @@ def configure_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("flwr", "ray", "transformers", "urllib3", "matplotlib", "PIL"):
+    for noisy in ("flwr", "ray", "transformers", "urllib3", "httpx", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         transformers_logging.disable_progress_bar()  # per-file bars drown the real progress

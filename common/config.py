@@ -238,7 +238,12 @@ class SiteIdentity(StrictModel):
 
 class SiteConnection(StrictModel):
     """How the site daemon reaches the federation (``fedlora site run``): the values come
-    in the bundle the coordinator hands over (``fedlora pki add-site``)."""
+    in the bundle the coordinator hands over (``fedlora pki add-site``).
+
+    The bundle's ``connection.toml`` also sets ``coordinator_key`` in this table, since
+    it comes in the same bundle; the loaded config holds it as ``site.coordinator_key``
+    (see :meth:`SiteConfig._coordinator_key_from_the_bundle`).
+    """
 
     superlink: str = Field(
         pattern=r"^\S+:\d{1,5}$",
@@ -264,6 +269,31 @@ class SiteConfig(StrictModel):
     connection: SiteConnection | None = Field(
         default=None, description="Needed by the site daemon only, not by simulations."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coordinator_key_from_the_bundle(cls, data: Any) -> Any:
+        """Accept ``coordinator_key`` in ``[connection]`` too, where the bundle's
+        connection.toml puts it, and move it to ``site.coordinator_key``: the one place
+        the rest of fedlora reads it. Given in both tables, it is an error."""
+        if not isinstance(data, dict):
+            return data
+        connection, site = data.get("connection"), data.get("site")
+        if not isinstance(connection, dict) or "coordinator_key" not in connection:
+            return data
+        if isinstance(site, dict) and "coordinator_key" in site:
+            raise ValueError(
+                "coordinator_key is set in both [site] and [connection]; keep one "
+                "(the bundle's connection.toml sets it in [connection])"
+            )
+        connection = dict(connection)
+        key = connection.pop("coordinator_key")
+        if not isinstance(key, str):
+            raise ValueError("connection.coordinator_key must be a file path (a TOML string)")
+        moved = {**data, "connection": connection}
+        if isinstance(site, dict):
+            moved["site"] = {**site, "coordinator_key": key}
+        return moved
 
     @model_validator(mode="after")
     def _kind_matches_data(self) -> SiteConfig:
@@ -432,14 +462,35 @@ def _toml_location(location: tuple[int | str, ...]) -> tuple[int | str, ...]:
     return location
 
 
+_SITE_TABLES: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("site", SiteIdentity),
+    ("privacy", PrivacyBudget),
+    ("policy", SitePolicy),
+    ("connection", SiteConnection),
+)
+"""The site config's fixed tables, to tell where a key pasted into the wrong one belongs."""
+
+
+def _unknown_key_message(model: str, location: tuple[int | str, ...]) -> str:
+    """``unknown key``, naming the table a site-config key belongs in when it sits in
+    another one (a line uncommented under the wrong header, say)."""
+    if model == SiteConfig.__name__ and len(location) == 2:
+        table, key = location
+        for home, fields in _SITE_TABLES:
+            if home != table and isinstance(key, str) and key in fields.model_fields:
+                return f"unknown key (check the spelling; {key} belongs in the [{home}] table)"
+    return "unknown key (check the spelling)"
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One readable line per problem: ``field.path: what is wrong``."""
     lines = [f"{source} is invalid:"]
     for item in error.errors():
-        location = ".".join(str(part) for part in _toml_location(item["loc"])) or "(top level)"
+        toml_location = _toml_location(item["loc"])
+        location = ".".join(str(part) for part in toml_location) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling)"
+            message = _unknown_key_message(error.title, toml_location)
         elif item["type"] == "missing":
             message = "required, but missing"
         elif item["type"] == "data_format" and isinstance(item["input"], dict):

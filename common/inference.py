@@ -15,6 +15,7 @@ import numpy.typing as npt
 import onnxruntime
 
 from common.errors import ArtifactError
+from common.offline import quiet_onnxruntime
 
 Features = Mapping[str, npt.NDArray[np.generic]]
 
@@ -23,6 +24,7 @@ class OnnxClassifier:
     """An ONNX classifier on onnxruntime's CPU provider, run in batches."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
+        quiet_onnxruntime()
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: no node-placement chatter
         if threads is not None:

@@ -70,6 +70,8 @@ AUDIT_KEY = "audit-key.pem"
 AUDIT_PUB = "audit.pub"
 CONNECTION = "connection.toml"
 README = "README.txt"
+PLACEHOLDER_NODE_KEY = "/path/to/node.key"
+"""What connection.toml's commented node_key line holds until the site fills it in."""
 
 DEFAULT_ADDRESSES = ("localhost", "127.0.0.1", "::1")
 CA_DAYS = 3650
@@ -537,39 +539,91 @@ def _toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=True)
 
 
-def _connection_toml(bundle: Path, superlink: str, *, generated: bool, audit_known: bool) -> str:
-    ca = _toml_string(str(bundle / CA_CERT))
-    coordinator = _toml_string(str(bundle / COORDINATOR_PUB))
+def _own_keys_note(bundle: Path, *, generated: bool, audit_known: bool) -> list[str]:
+    """connection.toml's note on the site's own keys. The audit key is a [site] setting,
+    so it is told in words, before the [connection] header: a line uncommented there
+    would not land in [site] (and prose does not parse as a key)."""
+    if generated:
+        return [
+            "# This bundle also holds this site's private keys, made by the coordinator:",
+            f"# node_key below is its {NODE_KEY}. The audit-log key belongs in the [site]",
+            "# table, not here: in [site] (sites/template.toml has the line), set",
+            f"#     signing_key to {_toml_string(str(bundle / AUDIT_KEY))}",
+        ]
+    own = "# - node_key: uncomment the last line of this file and set it to DIR/node.key;"
+    if audit_known:
+        audit = [
+            "# - the audit-log key belongs in the [site] table, not here: in [site]",
+            "#   (sites/template.toml has the line), set signing_key to DIR/audit-key.pem.",
+        ]
+    else:
+        audit = [
+            "# - no audit key of yours is on file at the coordinator: the site signs its",
+            "#   audit log with site.signing_key, or the key it makes as",
+            "#   <state_dir>/audit-key.pem when that is unset.",
+        ]
+    return ["# Your own keys, from `fedlora pki site-keys DIR`, stay at your site:", own, *audit]
+
+
+def _connection_toml(
+    name: str, bundle: Path, superlink: str, *, generated: bool, audit_known: bool
+) -> str:
+    """The site config's ``[connection]`` table, to append to the end of the file as is:
+    every active line is valid there, and the only setting of another table (the
+    site's audit key) is described in a note, not given as a line to uncomment."""
     lines = [
-        "# Paste into the site config: fedlora site run reads [connection], and",
-        "# site.coordinator_key to check artifacts the coordinator signs. The paths are",
-        "# where the coordinator wrote this bundle: change them if the files move.",
+        f"# fedlora connection settings for site {name}, from the coordinator.",
+        "# Append this whole file to the end of the site config (after its last table):",
+        f"#     cat {CONNECTION} >> SITE.toml",
+        "# The paths are where the coordinator wrote this bundle: change them if the",
+        "# files move.",
+        "#",
+        *_own_keys_note(bundle, generated=generated, audit_known=audit_known),
+        "",
         "[connection]",
+        "# The SuperLink's address, HOST:PORT; its TLS certificate is valid for HOST.",
         f"superlink = {_toml_string(superlink)}",
-        f"ca_certificate = {ca}",
+        "# The federation's CA certificate: the SuperLink's certificate must chain to it.",
+        f"ca_certificate = {_toml_string(str(bundle / CA_CERT))}",
+        "# The coordinator's Ed25519 public key: the site installs only artifacts it",
+        "# signed. It counts as site.coordinator_key: do not set that one too.",
+        f"coordinator_key = {_toml_string(str(bundle / COORDINATOR_PUB))}",
+        "# This site's node-authentication private key (OpenSSH, mode 0600).",
     ]
     if generated:
         lines.append(f"node_key = {_toml_string(str(bundle / NODE_KEY))}")
     else:
         lines += [
-            "# Point node_key at the node.key `fedlora pki site-keys` wrote at your site:",
-            '# node_key = "/path/to/node.key"',
+            "# Uncomment, and point it at the node.key `fedlora pki site-keys` wrote:",
+            f"# node_key = {_toml_string(PLACEHOLDER_NODE_KEY)}",
         ]
-    lines += ["", "# Add these lines to the [site] table of the same config:"]
-    lines.append(f"# coordinator_key = {coordinator}")
-    if generated:
-        lines.append(f"# signing_key = {_toml_string(str(bundle / AUDIT_KEY))}")
-    elif audit_known:
-        lines += [
-            "# and point signing_key at the audit-key.pem `fedlora pki site-keys` wrote:",
-            '# signing_key = "/path/to/audit-key.pem"',
-        ]
-    else:
-        lines.append(
-            "# (no audit key registered: the site signs its audit log with the key it "
-            "creates as <state_dir>/audit-key.pem)"
-        )
     return "\n".join(lines) + "\n"
+
+
+def _readme_steps(bundle: Path, generated: bool) -> str:
+    """The site operator's steps, from the template to the running daemon."""
+    if generated:
+        keys = (
+            f"set signing_key in its [site] table to\n     {bundle / AUDIT_KEY}\n"
+            "   (node_key is set already)"
+        )
+    else:
+        keys = (
+            "uncomment node_key at its end and point it at the node.key of\n"
+            "   `fedlora pki site-keys`; set signing_key in its [site] table to the\n"
+            "   audit-key.pem next to it"
+        )
+    return f"""\
+1. Write the site config from sites/template.toml (data, privacy budget, policy;
+   leave its [connection] lines and site.coordinator_key commented).
+2. Append {CONNECTION} to its end:
+     cat {bundle / CONNECTION} >> SITE.toml
+   It sets the [connection] table: the SuperLink, this CA, the coordinator's key.
+3. In SITE.toml, {keys}.
+4. Check the site against the run the coordinator plans (its federation config),
+   then start the daemon (or the systemd unit fedlora-site@):
+     fedlora site check SITE.toml --federation FEDERATION.toml
+     fedlora site run SITE.toml"""
 
 
 def _readme(
@@ -584,7 +638,7 @@ def _readme(
         (CA_CERT, "the federation's CA; the SuperLink's TLS certificate chains to it"),
         (COORDINATOR_PUB, "the coordinator's Ed25519 key; the site installs only artifacts"),
         ("", "signed by it"),
-        (CONNECTION, "the [connection] table (and [site] lines) for the site config"),
+        (CONNECTION, "the [connection] table: append it to the end of the site config"),
     ]
     if generated:
         files += [
@@ -603,7 +657,7 @@ def _readme(
             "Your private keys (node.key, audit-key.pem) stay where `fedlora pki site-keys`\n"
             "wrote them; this bundle holds no private key."
         )
-        node_key = "/path/to/node.key"
+        node_key = PLACEHOLDER_NODE_KEY
     listing = "\n".join(f"  {file:<17}{what}" for file, what in files)
     return f"""\
 fedlora connection bundle for site {name}
@@ -611,6 +665,8 @@ fedlora connection bundle for site {name}
 {listing}
 
 {keys}
+
+{_readme_steps(bundle, generated)}
 
 The paths in {CONNECTION} are where the coordinator wrote this bundle
 ({bundle}); change them if you keep the files elsewhere.
@@ -627,6 +683,24 @@ Compare both fingerprints with the coordinator over another channel (the phone);
       --root-certificates {bundle / CA_CERT} \\
       --auth-supernode-private-key {node_key}
 """
+
+
+def _refuse_a_key_of_another_site(
+    certs: Path, name: str, node_key: ec.EllipticCurvePublicKey, given: Path
+) -> None:
+    """Every site needs its own node key: refuse one registered for another site."""
+    fingerprint = node_key_fingerprint(node_key)
+    for other, path in registered_node_keys(certs).items():
+        try:
+            known = node_key_fingerprint(load_node_public_key(path))
+        except ConfigError as exc:
+            logger.warning("cannot compare with site %s: %s", other, exc)
+            continue
+        if other != name and known == fingerprint:
+            raise ConfigError(
+                f"node key {given} ({fingerprint}) is already registered for "
+                f"site {other}; every site needs its own node key"
+            )
 
 
 def add_site(
@@ -663,19 +737,8 @@ def add_site(
     # Read everything before deleting anything: the given keys may sit in the old bundle.
     node_key = load_node_public_key(node_public_key) if node_public_key is not None else None
     audit_key = _load_audit_public_key(audit_public_key) if audit_public_key is not None else None
-    if node_key is not None:
-        fingerprint = node_key_fingerprint(node_key)
-        for other, path in registered_node_keys(certs).items():
-            try:
-                known = node_key_fingerprint(load_node_public_key(path))
-            except ConfigError as exc:
-                logger.warning("cannot compare with site %s: %s", other, exc)
-                continue
-            if other != name and known == fingerprint:
-                raise ConfigError(
-                    f"node key {node_public_key} ({fingerprint}) is already registered for "
-                    f"site {other}; every site needs its own node key"
-                )
+    if node_key is not None and node_public_key is not None:
+        _refuse_a_key_of_another_site(certs, name, node_key, node_public_key)
     ca_pem = ca_path.read_text(encoding="ascii")
     coordinator_pub = certs / COORDINATOR_PUB
     coordinator = signing.load_public_key(coordinator_pub)
@@ -699,21 +762,12 @@ def add_site(
             signing.write_public_key(site_dir / AUDIT_PUB, audit_key)
     write_atomically(bundle / CA_CERT, ca_pem)
     signing.write_public_key(bundle / COORDINATOR_PUB, coordinator)
-    write_atomically(
-        bundle / CONNECTION,
-        _connection_toml(bundle, superlink, generated=generated, audit_known=audit_key is not None),
+    connection = _connection_toml(
+        name, bundle, superlink, generated=generated, audit_known=audit_key is not None
     )
-    write_atomically(
-        bundle / README,
-        _readme(
-            name,
-            superlink,
-            bundle,
-            node_key_fingerprint(node_key),
-            signing.fingerprint(coordinator),
-            generated,
-        ),
-    )
+    write_atomically(bundle / CONNECTION, connection)
+    fingerprints = (node_key_fingerprint(node_key), signing.fingerprint(coordinator))
+    write_atomically(bundle / README, _readme(name, superlink, bundle, *fingerprints, generated))
     logger.debug(
         "registered site %s (node key %s)%s; bundle in %s",
         name,

@@ -21,6 +21,14 @@ CERTS_OPTION = click.option(
     help="The coordinator's PKI folder (CA, TLS certificate, keys, sites, bundles).",
 )
 
+Step = tuple[str, tuple[str, ...]]
+"""One numbered next step: what to do (lines), then the commands that do it."""
+
+FEDERATION_RUN = "FEDERATION.toml"
+"""How the next steps name a federation (run) config, such as sites/federation/*.toml."""
+FEDERATION_EXAMPLES = "sites/federation/"
+"""Where fedlora's commented federation configs are, one per task."""
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def pki() -> None:
@@ -100,15 +108,7 @@ def init(certs: Path, addresses: tuple[str, ...], days: int, force: bool) -> Non
             fg="yellow",
             err=True,
         )
-    click.echo("\nNext steps:")
-    click.echo("  1. Start the SuperLink (TLS, node authentication, a persistent database):")
-    click.echo(f"       fedlora coordinator start --certs {_shown(certs)} --port 9092")
-    click.echo(
-        "  2. Ask each site to run `fedlora pki site-keys DIR` and send you node.pub and "
-        "audit.pub, then:\n"
-        f"       fedlora pki add-site NAME --superlink {_host_port(sans[0], 9092)} \\\n"
-        "           --node-public-key node.pub --audit-public-key audit.pub"
-    )
+    _echo_next_steps(_init_next_steps(certs, _host_port(sans[0], 9092)))
 
 
 @pki.command("add-site")
@@ -180,13 +180,89 @@ def add_site(
             fg="yellow",
             err=True,
         )
+    _echo_next_steps(_add_site_next_steps(certs, bundle, generated=node_public_key is None))
+
+
+def _echo_next_steps(steps: list[Step]) -> None:
     click.echo("\nNext steps:")
-    click.echo("  1. Register the node key at the SuperLink (done by every `coordinator start`):")
-    click.echo(f"       fedlora coordinator register --certs {_shown(certs)}")
-    click.echo(
-        f"  2. Send {_shown(bundle)} to the site operator;\n"
-        f"     its {lib.README} and {lib.CONNECTION} tell them what to do."
-    )
+    for number, (what, commands) in enumerate(steps, start=1):
+        click.echo(f"  {number}. " + what.replace("\n", "\n     "))
+        for command in commands:
+            click.echo(f"       {command}")
+
+
+def _run_steps(certs: Path) -> list[Step]:
+    """The steps after the SuperLink knows the sites: the sites join, then a run."""
+    return [
+        (
+            "Each site checks its config against the run, then starts its daemon\n"
+            "(or its systemd unit fedlora-site@):",
+            (
+                f"fedlora site check SITE.toml --federation {FEDERATION_RUN}",
+                "fedlora site run SITE.toml",
+            ),
+        ),
+        (
+            "Once the sites are connected, launch a run (a federation config per task):",
+            (f"fedlora coordinator run --certs {_shown(certs)} {FEDERATION_RUN} …",),
+        ),
+    ]
+
+
+def _init_next_steps(certs: Path, superlink: str) -> list[Step]:
+    shown = _shown(certs)
+    return [
+        (
+            "Each site makes its own keys and sends you DIR/node.pub and DIR/audit.pub:",
+            ("fedlora pki site-keys DIR",),
+        ),
+        (
+            "Register each site (NAME: the site.id of its config) with the keys it sent:",
+            (
+                f"fedlora pki add-site NAME --certs {shown} --superlink {superlink} \\",
+                "    --node-public-key NAME-node.pub --audit-public-key NAME-audit.pub",
+            ),
+        ),
+        (
+            f"Hand each site its bundle, {_shown(certs / lib.BUNDLES)}/NAME (it holds\n"
+            f"no secret), and the federation config of its task ({FEDERATION_RUN}; examples\n"
+            f"in {FEDERATION_EXAMPLES}).",
+            (),
+        ),
+        (
+            "Start the SuperLink (TLS, node authentication, a persistent database) behind\n"
+            "nginx, which serves the sites the Fleet API alone on HOST:9092 (HOST: the\n"
+            "interface the sites reach; 127.0.0.1 by default, this machine only); it\n"
+            "registers the node key of every site added so far:",
+            (
+                f"fedlora coordinator start --certs {shown} --host HOST --port 9092",
+                f"fedlora coordinator register --certs {shown}   # sites added while it runs",
+            ),
+        ),
+        *_run_steps(certs),
+    ]
+
+
+def _add_site_next_steps(certs: Path, bundle: Path, *, generated: bool) -> list[Step]:
+    channel = " by a secure channel" if generated else ""
+    return [
+        (
+            f"Send {_shown(bundle)} to the site operator{channel},\n"
+            f"with the federation config of its task ({FEDERATION_RUN}; examples in\n"
+            f"{FEDERATION_EXAMPLES}). The bundle's {lib.README} and {lib.CONNECTION} tell\n"
+            "them what to do.",
+            (),
+        ),
+        (
+            "Register the site's node key at the SuperLink: `coordinator start` registers\n"
+            "every added site's when it starts; if it is already running, register it:",
+            (
+                f"fedlora coordinator start --certs {_shown(certs)}",
+                f"fedlora coordinator register --certs {_shown(certs)}   # if it is running",
+            ),
+        ),
+        *_run_steps(certs),
+    ]
 
 
 def _host_port(host: str, port: int) -> str:
@@ -226,9 +302,10 @@ def site_keys(directory: Path) -> None:
     click.echo("\nSend these two files to the coordinator (they are public):")
     click.echo(f"  {_shown(directory / lib.NODE_PUB)}")
     click.echo(f"  {_shown(directory / lib.AUDIT_PUB)}")
-    click.echo("Then, in the site config, under [connection] and [site] respectively:")
-    click.echo(f"  node_key = {json.dumps(_shown(directory / lib.NODE_KEY))}")
-    click.echo(f"  signing_key = {json.dumps(_shown(directory / lib.AUDIT_KEY))}")
+    click.echo("Then, in the site config:")
+    click.echo(f"  in [site]:        signing_key = {json.dumps(_shown(directory / lib.AUDIT_KEY))}")
+    click.echo(f"  in [connection]:  node_key = {json.dumps(_shown(directory / lib.NODE_KEY))}")
+    click.echo(f"  (the [connection] table comes in the coordinator's bundle, {lib.CONNECTION})")
 
 
 @pki.command("list")

@@ -2,9 +2,11 @@
 
 In a deployment the run config names the federation TOML (``federation-config``) and
 the output directory (``run-dir``), and optionally the coordinator's Ed25519 key
-(``signing-key``; without it the run makes its own under ``run-dir/keys``), and
-``resume="true"`` continues the run in ``run-dir`` from its last checkpoint; a
-simulation builds the app with the first two bound.
+(``signing-key``; without it the run makes its own under ``run-dir/keys``),
+``resume="true"`` continues the run in ``run-dir`` from its last checkpoint, and
+``site-registry`` names the JSON file of the sites' registered audit keys (written by
+``write_site_registry``; empty: none, as in a simulation); a simulation builds the app
+with the first two bound.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def run_from_run_config(context: Context) -> tuple[FederationConfig, Path]:
     return load_federation_config(Path(str(config_path))), Path(str(run_dir))
 
 
+def site_registry_path(context: Context) -> Path | None:
+    """The run config's ``site-registry`` file; None when empty or unset (a simulation)."""
+    value = context.run_config.get("site-registry")
+    return Path(str(value)) if value else None
+
+
 def build_server_app(source: RunSource = run_from_run_config) -> ServerApp:
     app = ServerApp()
 
@@ -43,6 +51,7 @@ def build_server_app(source: RunSource = run_from_run_config) -> ServerApp:
             run_dir,
             Path(str(signing_key)) if signing_key else None,
             resume=str(context.run_config.get("resume", "")).lower() == "true",
+            site_registry=site_registry_path(context),
         )
 
     return app

@@ -5,32 +5,37 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import (
-    TaskID,
-)
+from rich.progress import Progress, TaskID
 
 from common import pki
 from common.config import load_federation_config
 from common.errors import ConfigError
-from common.processes import run_daemon
-from server.checkpoint import STATE_FILE
+from common.processes import Daemon, run_daemons
+from common.superexec import ensure_secret
+from server.audit import coordinator_log_path
 from server.deployment import (
-    ROUND_LINE,
+    LOOPBACK,
     Coordinator,
     flwr_run,
     stage_federation,
     staged_federations,
     wait_for_port,
+    write_site_registry,
 )
+from server.progress import TaskProgress, describe, follow_progress
 from server.run import RESULT_DIR
 from server.run_report import deployment_summary, print_summary, round_progress, write_plots
 
 logger = logging.getLogger(__name__)
+
+SITE_REGISTRY = "site-registry.json"
+"""In the run directory: each registered site's audit-key fingerprint, for the ServerApp."""
 
 CERTS = click.option(
     "--certs",
@@ -67,57 +72,108 @@ def coordinator() -> None:
 @STATE
 @click.option(
     "--host",
-    default="0.0.0.0",
+    default=LOOPBACK,
     show_default=True,
-    help="Interface the SuperLink listens on (its Fleet, Control and Runtime APIs share it).",
+    help="Interface the sites reach: nginx listens there (TLS) and forwards the Fleet "
+    "API and nothing else. Loopback by default; give this machine's address (or 0.0.0.0 "
+    "for all interfaces) to let the sites in.",
 )
 @click.option(
     "--port",
     type=click.IntRange(1, 65535),
     default=9092,
     show_default=True,
-    help="The SuperLink's port; sites connect to HOST:PORT (their connection.superlink).",
+    help="The port the sites reach (their connection.superlink is HOST:PORT).",
 )
 @click.option(
-    "--address",
-    default=None,
-    help="How this machine reaches the SuperLink to register keys and launch runs "
-    "(default 127.0.0.1:PORT; a name in the TLS certificate).",
+    "--superlink-port",
+    type=click.IntRange(1, 65535),
+    default=9093,
+    show_default=True,
+    help="The SuperLink's own port, on 127.0.0.1 only: its Control API (node "
+    "registration, run submission) and Runtime API are reachable from this machine "
+    "alone.",
 )
-def start(certs: Path, state_dir: Path, host: str, port: int, address: str | None) -> None:
-    """Run flower-superlink with TLS, SuperNode authentication and a persistent state
-    database, and register the node key of every site in CERTS/sites.
+def start(certs: Path, state_dir: Path, host: str, port: int, superlink_port: int) -> None:
+    """Run the coordinator's server: flower-superlink on loopback (TLS, SuperNode
+    authentication, a persistent state database, process isolation), the SuperExec that
+    runs the ServerApp (authenticated by a shared secret), and nginx on HOST:PORT in
+    front of them, forwarding the sites' Fleet API calls only. Then register the node
+    key of every site in CERTS/sites under its site name.
 
-    Stays in the foreground (a systemd service) until SIGTERM or Ctrl-C; everything
-    the SuperLink says is appended to STATE_DIR/superlink.log.
+    Stays in the foreground (a systemd service) until SIGTERM or Ctrl-C, and stops all
+    three when one of them stops; their output is appended to STATE_DIR/superlink.log,
+    superexec.log and nginx.log (nginx/access.log: one line per request of the sites).
+    Needs nginx (Debian/Ubuntu: apt-get install nginx-light).
     """
     node = Coordinator(certs.resolve(), state_dir.resolve())
     node.check_pki()
+    if (node.certs / pki.CA_KEY).exists():
+        logger.warning(
+            "%s is on this machine: once the sites are added, keep it offline "
+            "(whoever holds it can mint a SuperLink certificate the sites trust)",
+            node.certs / pki.CA_KEY,
+        )
     sites = pki.registered_node_keys(node.certs)
     if not sites:
         logger.warning("no site in %s yet: add one with `fedlora pki add-site`", certs / "sites")
-    connect = address or f"127.0.0.1:{port}"
-    node.write_cli_config(connect)
+    perimeter = node.perimeter(host, port, superlink_port)
     node.state_dir.mkdir(parents=True, exist_ok=True)
+    secret = ensure_secret(node.secret_dir)
+    node.write_cli_config(f"{LOOPBACK}:{superlink_port}")
+    perimeter.write_config()
 
-    def register(process: subprocess.Popen[str]) -> None:
-        wait_for_port(host, port, 60, lambda: process.poll() is None)
+    def register(processes: list[subprocess.Popen[str]]) -> None:
+        def alive() -> bool:
+            return all(process.poll() is None for process in processes)
+
+        wait_for_port(LOOPBACK, superlink_port, 60, alive, "flower-superlink")
+        wait_for_port(host, port, 30, alive, "nginx")
         outcomes = node.register_sites()
         click.echo(
-            f"SuperLink listening on {host}:{port} (TLS, node authentication); "
+            f"SuperLink listening on {host}:{port} for the sites (TLS, node authentication, "
+            f"Fleet API only); Control API on {LOOPBACK}:{superlink_port}; "
             f"{len(outcomes)} site(s) registered: {', '.join(sorted(outcomes)) or 'none'}",
             err=True,
         )
 
-    code = run_daemon(
-        node.superlink_command(host, port),
-        node.superlink_log,
+    def debug(name: str) -> Callable[[str], None]:
+        return lambda line: logger.debug("%s: %s", name, line)
+
+    code = run_daemons(
+        [
+            Daemon(node.superlink_command(superlink_port, secret), node.superlink_log,
+                   debug("superlink")),
+            Daemon(node.superexec_command(superlink_port, secret),
+                   node.state_dir / "superexec.log", debug("superexec")),
+            Daemon(perimeter.command(), node.state_dir / "nginx.log", debug("nginx")),
+        ],
         node.cli_environment(),
-        on_line=lambda line: logger.debug("superlink: %s", line),
         started=register,
+    )  # fmt: skip
+    click.echo(
+        f"the coordinator's server stopped (exit code {code}); logs: {node.state_dir}", err=True
     )
-    click.echo(f"flower-superlink stopped (exit code {code}); log: {node.superlink_log}", err=True)
     raise SystemExit(code)
+
+
+@coordinator.command()
+@CERTS
+@STATE
+def register(certs: Path, state_dir: Path) -> None:
+    """Register with the running SuperLink the node key of every site in CERTS/sites
+    that it does not know yet (sites added with `fedlora pki add-site` since `start`),
+    each under its site name. Keys registered before are left as they are."""
+    node = Coordinator(certs.resolve(), state_dir.resolve())
+    if not (node.flwr_home / "config.toml").exists():
+        raise ConfigError(
+            f"{state_dir} has no SuperLink connection: run `fedlora coordinator start`"
+        )
+    outcomes = node.register_sites()
+    for site, outcome in sorted(outcomes.items()):
+        click.echo(f"{site}: {outcome}")
+    if not outcomes:
+        click.echo(f"no site in {node.certs / 'sites'}: add one with `fedlora pki add-site`")
 
 
 @coordinator.command()
@@ -184,6 +240,8 @@ def run(
         for source in federations:
             federation, staged = stage_federation(source, run_dir)
             tasks[federation.task] = staged
+    # The sites' audit keys as registered now (a resume sees sites added since).
+    registry = write_site_registry(node.certs, run_dir / SITE_REGISTRY)
     console = Console(stderr=True)
     started = time.monotonic()
     with round_progress(console) as progress:
@@ -191,34 +249,28 @@ def run(
             if (run_dir / RESULT_DIR / f"{task}.json").exists():
                 progress.console.print(f"{task}: finished earlier, skipped")
                 continue
-            # A task interrupted before its first checkpoint starts over in its own log.
             resume = resume_dir is not None
-            checkpointed = (run_dir / "checkpoints" / task / STATE_FILE).exists()
-            label = f"{task} (resumed)" if resume and checkpointed else task
-            bar = progress.add_task(label, total=_planned_rounds(config))
-
-            def follow(line: str, bar: TaskID = bar) -> None:
-                found = ROUND_LINE.search(line)
-                if found:
-                    progress.update(
-                        bar,
-                        completed=int(found["round"]),
-                        description=f"{found['task']} accuracy {float(found['acc']):.3f}",
-                    )
-                elif "ERROR" in line or "WARNING" in line:
-                    progress.console.print(line, markup=False, highlight=False)
-
-            code = flwr_run(
-                node,
-                {
-                    "federation-config": str(config),
-                    "run-dir": str(run_dir),
-                    "signing-key": str(key),
-                    "resume": "true" if resume else "",
-                },
-                run_dir / "coordinator.log",
-                follow,
-            )
+            planned = _planned_rounds(config)
+            bar = progress.add_task(task, total=planned)
+            # The bar follows the task's audit log; on a resume, the rounds it already
+            # holds show as done at once.
+            with follow_progress(
+                coordinator_log_path(run_dir, task),
+                TaskProgress(task, planned),
+                _bar_updater(progress, bar),
+            ):
+                code = flwr_run(
+                    node,
+                    {
+                        "federation-config": str(config),
+                        "run-dir": str(run_dir),
+                        "signing-key": str(key),
+                        "resume": "true" if resume else "",
+                        "site-registry": str(registry),
+                    },
+                    run_dir / "coordinator.log",
+                    _problems_printer(progress.console),
+                )
             if code != 0 or not (run_dir / RESULT_DIR / f"{task}.json").exists():
                 raise click.ClickException(
                     f"the {task} run did not finish (flwr run exit code {code}; log: "
@@ -232,3 +284,25 @@ def run(
 
 def _planned_rounds(config: Path) -> int:
     return load_federation_config(config).rounds
+
+
+def _bar_updater(progress: Progress, bar: TaskID) -> Callable[[TaskProgress], None]:
+    """Show a task's progress, as its audit log tells it, on its bar."""
+
+    def show(state: TaskProgress) -> None:
+        progress.update(
+            bar, completed=state.completed, total=state.planned, description=describe(state)
+        )
+
+    return show
+
+
+def _problems_printer(console: Console) -> Callable[[str], None]:
+    """Print the ServerApp's ERROR and WARNING lines above the bars (the whole log goes to
+    RUN_DIR/coordinator.log)."""
+
+    def follow(line: str) -> None:
+        if "ERROR" in line or "WARNING" in line:
+            console.print(line, markup=False, highlight=False)
+
+    return follow

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import subprocess
 import time
@@ -16,20 +15,22 @@ from pathlib import Path
 
 import tomli_w
 
-from common import pki
+from common import pki, signing
 from common.config import FederationConfig, load_federation_config
-from common.errors import ConfigError, FedloraError
+from common.errors import ConfigError, FedloraError, SigningError
+from common.files import write_atomically
 from common.processes import executable, flower_environment, run_daemon
+from common.superexec import superexec_command
+from server.identity import REGISTRY_AUDIT_KEY
+from server.perimeter import Perimeter
 
 logger = logging.getLogger(__name__)
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 """The Flower app (pyproject.toml with [tool.flwr.app]) that ``flwr run`` ships."""
+LOOPBACK = "127.0.0.1"
 CONNECTION = "fedlora"
 """The name of the SuperLink connection in the coordinator's Flower CLI config."""
-ROUND_LINE = re.compile(
-    r"(?P<task>[\w-]+) round (?P<round>\d+): federated accuracy (?P<acc>[\d.]+)"
-)
 
 
 class DeploymentError(FedloraError):
@@ -64,9 +65,15 @@ class Coordinator:
                 )
         pki.check_certificate_chain(self.certs / pki.SUPERLINK_CERT, self.certs / pki.CA_CERT)
 
-    def superlink_command(self, host: str, port: int) -> list[str]:
-        """flower-superlink over TLS, SuperNodes authenticated by registered keys, state
-        kept across restarts, and no dependency installs at run time."""
+    @property
+    def secret_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    def superlink_command(self, port: int, secret: Path) -> list[str]:
+        """flower-superlink on loopback only (the sites reach it through the perimeter),
+        over TLS, SuperNodes authenticated by registered keys, state kept across
+        restarts, app runs served to the SuperExec that holds ``secret`` alone, and no
+        dependency installs at run time."""
         return [
             executable("flower-superlink"),
             "--ssl-ca-certfile",
@@ -79,11 +86,31 @@ class Coordinator:
             "--database",
             str(self.database),
             "--disable-runtime-dependency-installation",
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(secret),
             "--host",
-            host,
+            LOOPBACK,
             "--port",
             str(port),
         ]
+
+    def superexec_command(self, port: int, secret: Path) -> list[str]:
+        """The SuperExec that runs the ServerApp: it is handed the CA certificate (to
+        pin the SuperLink) and the shared secret, no private key."""
+        return superexec_command(f"{LOOPBACK}:{port}", secret, self.certs / pki.CA_CERT)
+
+    def perimeter(self, host: str, port: int, upstream_port: int) -> Perimeter:
+        return Perimeter(
+            host=host,
+            port=port,
+            upstream_port=upstream_port,
+            certificate=self.certs / pki.SUPERLINK_CERT,
+            private_key=self.certs / pki.SUPERLINK_KEY,
+            ca_certificate=self.certs / pki.CA_CERT,
+            state_dir=self.state_dir,
+        )
 
     def write_cli_config(self, address: str) -> Path:
         """The Flower CLI's connection to our SuperLink (for registration and runs)."""
@@ -132,6 +159,27 @@ class Coordinator:
         return outcomes
 
 
+def write_site_registry(certs: Path, target: Path) -> Path:
+    """Write ``target``: the site registry a run checks introductions against (the
+    ``site-registry`` run config), ``{site: {"audit_key": fingerprint}}`` for every site
+    registered under ``certs/sites``; a site without ``audit.pub`` gets no audit key."""
+    registry: dict[str, dict[str, str]] = {}
+    for site, node_key in pki.registered_node_keys(certs).items():
+        audit_pub = node_key.parent / pki.AUDIT_PUB
+        registry[site] = {}
+        if not audit_pub.exists():
+            logger.warning("site %s has no %s: its audit key is not checked", site, audit_pub)
+            continue
+        try:
+            fingerprint = signing.fingerprint(signing.load_public_key(audit_pub))
+        except SigningError as exc:
+            raise ConfigError(f"site {site}'s audit key is unusable: {exc}") from None
+        registry[site][REGISTRY_AUDIT_KEY] = fingerprint
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    return target
+
+
 def _json_reply(stdout: str) -> dict[str, object]:
     """The JSON object a Flower CLI command printed with ``--format json``, after any
     other text it printed first."""
@@ -159,18 +207,22 @@ def _registration_outcome(stdout: str) -> str:
     raise DeploymentError(f"the SuperLink refused a node key: {message.strip()}")
 
 
-def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float, alive: Callable[[], bool], what: str
+) -> None:
+    """Until ``what`` accepts connections on ``host:port``; DeploymentError if its
+    processes die first or it does not within ``timeout``."""
     deadline = time.monotonic() + timeout
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     while time.monotonic() < deadline:
         if not alive():
-            raise DeploymentError("flower-superlink exited while starting; see its log")
+            raise DeploymentError(f"{what} exited while starting; see its log")
         try:
             with socket.create_connection((probe_host, port), timeout=1):
                 return
         except OSError:
             time.sleep(0.3)
-    raise DeploymentError(f"flower-superlink did not listen on port {port} within {timeout:g} s")
+    raise DeploymentError(f"{what} did not listen on port {port} within {timeout:g} s")
 
 
 # ----------------------------------------------------------------------- runs ---

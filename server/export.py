@@ -19,13 +19,12 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from peft import PeftModel
 from torch import nn
 
 from common.artifact import ADAPTER_FILES, InputSpec, Quantization, file_entry
 from common.errors import ArtifactError
+from common.offline import quiet_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +108,12 @@ def quantize_int8(fp32: Path, int8: Path, fp32_modules: Sequence[str]) -> list[s
         raise ArtifactError(
             "export-failed", f"no linear layer of {list(fp32_modules)} found in the ONNX graph"
         )
+    # Imported here, after the switch: a process whose first fedlora import is this
+    # module would otherwise load onnxruntime with its telemetry on.
+    quiet_onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     chatter = _QuantizerChatter()
     root = logging.getLogger()
     root.addFilter(chatter)  # only records logged on the root logger itself pass here

@@ -37,6 +37,7 @@ from server.aggregation import AGGREGATORS
 from server.audit import CoordinatorAudit, config_sha256, coordinator_log_path
 from server.checkpoint import CheckpointStore
 from server.distribution import release_artifact
+from server.identity import load_site_registry
 from server.reporting import RunRecorder
 from server.strategy import FedLoraStrategy
 
@@ -89,10 +90,13 @@ def run_federation(
     run_dir: Path,
     signing_key: Path | None = None,
     resume: bool = False,
+    site_registry: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``federation.task`` for ``federation.rounds`` rounds and save what came out;
     every step is recorded in the run's signed audit log. With ``resume``, carry on the
-    run in ``run_dir`` from its last checkpointed round."""
+    run in ``run_dir`` from its last checkpointed round. ``site_registry`` (the JSON file
+    of server/deployment.py's ``write_site_registry``) names the audit key each site
+    must announce; without it (a simulation), none is checked."""
     key = coordinator_key(run_dir, signing_key)
     with CheckpointStore(run_dir / "checkpoints" / federation.task).exclusive():
         if resume and (run_dir / RESULT_DIR / f"{federation.task}.json").exists():
@@ -103,7 +107,7 @@ def run_federation(
         audit = opener(run_dir, federation.task, key)
         publish_public_key(run_dir, key)
         try:
-            return _run_federation(grid, federation, run_dir, audit, key, resume)
+            return _run_federation(grid, federation, run_dir, audit, key, resume, site_registry)
         except BaseException as exc:
             audit.run_failed(exc)
             raise
@@ -116,8 +120,10 @@ def _run_federation(
     audit: CoordinatorAudit,
     key: Ed25519PrivateKey,
     resume: bool,
+    site_registry: Path | None = None,
 ) -> dict[str, Any]:
     spec = TASKS.get(federation.task)
+    audit_keys = load_site_registry(site_registry) if site_registry is not None else {}
     checkpoints = CheckpointStore(run_dir / "checkpoints" / federation.task)
     settings_sha256 = config_sha256(federation)
     state = checkpoints.load_state() if resume and checkpoints.state_path.exists() else None
@@ -159,6 +165,7 @@ def _run_federation(
         audit=audit,
         run_id=run_id,
         config_sha256=settings_sha256,
+        audit_keys=audit_keys,
     )
     introduced = strategy.introduce(grid, sorted(grid.get_node_ids()))
     joined = {

@@ -26,10 +26,11 @@ from flwr.serverapp.strategy import FedAvg
 from common.adapters import AdapterArrays, AdapterSchema, adapter_sha256, arrays_to_record
 from common.config import RollbackGuard, UpdateValidation
 from common.errors import ConfigError
-from common.protocol import AUDIT_KEY, EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
+from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
 from server.aggregation import Aggregator, lora_product_error
 from server.audit import CoordinatorAudit
 from server.checkpoint import CheckpointStore, EvaluatedAdapter, RunState
+from server.identity import Admission
 from server.reporting import RunRecorder
 from server.strategy_utils import (
     EXCLUSION_STATUSES,
@@ -39,7 +40,6 @@ from server.strategy_utils import (
     metric_record,
     missing_replies,
     parse_replies,
-    remember_site,
     rollback_reason,
     update_receipt,
     weighted_mean,
@@ -47,10 +47,6 @@ from server.strategy_utils import (
 from server.validation import UpdateLimits, check_evaluation, validate_update
 
 logger = logging.getLogger(__name__)
-
-SITE_DETAILS = ("kind", "task", AUDIT_KEY)
-"""What a site's introduction tells the coordinator (and its audit log) of the site."""
-MAX_DETAIL_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -79,10 +75,12 @@ class FedLoraStrategy(FedAvg):
         audit: CoordinatorAudit,
         run_id: str = "",
         config_sha256: str = "",
+        audit_keys: Mapping[str, str] | None = None,
     ) -> None:
         """``initial`` is the whole adapter; ``frozen`` the tensors no site trains or
         sends (FFA-LoRA's A matrices; empty otherwise). ``run_id`` and ``config_sha256``
-        go into the state saved after every round, for a resume."""
+        go into the state saved after every round, for a resume. ``audit_keys`` (site ->
+        fingerprint, the site registry) are the audit keys sites must announce."""
         super().__init__(
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
@@ -102,6 +100,8 @@ class FedLoraStrategy(FedAvg):
         self.checkpoints = checkpoints
         self.audit = audit
         self.known_sites: dict[int, str] = {}
+        self.admission = Admission(audit_keys)
+        """Registered names and audit keys; the nodes rejected for their identity."""
         self.site_details: dict[str, dict[str, str]] = {}
         """What each site said of itself when it joined (kind, task, audit key)."""
         self.introduction_timeout = min(120.0, round_timeout)
@@ -207,6 +207,7 @@ class FedLoraStrategy(FedAvg):
         messages = self._for_this_task(messages)
         self._sent_to = {m.metadata.dst_node_id for m in messages}
         self.audit.round_started(server_round, "train", self._site_names(self._sent_to))
+        self._failures(server_round, "train", self.admission.held_back(nodes, self.known_sites))
         return messages
 
     def _serves_this_task(self, node: int) -> bool:
@@ -217,7 +218,15 @@ class FedLoraStrategy(FedAvg):
         return details.get("task", self.recorder.task) == self.recorder.task
 
     def _for_this_task(self, messages: Iterable[Message]) -> list[Message]:
-        return [m for m in messages if self._serves_this_task(m.metadata.dst_node_id)]
+        """The messages for nodes that serve this task and may take part."""
+        listed = list(messages)
+        barred = self.admission.barred((m.metadata.dst_node_id for m in listed), self.known_sites)
+        return [
+            m
+            for m in listed
+            if m.metadata.dst_node_id not in barred
+            and self._serves_this_task(m.metadata.dst_node_id)
+        ]
 
     def sites_of_this_task(self) -> dict[int, str]:
         """Node -> site name, for the known sites that serve this run's task."""
@@ -231,31 +240,20 @@ class FedLoraStrategy(FedAvg):
     def introduce(self, grid: Grid, node_ids: list[int]) -> dict[str, dict[str, str]]:
         """Ask nodes we have not heard from which site they are, so that even a site that
         refuses every round is reported by name. Returns the sites that joined, each with
-        what it said of itself (kind, task, audit key fingerprint)."""
-        unknown = [
-            node
-            for node in node_ids
-            if node not in self.known_sites and node not in self._introduced
-        ]
+        what it said of itself (kind, task, audit key fingerprint). A node that claims a
+        registered name or audit key not its own is rejected for the run (reported at the
+        next configure_train); one whose audit key is unshown is asked again each round."""
+        self.admission.learn(grid, node_ids)
+        unknown = self.admission.to_introduce(node_ids, self.known_sites, self._introduced)
         if not unknown:
             return {}
-        self._introduced.update(unknown)  # asked once: a silent node must not stall rounds
+        self._introduced.update(unknown)  # asked once (bar a missing audit key): no stalls
         queries = [
             Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
             for node in unknown
         ]
-        joined: dict[str, dict[str, str]] = {}
-        for reply in grid.send_and_receive(queries, timeout=self.introduction_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or remember_site(reply, self.known_sites) is not None:
-                continue
-            if node in self.known_sites:
-                details = reply.content.config_records.get("site") or ConfigRecord()
-                joined[self.known_sites[node]] = {
-                    key: str(details[key])[:MAX_DETAIL_CHARS]
-                    for key in SITE_DETAILS
-                    if key in details
-                }
+        replies = grid.send_and_receive(queries, timeout=self.introduction_timeout)
+        joined = self.admission.screen(replies, self.known_sites)
         self.site_details.update(joined)
         return joined
 
@@ -296,7 +294,9 @@ class FedLoraStrategy(FedAvg):
             request=self._request,
             limits=self.limits,
         )
-        parsed, bad = parse_replies(received, self.known_sites, check, TRAIN_METRICS)
+        parsed, bad = parse_replies(
+            received, self.known_sites, check, TRAIN_METRICS, registered=self.admission.registered
+        )
         decoded = {reply.node_id: reply.arrays for reply in parsed}
         receipts = {
             m.metadata.src_node_id: update_receipt(
@@ -370,9 +370,11 @@ class FedLoraStrategy(FedAvg):
     ) -> Iterable[Message]:
         server_round += self.rounds_before
         request = self.request_for_round(server_round).to_record()
-        messages = self._for_this_task(
+        messages = list(
             super().configure_evaluate(server_round, arrays_to_record(self.trained), request, grid)
         )
+        self.admission.learn(grid, [m.metadata.dst_node_id for m in messages])
+        messages = self._for_this_task(messages)
         self._sent_to = {m.metadata.dst_node_id for m in messages}
         self.audit.round_started(server_round, "evaluate", self._site_names(self._sent_to))
         return messages
@@ -396,6 +398,7 @@ class FedLoraStrategy(FedAvg):
             None,
             EVALUATE_METRICS,
             check_metrics=partial(check_evaluation, limits=self.limits),
+            registered=self.admission.registered,
         )
         bad += missing_replies(self._sent_to, received, self.known_sites, self.round_timeout)
         self._failures(server_round, "evaluate", bad)

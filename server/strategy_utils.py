@@ -9,7 +9,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -120,7 +120,8 @@ SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 """A public site id, as site configs define it; anything else is not taken as a name."""
 
 
-def _claimed_site(message: Message) -> str | None:
+def claimed_site(message: Message) -> str | None:
+    """The site name a reply claims, if it is a site id."""
     if not message.has_content():
         return None
     config = message.content.config_records.get("site")
@@ -130,11 +131,20 @@ def _claimed_site(message: Message) -> str | None:
     return None
 
 
-def _bind_site(node_id: int, claimed: str | None, known: dict[int, str]) -> tuple[str, str | None]:
+def bind_site(
+    node_id: int,
+    claimed: str | None,
+    known: dict[int, str],
+    registered: Mapping[int, str] | None = None,
+) -> tuple[str, str | None]:
     """The site name for a node, and a reason to reject if the claim contradicts the past.
 
-    A node keeps the first name it gave; no two nodes may use the same name.
+    With ``registered`` names (node -> the name Flower has its key registered under: a
+    deployment), a node's name is its registered one. Without (a simulation), a node
+    keeps the first name it gave, and no two nodes may use the same name.
     """
+    if registered:
+        return _bind_registered_site(node_id, claimed, known, registered)
     previous = known.get(node_id)
     if claimed is None:
         return previous or f"node-{node_id}", None
@@ -144,6 +154,38 @@ def _bind_site(node_id: int, claimed: str | None, known: dict[int, str]) -> tupl
         return f"node-{node_id}", f"site name {claimed} is already used by another node"
     known[node_id] = claimed
     return claimed, None
+
+
+def _bind_registered_site(
+    node_id: int, claimed: str | None, known: dict[int, str], registered: Mapping[int, str]
+) -> tuple[str, str | None]:
+    """A node may claim only the name its key is registered under, and a node registered
+    under no name is no site. The registered owner of a name takes it even from a node
+    that claimed it first (not possible once the registry is known, but a name is never
+    left with a node not registered under it); of two nodes registered under one name,
+    the first to claim it keeps it."""
+    own = registered.get(node_id)
+    if own is None:
+        unnamed = f"node {node_id} has no registered site name"
+        if claimed is None:
+            return f"node-{node_id}", unnamed
+        holder = (
+            f"{claimed} is registered to another node"
+            if claimed in registered.values()
+            else f"no node is registered as {claimed}"
+        )
+        return f"node-{node_id}", f"{unnamed} and {holder}"
+    if claimed is None:
+        return own, None
+    if claimed != own:
+        return own, f"node registered as {own} claims to be {claimed}"
+    for other, site in list(known.items()):
+        if other != node_id and site == own:
+            if registered.get(other) == own:
+                return f"node-{node_id}", f"site name {own} is already used by another node"
+            del known[other]
+    known[node_id] = own
+    return own, None
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -165,11 +207,6 @@ def readable_reason(reason: str | None) -> str:
     if not text:
         return "no reason given"
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
-
-
-def remember_site(message: Message, known: dict[int, str]) -> str | None:
-    """Bind the name a node gives in an introduction; returns a reason if it contradicts."""
-    return _bind_site(message.metadata.src_node_id, _claimed_site(message), known)[1]
 
 
 def _metrics_of(message: Message, required: tuple[str, ...]) -> dict[str, float] | str:
@@ -204,19 +241,22 @@ def parse_replies(
     check_update: UpdateCheck | None,
     required_metrics: tuple[str, ...] = ("num-examples",),
     check_metrics: Callable[[dict[str, float]], None] | None = None,
+    registered: Mapping[int, str] | None = None,
 ) -> tuple[list[SiteReply], list[FailedReply]]:
     """Split replies into usable ones and failures, each failure with its reason.
 
     With ``check_update``, each reply's ``arrays`` record must pass it; without, the
     reply is an evaluation and carries metrics only. ``check_metrics`` raises
-    UpdateError for numbers no honest site reports. A reply is data from another party:
-    nothing in it may stop the round, so a check that breaks rejects that reply only.
+    UpdateError for numbers no honest site reports. ``registered`` (node -> the name its
+    key is registered under; empty in a simulation) decides which name a node may use.
+    A reply is data from another party: nothing in it may stop the round, so a check
+    that breaks rejects that reply only.
     """
     good: list[SiteReply] = []
     bad: list[FailedReply] = []
     for message in replies:
         node_id = message.metadata.src_node_id
-        site, identity_problem = _bind_site(node_id, _claimed_site(message), known_sites)
+        site, identity_problem = bind_site(node_id, claimed_site(message), known_sites, registered)
         if message.has_error():
             refused = message.error.code in (REFUSED_BY_POLICY, ARTIFACT_REFUSED)
             status = "refused" if refused else "failed"

@@ -395,7 +395,7 @@ def prepare(
 
 
 class _DropDeprecationNotice(logging.Filter):
-    """Flower 1.41 warns that ``run_simulation`` is deprecated; the README says why we use it."""
+    """Flower (1.41, 1.42) warns that ``run_simulation`` is deprecated; the README says why."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "`run_simulation` function is deprecated" not in record.getMessage()

@@ -55,6 +55,7 @@ class FedloraDeployment:
     root: Path
     certs: Path
     port: int = field(default_factory=free_port)
+    superlink_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -92,6 +93,8 @@ class FedloraDeployment:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                "--superlink-port",
+                str(self.superlink_port),
             ],
         )
         wait_until(
@@ -133,11 +136,15 @@ class FedloraDeployment:
         parts = [f"--- {name} ---\n{self.tail(name)}" for name in self.processes]
         return "\n".join([*parts, "--- superlink.log ---\n" + self.superlink_log()[-4000:]])
 
-    def kill_child(self, name: str) -> int:
-        """SIGKILL the Flower daemon a fedlora command runs, with all it started."""
-        (daemon,) = children(self.processes[name].pid)
-        os.killpg(daemon, signal.SIGKILL)
-        return daemon
+    def kill_children(self, name: str) -> list[int]:
+        """SIGKILL the Flower daemons a fedlora command runs (the SuperNode and its
+        SuperExec; the SuperLink, its SuperExec and nginx), with all they started, as
+        a crash of the machine's Flower side would."""
+        daemons = children(self.processes[name].pid)
+        for daemon in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon, signal.SIGKILL)
+        return daemons
 
     def stop(self, name: str, timeout: float = 60) -> int:
         process = self.processes[name]

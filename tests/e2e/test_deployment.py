@@ -11,10 +11,13 @@ killed in round 1, and a SuperLink killed mid-run and resumed.
 from __future__ import annotations
 
 import csv
+import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,16 +25,20 @@ from typing import Any
 
 import pytest
 import tomli_w
+from fastapi.routing import APIRoute
+from flwr.supercore.routers.runtime.router import create_runtime_router
+from flwr.superlink.routers.control.router import router as control
 
 from common.adapters import adapter_sha256
 from common.artifact import verify_artifact
 from common.audit.log import read_entries
-from common.audit.review import verify_path
+from common.audit.review import site_keys, verify_path
 from common.config import DPSettings, load_federation_config, load_site_config
-from common.signing import load_public_key
+from common.signing import fingerprint, load_public_key
 from server.checkpoint import CheckpointStore
 from simulations.runner import prepare
 from simulations.scenario import Scenario
+from tests.e2e.deployment import BIN
 from tests.e2e.fedlora_deployment import (
     FEDLORA,
     FedloraDeployment,
@@ -42,6 +49,8 @@ from tests.e2e.fedlora_deployment import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+SOCKET_WATCH = Path(__file__).parent / "socket_watch"
 
 IMAGING = "dicom-classification"
 TABULAR = "tabular-classification"
@@ -99,17 +108,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "--audit-public-key", str(keys / "audit.pub"),
             )  # fmt: skip
             assert added.returncode == 0, added.stderr
-            assert not (certs / "bundles" / path.stem / "node.key").exists()
-            document = path.read_text() + tomli_w.dumps(
-                {
-                    "connection": {
-                        "superlink": deployment.superlink,
-                        "ca_certificate": str(certs / "bundles" / path.stem / "ca.pem"),
-                        "node_key": str(keys / "node.key"),
-                    }
-                }
+            bundle = certs / "bundles" / path.stem
+            assert not (bundle / "node.key").exists()
+            # The site config as the README has the operator write it: the template's
+            # settings with signing_key set, then the bundle's connection.toml appended
+            # with its node_key line filled in.
+            document = tomllib.loads(path.read_text())
+            del document["site"]["coordinator_key"]  # the bundle's is the one to trust
+            document["site"]["signing_key"] = str(keys / "audit-key.pem")
+            connection = (bundle / "connection.toml").read_text()
+            placeholder = '# node_key = "/path/to/node.key"'
+            assert placeholder in connection
+            filled = connection.replace(
+                placeholder, f"node_key = {json.dumps(str(keys / 'node.key'))}"
             )
-            path.write_text(document)
+            path.write_text(tomli_w.dumps(document) + "\n" + filled)
             configs[path.stem] = path
             assert load_site_config(path).site.task == task
     return {
@@ -117,13 +130,29 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "deployment": deployment,
         "configs": configs,
         "federations": root / "setup" / "federation",
-        # The coordinator key the sites pinned when they were configured.
-        "signing_key": root / "setup" / "keys" / "coordinator.key",
     }
 
 
 @pytest.fixture(scope="module")
-def running(setup: dict[str, Any]) -> Iterator[FedloraDeployment]:
+def watched(setup: dict[str, Any]) -> Iterator[dict[str, Path]]:
+    """Every process of the deployment runs with a HOME of its own and the socket watch
+    (tests/e2e/socket_watch): what any of them looks up or dials off loopback is
+    recorded, and what onnxruntime's telemetry would queue lands in that HOME."""
+    root: Path = setup["root"]
+    paths = {"home": root / "home", "sockets": root / "sockets.log"}
+    paths["home"].mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(paths["home"]))
+        patch.setenv("FEDLORA_SOCKET_WATCH", str(paths["sockets"]))
+        patch.setenv(
+            "PYTHONPATH",
+            os.pathsep.join(filter(None, [str(SOCKET_WATCH), os.environ.get("PYTHONPATH")])),
+        )
+        yield paths
+
+
+@pytest.fixture(scope="module")
+def running(setup: dict[str, Any], watched: dict[str, Path]) -> Iterator[FedloraDeployment]:
     deployment: FedloraDeployment = setup["deployment"]
     try:
         deployment.start_coordinator()
@@ -155,7 +184,6 @@ def _run_command(
         FEDLORA, "coordinator", "run", *arguments,
         "--certs", str(deployment.certs),
         "--state-dir", str(deployment.state_dir),
-        "--signing-key", str(setup["signing_key"]),
     ]  # fmt: skip
 
 
@@ -220,6 +248,178 @@ def test_two_hospitals_and_a_bank_complete_a_two_round_run(
     assert "fedlora deployment" in done.stdout
 
 
+def _outsider_cli(root: Path, deployment: FedloraDeployment) -> dict[str, str]:
+    """Mallory's Flower CLI: pointed at the address the sites dial, trusting the public
+    ca.pem, holding no key of the federation."""
+    home = root / "mallory-home"
+    home.mkdir(exist_ok=True)
+    connection = {
+        "address": deployment.superlink,
+        "root-certificates": str(deployment.certs / "ca.pem"),
+    }
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "target", "target": connection}})
+    )
+    return {**os.environ, "FLWR_HOME": str(home)}
+
+
+def _evil_app(folder: Path, markers: Path) -> Path:
+    """A Flower app whose ServerApp and ClientApp would each leave a marker file (and,
+    in the attack this replays, read the site's data and keys)."""
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(
+        tomli_w.dumps(
+            {
+                "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+                "project": {"name": "evilapp", "version": "1.0.0", "dependencies": []},
+                "tool": {
+                    "flwr": {
+                        "app": {
+                            "publisher": "mallory",
+                            "components": {"serverapp": "evil:server", "clientapp": "evil:client"},
+                            "config": {},
+                        }
+                    }
+                },
+            }
+        )
+    )
+    (folder / "evil.py").write_text(
+        "import os, pathlib\n"
+        "from flwr.clientapp import ClientApp\n"
+        "from flwr.serverapp import ServerApp\n"
+        f"MARKERS = pathlib.Path({str(markers)!r})\n"
+        "(MARKERS / f'imported-{os.getpid()}').write_text('evil code ran')\n"
+        "server = ServerApp()\n"
+        "client = ClientApp()\n"
+    )
+    return folder
+
+
+def test_an_outsider_holding_the_ca_certificate_can_neither_register_nor_run(
+    setup: dict[str, Any], running: FedloraDeployment
+) -> None:
+    """The attack of the perimeter issue, replayed at the address the sites dial."""
+    root: Path = setup["root"]
+    environment = _outsider_cli(root, running)
+    keys = root / "mallory-keys"
+    assert fedlora("pki", "site-keys", str(keys)).returncode == 0
+    markers = root / "markers"
+    markers.mkdir()
+    nodes_before = running.superlink_log().count("Created node_id")
+
+    registered = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "register", str(keys / "node.pub"), "target",
+         "--name", "hospital-a", "--format", "json"],
+        capture_output=True, text=True, env=environment, timeout=120, check=False,
+    )  # fmt: skip
+    assert '"success": true' not in registered.stdout, registered.stdout
+    assert "registered successfully" not in registered.stdout + registered.stderr
+
+    submitted = subprocess.run(
+        [str(BIN / "flwr"), "run", str(_evil_app(root / "evilapp", markers)), "target"],
+        capture_output=True, text=True, env=environment, timeout=180, check=False,
+    )  # fmt: skip
+    assert submitted.returncode != 0, submitted.stdout[-2000:]
+
+    # Every Control and Runtime route, asked directly: nginx answers 404 itself, and the
+    # SuperLink never sees the request.
+    routes = [
+        route.path
+        for router in (control, create_runtime_router("SuperLink"))
+        for route in router.routes
+        if isinstance(route, APIRoute)
+    ]
+    assert len(routes) > 20
+    context = ssl.create_default_context(cafile=str(running.certs / "ca.pem"))
+    for path in [*routes, "/docs", "/openapi.json", "/health", "/v1/fleet/../control/start-run"]:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", running.port, context=context, timeout=10
+        )
+        connection.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        response = connection.getresponse()
+        assert response.status == 404, path
+        assert b"nginx" in response.read(), path
+        connection.close()
+
+    time.sleep(5)  # what a run would have started by now
+    assert not any(markers.iterdir()), sorted(markers.iterdir())
+    assert running.superlink_log().count("Created node_id") == nodes_before
+    assert "mallory" not in running.superlink_log()
+
+
+def test_a_site_name_belongs_to_the_key_registered_under_it(
+    setup: dict[str, Any], running: FedloraDeployment
+) -> None:
+    """Mallory is a registered site (added while the SuperLink runs, with `coordinator
+    register`) whose daemon claims to be hospital-a: it is rejected and audited, and
+    the real hospital-a trains, its own audit key the one the coordinator pins."""
+    root: Path = setup["root"]
+    keys = root / "site-keys" / "mallory"
+    assert fedlora("pki", "site-keys", str(keys)).returncode == 0
+    added = fedlora(
+        "pki", "add-site", "mallory", "--certs", str(running.certs),
+        "--superlink", running.superlink,
+        "--node-public-key", str(keys / "node.pub"),
+        "--audit-public-key", str(keys / "audit.pub"),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    registered = fedlora(
+        "coordinator", "register", "--certs", str(running.certs),
+        "--state-dir", str(running.state_dir),
+    )  # fmt: skip
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    assert "mallory: registered" in registered.stdout
+    assert "hospital-a: already registered" in registered.stdout
+
+    document = tomllib.loads(setup["configs"]["hospital-a"].read_text())
+    assert document["site"]["id"] == "hospital-a"  # the name mallory claims
+    document["site"]["state_dir"] = str(root / "mallory-state")
+    document["site"]["signing_key"] = str(keys / "audit-key.pem")
+    document["connection"]["node_key"] = str(keys / "node.key")
+    impostor = root / "mallory.toml"
+    impostor.write_text(tomli_w.dumps(document))
+    activated = running.superlink_log().count("Activated node_id")
+    running.start_site("mallory", impostor)
+    try:
+        wait_until(
+            lambda: running.superlink_log().count("Activated node_id") > activated,
+            120,
+            "mallory's SuperNode to authenticate:\n" + running.logs(),
+        )
+        run_dir = root / "run-impostor"
+        federation = _federation(setup, IMAGING, "impostor", rounds=1, min_sites=1)
+        done = subprocess.run(
+            _run_command(setup, running, str(federation), "--out", str(run_dir)),
+            capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:] + running.logs()
+    finally:
+        assert running.stop("mallory") == 0, running.tail("mallory")
+
+    rows = _metrics(run_dir)
+    rejected = [r for r in rows if r["site"] == "mallory"]
+    assert rejected and {r["status"] for r in rejected} == {"rejected"}, rows
+    assert "node registered as mallory claims to be hospital-a" in rejected[0]["reason"]
+    assert any(
+        r["site"] == "hospital-a" and r["phase"] == "train" and r["status"] == "accepted"
+        for r in rows
+    ), rows
+    entries = _coordinator_log(run_dir, IMAGING)
+    assert any(e["event"] == "site-excluded" and e["data"]["site"] == "mallory" for e in entries), [
+        e["event"] for e in entries
+    ]
+    pinned = site_keys(entries)
+    assert pinned["hospital-a"] == fingerprint(
+        load_public_key(root / "site-keys" / "hospital-a" / "audit.pub")
+    )
+    assert "mallory" not in pinned
+    # Nothing of hospital-a's ran under mallory's key: its ledger was never charged.
+    mallory_log = root / "mallory-state" / "audit.jsonl"
+    logged = read_entries(mallory_log) if mallory_log.exists() else []
+    assert not any(e["event"] == "training-done" for e in logged), logged
+
+
 def test_an_unregistered_key_and_a_foreign_ca_are_refused(
     setup: dict[str, Any], running: FedloraDeployment
 ) -> None:
@@ -281,12 +481,12 @@ def test_a_supernode_killed_in_round_one_rejoins_a_later_round(
             )
 
         wait_until(training_round_one, 300, "hospital-a to start round 1:\n" + running.logs())
-        killed = running.kill_child("hospital-a")
+        killed = running.kill_children("hospital-a")
         assert process.wait(timeout=900) == 0, (setup["root"] / "run-b.out").read_text()[-4000:]
     finally:
         if process.poll() is None:
             process.kill()
-    assert not alive(killed)
+    assert killed and not any(alive(pid) for pid in killed)
     # The site daemon started its SuperNode again, which authenticated again.
     assert "starting it again" in running.tail("hospital-a", 20000)
     rows = [r for r in _metrics(run_dir) if r["site"] == "hospital-a" and r["phase"] == "train"]
@@ -322,7 +522,7 @@ def test_a_superlink_killed_mid_run_comes_back_and_the_run_resumes(
             600,
             "round 1 to be checkpointed:\n" + running.logs(),
         )
-        running.kill_child("coordinator")
+        running.kill_children("coordinator")
         assert running.processes["coordinator"].wait(timeout=60) != 0
         assert first.wait(timeout=180) != 0
     finally:
@@ -383,6 +583,23 @@ def test_a_superlink_killed_mid_run_comes_back_and_the_run_resumes(
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "metrics.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def test_nothing_phoned_home(
+    setup: dict[str, Any], running: FedloraDeployment, watched: dict[str, Path]
+) -> None:
+    """After every run above (both tasks, artifacts exported, checked and installed at
+    the sites): no process of the deployment looked up or dialled anything off this
+    machine's loopback, and onnxruntime queued no telemetry."""
+    watched_programs = {
+        line.split()[1] for line in Path(f"{watched['sockets']}.processes").read_text().splitlines()
+    }
+    every_kind = {"fedlora", "flower-superlink", "flower-supernode", "flower-superexec"}
+    assert every_kind <= watched_programs, watched_programs
+    assert {"flwr-serverapp", "flwr-clientapp"} <= watched_programs, watched_programs
+    recorded = watched["sockets"].read_text() if watched["sockets"].exists() else ""
+    assert recorded == "", recorded
+    assert not (watched["home"] / ".cache" / "Microsoft").exists()
 
 
 def test_site_daemons_stop_cleanly_on_sigterm(

@@ -30,7 +30,7 @@ def test_builtin_scenarios_validate() -> None:
     ("package", "expected"),
     [
         ("torch", "2.13.0"),
-        ("flwr", "1.41."),
+        ("flwr", "1.42."),
         ("opacus", "1.6."),
         ("peft", "0.21."),
         ("transformers", "5."),

@@ -286,3 +286,20 @@ def test_quick_settings_shrink_sites_and_rounds() -> None:
 def test_tree_memory_includes_the_process_itself() -> None:
     total, largest = end_to_end.tree_resident_bytes(psutil.Process())
     assert total >= largest > 0
+
+
+def test_perimeter_summary_is_a_ratio_of_medians_and_an_extra_per_round() -> None:
+    from benchmarks.perimeter import summarise
+
+    times = {
+        "direct": {"small": [0.002, 0.004, 0.003], "large": [0.010, 0.030]},
+        "nginx": {"small": [0.004, 0.006, 0.005], "large": [0.015, 0.035]},
+    }
+    figures = summarise(times, requests_per_round=10)
+    assert figures["small_direct_median_ms"] == 3.0
+    assert figures["small_nginx_median_ms"] == 5.0
+    assert figures["small_ratio"] == round(5 / 3, 3)
+    assert figures["large_ratio"] == round(0.025 / 0.020, 3)
+    assert figures["small_extra_ms"] == 2.0 and figures["large_extra_ms"] == 5.0
+    # 10 small calls and 2 large ones (an update up, an adapter down) per site and round.
+    assert figures["extra_ms_per_site_round"] == 10 * 2.0 + 2 * 5.0

@@ -181,8 +181,10 @@ def test_the_root_command_lists_the_artifact_group() -> None:
 
 
 @pytest.mark.slow
-def test_verify_with_the_run_key_next_to_the_artifact(release: Release) -> None:
-    result = _invoke("verify", release.artifact(TABULAR))
+def test_verify_with_trust_run_key_uses_the_run_key_next_to_the_artifact(
+    release: Release,
+) -> None:
+    result = _invoke("verify", release.artifact(TABULAR), "--trust-run-key")
     assert result.exit_code == 0, result.output
     text = _flat(result.output)
     assert "verified" in text and "NOT VERIFIED" not in text
@@ -204,7 +206,7 @@ def test_verify_with_an_explicit_key_or_a_site_pinned_key(
     by_site = _invoke("verify", copy, "--site", installed[TABULAR].config)
     assert by_site.exit_code == 0, by_site.output
     assert "pinned by" in _flat(by_site.output)
-    # An explicit key wins over the run's own key.
+    # An explicit key is the one used, even with the run's own key beside the artifact.
     other = tmp_path / "other.pub"
     write_public_key(other, Ed25519PrivateKey.generate().public_key())
     wrong = _invoke("verify", release.artifact(TABULAR), "--key", other)
@@ -214,7 +216,7 @@ def test_verify_with_an_explicit_key_or_a_site_pinned_key(
 
 @pytest.mark.slow
 def test_verify_json_describes_the_artifact(release: Release) -> None:
-    result = _invoke("verify", release.artifact(TABULAR), "--json")
+    result = _invoke("verify", release.artifact(TABULAR), "--key", release.public_key, "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     manifest = release.built[TABULAR].manifest
@@ -262,16 +264,19 @@ def test_verify_fails_on_a_tampered_artifact_and_names_the_check(
 @pytest.mark.slow
 def test_verify_without_any_trusted_key_cannot_check_and_exits_2(
     release: Release,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    copy = _copy(release.artifact(TABULAR), tmp_path)
-    monkeypatch.setattr(sys, "argv", ["fedlora", "artifact", "verify", str(copy)])
+    """The run's own key lies beside this artifact: without --trust-run-key it is not
+    used."""
+    argv = ["fedlora", "artifact", "verify", str(release.artifact(TABULAR))]
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2
-    assert "no trusted coordinator key" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no trusted coordinator key" in err
+    assert "--key" in err and "--site" in err and "--trust-run-key" in err
 
 
 @pytest.mark.slow
@@ -297,7 +302,7 @@ def test_verify_with_a_site_that_pins_no_key_exits_2(
 
 @pytest.mark.slow
 def test_inspect_shows_provenance_privacy_size_and_both_scores(release: Release) -> None:
-    result = _invoke("inspect", release.artifact(TABULAR))
+    result = _invoke("inspect", release.artifact(TABULAR), "--trust-run-key")
     assert result.exit_code == 0, result.output
     text = _flat(result.output)
     manifest = release.built[TABULAR].manifest
@@ -335,7 +340,7 @@ def test_inspect_shows_the_points_of_accuracy_int8_lost(release: Release, tmp_pa
 
 @pytest.mark.slow
 def test_inspect_json_round_trips_to_the_manifest(release: Release) -> None:
-    result = _invoke("inspect", release.artifact(TABULAR), "--json")
+    result = _invoke("inspect", release.artifact(TABULAR), "--trust-run-key", "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["verified"] is True
@@ -606,9 +611,12 @@ def test_predict_trusts_only_a_pinned_key(release: Release, site_workspace: Path
     result = _invoke("predict", release.artifact(TABULAR), "--csv", table)
     assert isinstance(result.exception, ArtifactError)
     assert result.exception.kind == "no-trusted-key"
-    verify = _invoke("verify", release.artifact(TABULAR))
+    verify = _invoke("verify", release.artifact(TABULAR), "--trust-run-key")
     assert verify.exit_code == 0, verify.output
     assert "proves integrity, not who signed" in _flat(verify.output)
+    offered = _invoke("predict", release.artifact(TABULAR), "--csv", table, "--trust-run-key")
+    assert offered.exit_code == 2
+    assert "No such option '--trust-run-key'" in offered.output
 
 
 @pytest.mark.slow
@@ -624,7 +632,7 @@ def test_key_and_site_together_are_a_usage_error(
         installed[TABULAR].config,
     )
     assert result.exit_code == 2
-    assert "not both" in result.output
+    assert "not several" in result.output
 
 
 @pytest.mark.slow

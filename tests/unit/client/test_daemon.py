@@ -40,6 +40,7 @@ def _settings(tmp_path: Path, superlink: str = "superlink.example.org:9092") -> 
         ),
         local_port=9094,
         log_file=tmp_path / "state" / "supernode.log",
+        superexec_secret=tmp_path / "state" / "superexec.secret",
     )
 
 
@@ -82,6 +83,12 @@ def _run(
     code or the exception it raised."""
     fake = Runs(*runs)
     monkeypatch.setattr(SupernodeSettings, "command", lambda settings: fake.command(settings))
+    # The SuperExec beside it waits; it is stopped with the SuperNode.
+    monkeypatch.setattr(
+        SupernodeSettings,
+        "superexec_command",
+        lambda _: [sys.executable, "-S", "-c", "import time; time.sleep(60)"],
+    )
     sleeps = Sleeps()
     lines: list[str] = []
     outcome: int | BaseException
@@ -199,6 +206,17 @@ def test_supernode_command(tmp_path: Path) -> None:
     assert "--insecure" not in command
     assert "--allow-runtime-dependency-installation" not in command
     assert all(isinstance(part, str) for part in command)
+    # Process isolation: the SuperNode starts no app itself; its Runtime API, on
+    # loopback, serves only the SuperExec holding the site's secret.
+    assert _flag(command, "--isolation") == "process"
+    assert _flag(command, "--host") == "127.0.0.1"
+    secret = str(tmp_path / "state" / "superexec.secret")
+    assert _flag(command, "--superexec-auth-secret-file") == secret
+    superexec = settings.superexec_command()
+    assert Path(superexec[0]).name == "flower-superexec"
+    assert _flag(superexec, "--runtime-api-address") == "127.0.0.1:9094"
+    assert _flag(superexec, "--superexec-auth-secret-file") == secret
+    assert "--allow-runtime-dependency-installation" not in superexec
 
 
 def test_supernode_environment_keeps_flower_files_in_the_sites_state(tmp_path: Path) -> None:

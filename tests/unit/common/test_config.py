@@ -751,3 +751,96 @@ def test_overlong_takes_truncate_or_reject(tmp_path: Path) -> None:
     text = _replace(TEXTS, "max_tokens = 96", 'max_tokens = 96\noverlong = "drop"')
     message = _error(load_site_config, _write(tmp_path, text))
     assert "data.overlong: Input should be 'truncate' or 'reject'" in message
+
+
+# ------------------------------------------------------------------- connection ---
+
+CONNECTION = """
+[connection]
+superlink = "fl.example.org:9092"
+ca_certificate = "bundle/ca.pem"
+node_key = "keys/node.key"
+"""
+
+
+def test_connection_paths_are_resolved_against_the_file(tmp_path: Path) -> None:
+    config = load_site_config(_write(tmp_path, HOSPITAL + CONNECTION))
+    assert config.connection is not None
+    assert config.connection.superlink == "fl.example.org:9092"
+    assert config.connection.ca_certificate == (tmp_path / "bundle" / "ca.pem").resolve()
+    assert config.connection.node_key == (tmp_path / "keys" / "node.key").resolve()
+    assert config.site.coordinator_key is None
+
+
+def test_coordinator_key_in_connection_is_the_sites_coordinator_key(tmp_path: Path) -> None:
+    """The bundle's connection.toml sets it in [connection]: it is read as site.coordinator_key."""
+    text = HOSPITAL + CONNECTION + 'coordinator_key = "bundle/coordinator.pub"\n'
+    config = load_site_config(_write(tmp_path, text))
+    assert config.site.coordinator_key == (tmp_path / "bundle" / "coordinator.pub").resolve()
+    assert config.connection is not None
+    assert "coordinator_key" not in config.connection.model_dump()
+
+
+def test_coordinator_key_in_both_tables_is_refused(tmp_path: Path) -> None:
+    text = _replace(
+        HOSPITAL,
+        'base_model = "../models/vit"',
+        'base_model = "../models/vit"\ncoordinator_key = "keys/coordinator.pub"',
+    )
+    text += CONNECTION + 'coordinator_key = "bundle/coordinator.pub"\n'
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "coordinator_key is set in both [site] and [connection]; keep one" in message
+
+
+def test_coordinator_key_in_connection_must_be_a_path(tmp_path: Path) -> None:
+    message = _error(
+        load_site_config, _write(tmp_path, HOSPITAL + CONNECTION + "coordinator_key = 7\n")
+    )
+    assert "connection.coordinator_key must be a file path" in message
+
+
+def test_coordinator_key_in_connection_without_a_site_table(tmp_path: Path) -> None:
+    text = HOSPITAL.split("[data]", 1)[1]
+    message = _error(
+        load_site_config,
+        _write(tmp_path, "[data]" + text + CONNECTION + 'coordinator_key = "c.pub"\n'),
+    )
+    assert "  - site: required, but missing" in message
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "home"),
+    [
+        ("policy", 'signing_key = "keys/audit-key.pem"', "site"),
+        ("policy", 'coordinator_key = "bundle/coordinator.pub"', "site"),
+        ("connection", 'signing_key = "keys/audit-key.pem"', "site"),
+        ("site", 'node_key = "keys/node.key"', "connection"),
+        ("policy", "epsilon = 3.0", "privacy"),
+    ],
+)
+def test_a_key_in_the_wrong_table_names_its_table(
+    tmp_path: Path, table: str, key: str, home: str
+) -> None:
+    text = HOSPITAL + CONNECTION
+    header = f"[{table}]\n"
+    text = _replace(text, header, header + key + "\n")
+    message = _error(load_site_config, _write(tmp_path, text))
+    name = key.split(" =")[0]
+    assert (
+        f"{table}.{name}: unknown key (check the spelling; {name} belongs in the [{home}] table)"
+        in message
+    )
+
+
+def test_a_misspelt_key_gets_no_table_hint(tmp_path: Path) -> None:
+    text = _replace(HOSPITAL, "[policy]\n", '[policy]\nsigning_kee = "k.pem"\n')
+    message = _error(load_site_config, _write(tmp_path, text))
+    assert "policy.signing_kee: unknown key (check the spelling)\n" in message + "\n"
+
+
+def test_federation_unknown_keys_get_no_site_table_hint(tmp_path: Path) -> None:
+    message = _error(
+        load_federation_config,
+        _write(tmp_path, FEDERATION + 'signing_key = "k.pem"\n', "federation.toml"),
+    )
+    assert "  - dp.signing_key: unknown key (check the spelling)\n" in message + "\n"

@@ -4,6 +4,8 @@ register`` read them, file modes, bundles, refusals, and the command line."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import ssl
 import stat
@@ -22,8 +24,10 @@ from flwr.cli.supernode.register import try_load_public_key
 
 from common import pki, signing
 from common.cli import cli
+from common.config import SiteConnection, load_site_config
 from common.errors import ConfigError
 from common.pki_cli import pki as pki_group
+from tests.cli_commands import check_commands_exist
 
 # --------------------------------------------------------------------- helpers ---
 
@@ -436,20 +440,12 @@ def test_node_private_keys_flower_cannot_use_are_refused(site_keys: Path, tmp_pa
 # -------------------------------------------------------------------- add-site ---
 
 
-def _connection(bundle: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """The bundle's [connection] table, and the [site] lines once an operator uncomments
-    them into their [site] table."""
-    text = (bundle / "connection.toml").read_text()
-    connection = tomllib.loads(text)
+def _connection(bundle: Path) -> dict[str, str]:
+    """The bundle's [connection] table, the only table its connection.toml sets."""
+    connection = tomllib.loads((bundle / "connection.toml").read_text())
     assert set(connection) == {"connection"}
-    site_lines = text.split("[site] table", 1)[1].splitlines()[1:]
-    uncommented = [
-        line.removeprefix("# ")
-        for line in site_lines
-        if line.startswith("# ") and " = " in line and "/path/to/" not in line
-    ]
-    site = tomllib.loads("[site]\n" + "\n".join(uncommented))["site"]
-    return connection["connection"], site
+    table: dict[str, str] = connection["connection"]
+    return table
 
 
 def test_add_site_with_the_sites_public_keys_ships_no_private_key(
@@ -483,14 +479,15 @@ def test_add_site_with_the_sites_public_keys_ships_no_private_key(
     assert signing.load_public_key(bundle / "coordinator.pub") == signing.load_public_key(
         certs / "coordinator.pub"
     )
-    connection, site = _connection(bundle)
+    connection = _connection(bundle)
     assert connection == {
         "superlink": "localhost:9092",
         "ca_certificate": str(bundle / "ca.pem"),
+        "coordinator_key": str(bundle / "coordinator.pub"),
     }
     assert Path(connection["ca_certificate"]).is_absolute()
-    assert "node_key" in (bundle / "connection.toml").read_text()  # as a pointer to fill in
-    assert site == {"coordinator_key": str(bundle / "coordinator.pub")}
+    # node_key as a commented line to fill in: the site's own key, not in the bundle.
+    assert '# node_key = "/path/to/node.key"' in (bundle / "connection.toml").read_text()
     readme = (bundle / "README.txt").read_text()
     assert pki.node_key_fingerprint(node_public) in readme
     assert "no private key" in readme
@@ -511,12 +508,12 @@ def test_add_site_without_keys_generates_them_into_the_bundle(certs: Path) -> No
         private.public_key()
     )
     assert not (registered / "node.key").exists()
-    connection, site = _connection(bundle)
+    connection = _connection(bundle)
     assert connection["node_key"] == str(bundle / "node.key")
-    assert site["signing_key"] == str(bundle / "audit-key.pem")
-    audit_private = signing.load_private_key(Path(site["signing_key"]))
+    assert _signing_key_note(bundle) == bundle / "audit-key.pem"
+    audit_private = signing.load_private_key(bundle / "audit-key.pem")
     assert signing.load_public_key(registered / "audit.pub") == audit_private.public_key()
-    signing.load_public_key(Path(site["coordinator_key"]))
+    signing.load_public_key(Path(connection["coordinator_key"]))
 
 
 def test_add_site_needs_init_first(tmp_path: Path, site_keys: Path) -> None:
@@ -537,7 +534,7 @@ def test_add_site_twice_is_refused_unless_forced(certs: Path, site_keys: Path) -
     assert not (bundle / "node.key").exists()
     assert pki.load_node_public_key(certs / "sites" / "hospital-a" / "node.pub") == expected
     assert not (certs / "sites" / "hospital-a" / "audit.pub").exists()
-    assert _connection(bundle)[0]["superlink"] == "localhost:9093"
+    assert _connection(bundle)["superlink"] == "localhost:9093"
 
 
 @pytest.mark.parametrize(
@@ -620,6 +617,140 @@ def test_registered_node_keys_are_sorted_and_skip_incomplete_folders(certs: Path
     keys = pki.registered_node_keys(certs)
     assert list(keys) == ["site-a", "site-b", "site-c"]
     assert keys["site-b"] == certs.absolute() / "sites" / "site-b" / "node.pub"
+
+
+# ------------------------------------------------- the bundle in a site config ---
+
+TEMPLATE = Path(__file__).resolve().parents[3] / "sites" / "template.toml"
+
+
+def _signing_key_note(bundle: Path) -> Path | None:
+    """The audit key that connection.toml's note says to set as site.signing_key."""
+    found = re.search(r'signing_key to (".*")$', (bundle / "connection.toml").read_text(), re.M)
+    return Path(json.loads(found.group(1))) if found else None
+
+
+def _uncomment(text: str, key: str, value: Path) -> str:
+    """``text`` with its one commented ``# KEY = …`` line made active, set to ``value``."""
+    lines = text.splitlines()
+    hits = [number for number, line in enumerate(lines) if line.startswith(f"# {key} = ")]
+    assert len(hits) == 1, f"{key}: {hits}"
+    lines[hits[0]] = f"{key} = {json.dumps(str(value))}"
+    return "\n".join(lines) + "\n"
+
+
+def _site_config(
+    folder: Path,
+    bundle: Path,
+    *,
+    signing_key: Path | None = None,
+    node_key: Path | None = None,
+    coordinator_key: Path | None = None,
+) -> Path:
+    """A site config made from sites/template.toml (its [site] lines filled in as
+    given) with the bundle's connection.toml appended (node_key filled in as given)."""
+    text = TEMPLATE.read_text()
+    for key, value in (("signing_key", signing_key), ("coordinator_key", coordinator_key)):
+        if value is not None:
+            text = _uncomment(text, key, value)
+    appended = (bundle / "connection.toml").read_text()
+    if node_key is not None:
+        appended = _uncomment(appended, "node_key", node_key)
+    path = folder / "my-site.toml"
+    path.write_text(text + "\n" + appended)
+    return path
+
+
+def test_the_bundle_appended_to_a_template_config_loads(
+    tmp_path: Path, certs: Path, site_keys: Path
+) -> None:
+    bundle = pki.add_site(
+        certs, "my-hospital", "localhost:9092", site_keys / "node.pub", site_keys / "audit.pub"
+    )
+    with pytest.raises(ConfigError, match=r"connection\.node_key: required, but missing"):
+        load_site_config(_site_config(tmp_path, bundle))  # the site's own key: to fill in
+    path = _site_config(
+        tmp_path, bundle, signing_key=site_keys / "audit-key.pem", node_key=site_keys / "node.key"
+    )
+    config = load_site_config(path)
+    assert config.connection == SiteConnection(
+        superlink="localhost:9092",
+        ca_certificate=(bundle / "ca.pem").resolve(),
+        node_key=(site_keys / "node.key").resolve(),
+    )
+    assert config.site.coordinator_key == (bundle / "coordinator.pub").resolve()
+    assert config.site.signing_key == (site_keys / "audit-key.pem").resolve()
+    assert config.site.id == "my-hospital"
+    # What the daemon and the artifact check then read are the keys add-site used.
+    assert signing.load_public_key(config.site.coordinator_key) == signing.load_public_key(
+        certs / "coordinator.pub"
+    )
+    assert pki.load_node_private_key(config.connection.node_key).public_key() == (
+        pki.load_node_public_key(certs / "sites" / "my-hospital" / "node.pub")
+    )
+
+
+def test_the_generated_keys_bundle_appended_to_a_template_config_loads(
+    tmp_path: Path, certs: Path
+) -> None:
+    bundle = pki.add_site(certs, "my-hospital", "localhost:9092")
+    signing_key = _signing_key_note(bundle)
+    assert signing_key == bundle / "audit-key.pem"
+    config = load_site_config(_site_config(tmp_path, bundle, signing_key=signing_key))
+    assert config.connection is not None
+    assert config.connection.node_key == (bundle / "node.key").resolve()
+    assert config.site.signing_key == signing_key.resolve()
+    assert config.site.coordinator_key == (bundle / "coordinator.pub").resolve()
+    assert signing.load_private_key(config.site.signing_key).public_key() == (
+        signing.load_public_key(certs / "sites" / "my-hospital" / "audit.pub")
+    )
+
+
+def test_a_bundle_without_an_audit_key_appended_loads_without_a_signing_key(
+    tmp_path: Path, certs: Path, site_keys: Path
+) -> None:
+    bundle = pki.add_site(certs, "my-hospital", "localhost:9092", site_keys / "node.pub")
+    assert _signing_key_note(bundle) is None
+    assert "<state_dir>/audit-key.pem" in (bundle / "connection.toml").read_text()
+    config = load_site_config(_site_config(tmp_path, bundle, node_key=site_keys / "node.key"))
+    assert config.site.signing_key is None
+    assert config.site.coordinator_key == (bundle / "coordinator.pub").resolve()
+
+
+@pytest.mark.parametrize("variant", ["site-keys", "site-keys without audit key", "generated"])
+def test_nothing_before_the_connection_header_uncomments_into_a_key(
+    certs: Path, site_keys: Path, variant: str
+) -> None:
+    """Lines before [connection] would land in the site config's last table: they are
+    notes, none of them a commented ``key = value`` for another table."""
+    node, audit = {
+        "site-keys": (site_keys / "node.pub", site_keys / "audit.pub"),
+        "site-keys without audit key": (site_keys / "node.pub", None),
+        "generated": (None, None),
+    }[variant]
+    bundle = pki.add_site(certs, "my-hospital", "localhost:9092", node, audit)
+    head, table = (bundle / "connection.toml").read_text().split("\n[connection]\n")
+    assert "signing_key" in head or variant == "site-keys without audit key"
+    for line in head.splitlines():
+        assert line == "" or line.startswith("#"), line
+        assert not re.match(r"#\s*[\w.]+\s*=", line), line
+    assert "[" not in "".join(line for line in table.splitlines() if not line.startswith("#"))
+
+
+def test_the_coordinator_key_in_both_tables_is_an_error(
+    tmp_path: Path, certs: Path, site_keys: Path
+) -> None:
+    bundle = pki.add_site(certs, "my-hospital", "localhost:9092", site_keys / "node.pub")
+    path = _site_config(
+        tmp_path,
+        bundle,
+        node_key=site_keys / "node.key",
+        coordinator_key=bundle / "coordinator.pub",
+    )
+    with pytest.raises(
+        ConfigError, match=r"coordinator_key is set in both \[site\] and \[connection\]"
+    ):
+        load_site_config(path)
 
 
 # ------------------------------------------------------------------ command line ---
@@ -711,3 +842,77 @@ def test_the_root_command_finds_pki() -> None:
     for command in ("init", "add-site", "site-keys", "list"):
         result = CliRunner().invoke(cli, ["pki", command, "--help"])
         assert result.exit_code == 0, result.output
+
+
+def _next_steps(output: str) -> list[str]:
+    """The commands a command's "Next steps" print, in order: continued lines joined,
+    trailing comments dropped."""
+    commands: list[str] = []
+    for line in output.split("\nNext steps:\n", 1)[1].splitlines():
+        text = line.strip()
+        if commands and commands[-1].endswith("\\"):
+            commands[-1] = commands[-1].removesuffix("\\").rstrip() + " " + text
+        elif text.startswith("fedlora "):
+            commands.append(re.sub(r"\s+#.*$", "", text))
+    return commands
+
+
+def _subcommand(command: str) -> str:
+    return " ".join(command.split()[1:3])
+
+
+def test_next_steps_give_the_deployment_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    init = runner.invoke(pki_group, ["init", "--address", "fl.example.org"])
+    assert init.exit_code == 0, init.output
+    steps = _next_steps(init.stdout)
+    assert [_subcommand(command) for command in steps] == [
+        "pki site-keys",
+        "pki add-site",
+        "coordinator start",
+        "coordinator register",
+        "site check",
+        "site run",
+        "coordinator run",
+    ]
+    assert "--superlink fl.example.org:9092" in steps[1]
+    assert "--node-public-key" in steps[1] and "--audit-public-key" in steps[1]
+    assert "--federation FEDERATION.toml" in steps[4]
+    certs = tmp_path / "certs"
+    section = init.stdout.split("Next steps:", 1)[1]
+    assert (
+        section.index("pki add-site")
+        < section.index(f"{certs / 'bundles'}/NAME")
+        < section.index("coordinator start")
+    )
+
+    assert runner.invoke(pki_group, ["site-keys", "keys"]).exit_code == 0
+    added = runner.invoke(
+        pki_group,
+        [
+            "add-site",
+            "hospital-a",
+            "--superlink",
+            "fl.example.org:9092",
+            "--node-public-key",
+            "keys/node.pub",
+            "--audit-public-key",
+            "keys/audit.pub",
+        ],
+    )
+    assert added.exit_code == 0, added.output
+    after = _next_steps(added.stdout)
+    assert [_subcommand(command) for command in after] == [
+        "coordinator start",
+        "coordinator register",
+        "site check",
+        "site run",
+        "coordinator run",
+    ]
+    section = added.stdout.split("Next steps:", 1)[1]
+    assert section.index(str(certs / "bundles" / "hospital-a")) < section.index("coordinator start")
+    assert all(f"--certs {certs}" in command for command in after if "coordinator" in command)
+    check_commands_exist(steps + after)

@@ -209,7 +209,8 @@ def _flag(command: list[str], name: str) -> str:
 
 def test_superlink_command(tmp_path: Path) -> None:
     coordinator = Coordinator(certs=tmp_path / "certs", state_dir=tmp_path / "state")
-    command = coordinator.superlink_command("0.0.0.0", 9092)
+    secret = tmp_path / "state" / "secrets" / "superexec.secret"
+    command = coordinator.superlink_command(9093, secret)
 
     assert Path(command[0]).name == "flower-superlink"
     assert "--enable-supernode-auth" in command
@@ -221,9 +222,29 @@ def test_superlink_command(tmp_path: Path) -> None:
     database = Path(_flag(command, "--database"))
     assert database.is_relative_to(tmp_path / "state")
     assert database == coordinator.database
-    assert _flag(command, "--host") == "0.0.0.0"
-    assert _flag(command, "--port") == "9092"
+    # Loopback only: the sites reach it through the perimeter (nginx).
+    assert _flag(command, "--host") == "127.0.0.1"
+    assert _flag(command, "--port") == "9093"
+    # Process isolation with the SuperExec secret: the Runtime API serves only the
+    # SuperExec fedlora starts (Flower ignores the secret in subprocess isolation).
+    assert _flag(command, "--isolation") == "process"
+    assert _flag(command, "--superexec-auth-secret-file") == str(secret)
     assert all(isinstance(part, str) for part in command)
+
+
+def test_the_superexec_gets_the_ca_certificate_and_the_secret_only(tmp_path: Path) -> None:
+    coordinator = Coordinator(certs=tmp_path / "certs", state_dir=tmp_path / "state")
+    secret = tmp_path / "state" / "secrets" / "superexec.secret"
+    command = coordinator.superexec_command(9093, secret)
+
+    assert Path(command[0]).name == "flower-superexec"
+    assert _flag(command, "--runtime-api-address") == "127.0.0.1:9093"
+    assert _flag(command, "--root-certificates") == str(tmp_path / "certs" / pki.CA_CERT)
+    assert _flag(command, "--superexec-auth-secret-file") == str(secret)
+    assert "--insecure" not in command
+    assert "--allow-runtime-dependency-installation" not in command
+    # No private key of the PKI is handed to what runs the ServerApp.
+    assert not any(part.endswith(".key") for part in command)
 
 
 def test_write_cli_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

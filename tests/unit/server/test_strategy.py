@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 
 from common.adapters import (
     AdapterArrays,
@@ -78,6 +79,7 @@ def _strategy(
     *,
     frozen: AdapterArrays | None = None,
     rollback: RollbackGuard | None = None,
+    audit_keys: Mapping[str, str] | None = None,
 ) -> FedLoraStrategy:
     frozen = frozen or {}
     return FedLoraStrategy(
@@ -94,24 +96,29 @@ def _strategy(
         audit=CoordinatorAudit(
             AuditLog(tmp_path / "audit" / "coordinator.jsonl", COORDINATOR, SIGNING_KEY)
         ),
+        audit_keys=audit_keys,
     )
 
 
 class FakeGrid:
     """The part of a Grid the strategy uses: the connected nodes, and introductions
     (answered with the site name for the nodes in ``names``, unanswered otherwise;
-    ``details`` replaces what a node says of itself: site id, kind, task…)."""
+    ``details`` replaces what a node says of itself: site id, kind, task…). ``registered``
+    are the names Flower has the nodes' keys registered under (none in a simulation)."""
 
     def __init__(
         self,
         nodes: Iterable[int],
         names: Mapping[int, str] | None = None,
         details: Mapping[int, Mapping[str, str]] | None = None,
+        registered: Mapping[int, str] | None = None,
     ) -> None:
         self.nodes = list(nodes)
         self.names = dict(names or {})
         self.details = {node: dict(told) for node, told in (details or {}).items()}
+        self.registered = dict(registered or {})
         self.introduced: list[int] = []
+        self.listings = 0
         self._polls = 0
 
     def get_node_ids(self) -> list[int]:
@@ -119,6 +126,10 @@ class FakeGrid:
         self._polls += 1
         assert self._polls < 20, "FakeGrid has fewer nodes than the strategy waits for"
         return list(self.nodes)
+
+    def get_nodes(self) -> list[NodeInfo]:
+        self.listings += 1
+        return [NodeInfo(node_id=node, name=self.registered.get(node)) for node in self.nodes]
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
         answers = []
