@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from client.audit import SiteAudit
 from client.daemon import (
     NodeRefusedError,
     SupernodeSettings,
@@ -19,6 +20,8 @@ from client.daemon import (
 )
 from client.ledger import ledgers_of, run_summaries
 from client.privacy import epsilon_spent
+from client.release_cli import release
+from client.releases import record_pins, refused_bundles
 from client.site import LoadedData, Site
 from common import pki
 from common.config import (
@@ -39,6 +42,9 @@ from common.tasks import TASKS, model_outputs
 def site() -> None:
     """Site operator commands: check a site's data and policy, watch its privacy budget,
     run the client daemon."""
+
+
+site.add_command(release)
 
 
 def privacy_plan(runtime: Site, loaded: LoadedData, request: RoundRequest) -> dict[str, Any]:
@@ -123,6 +129,9 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
             else:
                 if "refused" in report["privacy_plan"]:
                     problems.append(report["privacy_plan"]["refused"])
+    # The client code it runs in a deployment, and the bundles it refused lately.
+    report["client_releases"] = list(config.policy.client_releases)
+    report["refused_bundles"] = refused_bundles(runtime.audit.events())[:5]
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -166,6 +175,18 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
                 f"{plan['batch_size']}) -> σ = {plan['noise_multiplier']:.3f}, "
                 f"ε after the run {plan['epsilon_after']:.2f}"
             )
+    pins = report["client_releases"]
+    console.print(
+        "client code: "
+        + (f"pinned release(s) {', '.join(pin[:12] for pin in pins)}" if pins else
+           "[yellow]no release pinned[/yellow] (a deployment run is refused; "
+           "fedlora site release)")
+    )  # fmt: skip
+    for refused in report["refused_bundles"]:
+        console.print(
+            f"[yellow]refused client code:[/yellow] bundle {refused['fab_sha256']} "
+            f"({refused['times']}×, last in run {refused['run']})"
+        )
     for problem in report["problems"]:
         console.print(f"[red]problem:[/red] {problem}")
 
@@ -377,6 +398,8 @@ def run(
         for problem in problems:
             click.secho(f"  {problem}", fg="red", err=True)
         raise click.ClickException(f"site {config.site.id} cannot take part; nothing started")
+    # A change of the pinned releases since the last start is entered in the audit log.
+    record_pins(SiteAudit(config), config.policy.client_releases)
     settings = SupernodeSettings(
         config_path=site_config.resolve(),
         connection=connection,
@@ -384,9 +407,13 @@ def run(
         log_file=config.site.state_dir / "supernode.log",
         superexec_secret=ensure_secret(config.site.state_dir),
     )
+    node_fingerprint = pki.node_key_fingerprint(
+        pki.load_node_private_key(connection.node_key).public_key()
+    )
+    releases = ", ".join(pin[:12] for pin in config.policy.client_releases)
     click.echo(
         f"site {config.site.id}: ready; connecting to {connection.superlink} (TLS, node key "
-        f"{pki.node_key_fingerprint(pki.load_node_private_key(connection.node_key).public_key())})",
+        f"{node_fingerprint}); runs only the pinned release(s) {releases}",
         err=True,
     )
     try:

@@ -29,6 +29,7 @@ from common.superexec import superexec_command
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+SUPEREXEC = "fedlora-superexec"
 
 NOT_ACTIVATED = "Failed to activate SuperNode"
 ACCEPTED = "SuperNode ID:"
@@ -91,14 +92,19 @@ class SupernodeSettings:
         ]
 
     def superexec_command(self) -> list[str]:
-        """The SuperExec that runs the ClientApp processes (plain HTTP on loopback,
-        every request signed with the secret)."""
-        return superexec_command(f"{LOOPBACK}:{self.local_port}", self.superexec_secret)
+        """The site's SuperExec (client/launcher.py): it takes ClientApp tasks only and
+        runs each through fedlora's launcher, which refuses a bundle the site did not
+        pin and runs the installed client code (plain HTTP on loopback, every request
+        signed with the secret)."""
+        return superexec_command(
+            f"{LOOPBACK}:{self.local_port}", self.superexec_secret, program=SUPEREXEC
+        )
 
     def daemons(self, on_line: Callable[[str], None]) -> list[Daemon]:
+        """The SuperNode and its SuperExec; the launcher's refusals show too."""
         return [
             Daemon(self.command(), self.log_file, on_line),
-            Daemon(self.superexec_command(), self.log_file.with_name("superexec.log")),
+            Daemon(self.superexec_command(), self.log_file.with_name("superexec.log"), on_line),
         ]
 
 
@@ -116,6 +122,12 @@ def check_ready(config: SiteConfig) -> list[str]:
         runtime.open_ledger(loaded.dataset)
     except (FedloraError, OSError) as exc:
         problems.append(str(exc))
+    if not config.policy.client_releases:
+        problems.append(
+            "policy.client_releases: no release pinned, so the site would refuse every "
+            "run; review the coordinator's release and pin it (fedlora site release "
+            "SITE.toml --release release.json)"
+        )
     if config.site.coordinator_key is None or not config.site.coordinator_key.is_file():
         problems.append(
             "site.coordinator_key: the coordinator's public key (coordinator.pub from the "

@@ -9,6 +9,7 @@ field, naming the field and what was expected.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -198,6 +199,23 @@ class SitePolicy(StrictModel):
     allowed_tasks: list[str] | None = Field(
         default=None, description="Tasks this site accepts; all when omitted."
     )
+    client_releases: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 of each app bundle (release) this site reviewed and runs in "
+        "a deployment (`fedlora site release` shows them); every other is refused, and "
+        "none is run when the list is empty.",
+    )
+
+    @field_validator("client_releases")
+    @classmethod
+    def _release_hashes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not re.fullmatch(r"[0-9a-f]{64}", entry):
+                raise ValueError(
+                    f"{entry[:80]!r} is not a release hash (64 lowercase hex digits, as "
+                    "`fedlora coordinator release` prints)"
+                )
+        return value
 
 
 class SiteIdentity(StrictModel):

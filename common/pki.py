@@ -620,7 +620,11 @@ def _readme_steps(bundle: Path, generated: bool) -> str:
      cat {bundle / CONNECTION} >> SITE.toml
    It sets the [connection] table: the SuperLink, this CA, the coordinator's key.
 3. In SITE.toml, {keys}.
-4. Check the site against the run the coordinator plans (its federation config),
+4. Review the release the coordinator sent (release.json and release.json.sig) and
+   pin it: this checks its signature with the coordinator's key and prints the
+   client_releases line for the [policy] table (the site runs no other bundle):
+     fedlora site release SITE.toml --release release.json
+5. Check the site against the run the coordinator plans (its federation config),
    then start the daemon (or the systemd unit fedlora-site@):
      fedlora site check SITE.toml --federation FEDERATION.toml
      fedlora site run SITE.toml"""

@@ -195,9 +195,17 @@ def _run_steps(certs: Path) -> list[Step]:
     """The steps after the SuperLink knows the sites: the sites join, then a run."""
     return [
         (
-            "Each site checks its config against the run, then starts its daemon\n"
-            "(or its systemd unit fedlora-site@):",
+            "Publish the release the sites will run (the app bundle's hash, signed), and\n"
+            "hand release.json and release.json.sig to each site (again after any change\n"
+            "of the installed code: a site refuses a bundle it did not pin):",
+            (f"fedlora coordinator release --certs {_shown(certs)}",),
+        ),
+        (
+            "Each site reviews the release and pins it (the command prints the\n"
+            "client_releases line for its config's [policy] table), checks its config\n"
+            "against the run, then starts its daemon (or its systemd unit fedlora-site@):",
             (
+                "fedlora site release SITE.toml --release release.json",
                 f"fedlora site check SITE.toml --federation {FEDERATION_RUN}",
                 "fedlora site run SITE.toml",
             ),

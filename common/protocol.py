@@ -219,3 +219,7 @@ SITE_FAILED = 4004
 """An unexpected failure at the site; details stay in the site's log."""
 ARTIFACT_REFUSED = 4005
 """The artifact failed the site's verification (signature, hashes, base model)."""
+CLIENT_CODE_REFUSED = 4006
+"""The run's app bundle is not a release the site pinned (client/launcher.py)."""
+REFUSAL_CODES = (REFUSED_BY_POLICY, ARTIFACT_REFUSED, CLIENT_CODE_REFUSED)
+"""The error codes by which a site refuses (rather than fails): recorded as refused."""

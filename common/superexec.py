@@ -40,14 +40,18 @@ def ensure_secret(state_dir: Path) -> Path:
 
 
 def superexec_command(
-    runtime_address: str, secret: Path, root_certificates: Path | None = None
+    runtime_address: str,
+    secret: Path,
+    root_certificates: Path | None = None,
+    program: str = "flower-superexec",
 ) -> list[str]:
-    """``flower-superexec`` for the Runtime API at ``runtime_address`` (loopback),
-    authenticated by ``secret``; over TLS pinned to ``root_certificates`` when given.
+    """``program`` (Flower's ``flower-superexec``, or the site's ``fedlora-superexec``
+    built on it) for the Runtime API at ``runtime_address`` (loopback), authenticated
+    by ``secret``; over TLS pinned to ``root_certificates`` when given.
 
     No runtime dependency installation: nothing is downloaded while a run starts."""
     command = [
-        executable("flower-superexec"),
+        executable(program),
         "--runtime-api-address",
         runtime_address,
         "--superexec-auth-secret-file",

@@ -17,9 +17,12 @@ from common import pki
 from common.config import load_federation_config
 from common.errors import ConfigError
 from common.processes import Daemon, run_daemons
+from common.release import build_fab, fab_sha256, make_release, write_release
+from common.signing import load_private_key
 from common.superexec import ensure_secret
 from server.audit import coordinator_log_path
 from server.deployment import (
+    APP_ROOT,
     LOOPBACK,
     Coordinator,
     flwr_run,
@@ -54,6 +57,16 @@ STATE = click.option(
 )
 
 
+APP = click.option(
+    "--app",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=APP_ROOT,
+    show_default="this installed fedlora",
+    help="The Flower app folder to build the bundle (FAB) from: a checkout of the "
+    "release the sites pinned.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def coordinator() -> None:
     """Coordinator commands: run the SuperLink, launch and resume federation runs.
@@ -62,6 +75,7 @@ def coordinator() -> None:
       fedlora pki init --address fl.example.org          # once
       fedlora coordinator start --port 9092              # the server, long-lived
       fedlora coordinator register                        # sites added since the start
+      fedlora coordinator release                         # publish the app's hash
       fedlora coordinator run federation/*.toml          # a run, any number of tasks
       fedlora coordinator run --resume runs/<run>        # after an interruption
     """
@@ -177,6 +191,44 @@ def register(certs: Path, state_dir: Path) -> None:
 
 
 @coordinator.command()
+@CERTS
+@APP
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the release (default runs/releases/<version>-<hash>).",
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The coordinator's Ed25519 key that signs the release (default "
+    "CERTS/coordinator.key, whose public half the sites pin).",
+)
+def release(certs: Path, app: Path, out: Path | None, signing_key: Path | None) -> None:
+    """Publish the app as a release for the sites to review and pin: build its Flower
+    App Bundle exactly as `flwr run` does, and write OUT/release.json (app, version,
+    the bundle's SHA-256 and size, time, signer), its Ed25519 signature
+    OUT/release.json.sig, and the bundle itself (OUT/<name>.fab, for review).
+
+    Hand release.json and release.json.sig to each site; a site checks them with
+    `fedlora site release SITE.toml --release release.json` and pins the hash in its
+    config. A site refuses every run of a bundle it did not pin."""
+    key = load_private_key((signing_key or certs / pki.COORDINATOR_KEY).resolve())
+    fab = build_fab(app.resolve())
+    published = make_release(fab, key)
+    folder = out or Path("runs") / "releases" / f"{published.version}-{published.fab_sha256[:12]}"
+    path = write_release(folder, published, key)
+    (folder / f"fedlora-{published.version}-{published.fab_sha256[:12]}.fab").write_bytes(fab)
+    click.echo(f"release {published.app} {published.version}: app bundle SHA-256")
+    click.echo(f"  {published.fab_sha256}")
+    click.echo(f"signed by {published.signer}; written to {path} (+ .sig and the bundle)")
+    click.echo("Each site reviews it, then pins it in its config's [policy] table:")
+    click.echo(f"  fedlora site release SITE.toml --release {path}")
+
+
+@coordinator.command()
 @click.argument(
     "federations", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
@@ -203,6 +255,7 @@ def register(certs: Path, state_dir: Path) -> None:
     help="The coordinator's Ed25519 key (default CERTS/coordinator.key); it signs the "
     "audit log and the artifact, and the sites pinned its public half.",
 )
+@APP
 def run(
     federations: tuple[Path, ...],
     certs: Path,
@@ -210,6 +263,7 @@ def run(
     out: Path | None,
     resume_dir: Path | None,
     signing_key: Path | None,
+    app: Path,
 ) -> None:
     """Launch a federation run on the SuperLink: one `flwr run` per FEDERATION config
     (a task each), into one run directory.
@@ -242,6 +296,11 @@ def run(
             tasks[federation.task] = staged
     # The sites' audit keys as registered now (a resume sees sites added since).
     registry = write_site_registry(node.certs, run_dir / SITE_REGISTRY)
+    click.echo(
+        f"submitting the app bundle of {app}, SHA-256 {fab_sha256(build_fab(app))}: each site "
+        "runs it only if it pinned that release (`fedlora coordinator release`)",
+        err=True,
+    )
     console = Console(stderr=True)
     started = time.monotonic()
     with round_progress(console) as progress:
@@ -270,6 +329,7 @@ def run(
                     },
                     run_dir / "coordinator.log",
                     _problems_printer(progress.console),
+                    app,
                 )
             if code != 0 or not (run_dir / RESULT_DIR / f"{task}.json").exists():
                 raise click.ClickException(
@@ -280,6 +340,13 @@ def run(
     summary = deployment_summary(run_dir, list(tasks), time.monotonic() - started, run_dir.name)
     write_plots(run_dir, summary)
     print_summary(summary, run_dir, Console(), kind="deployment")
+    untrained = [name for name, task in summary["tasks"].items() if task["rounds_completed"] == 0]
+    if untrained:
+        raise click.ClickException(
+            f"no round of {', '.join(untrained)} was trained: every site refused or failed "
+            f"(reasons in {run_dir / 'metrics.csv'}; a site refuses an app bundle it did not "
+            "pin: `fedlora coordinator release`, then each site pins it)"
+        )
 
 
 def _planned_rounds(config: Path) -> int:
@@ -287,12 +354,19 @@ def _planned_rounds(config: Path) -> int:
 
 
 def _bar_updater(progress: Progress, bar: TaskID) -> Callable[[TaskProgress], None]:
-    """Show a task's progress, as its audit log tells it, on its bar."""
+    """Show a task's progress, as its audit log tells it, on its bar; where the output
+    is no terminal (a service, a pipe, CI), where a bar shows nothing until the end, as
+    a line each time it changes."""
+    shown: list[str] = []
 
     def show(state: TaskProgress) -> None:
+        description = describe(state)
         progress.update(
-            bar, completed=state.completed, total=state.planned, description=describe(state)
+            bar, completed=state.completed, total=state.planned, description=description
         )
+        if not progress.console.is_terminal and shown[-1:] != [description]:
+            shown.append(description)
+            progress.console.print(description, markup=False, highlight=False)
 
     return show
 

@@ -253,13 +253,15 @@ def flwr_run(
     run_config: dict[str, str],
     log_file: Path,
     on_line: Callable[[str], None],
+    app: Path = APP_ROOT,
 ) -> int:
-    """``flwr run`` of this app against the SuperLink, following its logs."""
+    """``flwr run`` of the app in ``app`` (this installed copy's by default) against
+    the SuperLink, following its logs."""
     overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
     command = [
         executable("flwr"),
         "run",
-        str(APP_ROOT),
+        str(app),
         CONNECTION,
         "--stream",
         "--run-config",

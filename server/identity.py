@@ -23,8 +23,8 @@ from flwr.serverapp import Grid
 
 from common.errors import ConfigError
 from common.pki import SITE_NAME
-from common.protocol import AUDIT_KEY
-from server.strategy_utils import FailedReply, bind_site, claimed_site
+from common.protocol import AUDIT_KEY, REFUSAL_CODES
+from server.strategy_utils import FailedReply, bind_site, claimed_site, readable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ class Admission:
         self.registered: dict[int, str] = {}
         """Node -> its registered name (empty in a simulation)."""
         self.rejected: dict[int, FailedReply] = {}
+        self.unanswered: dict[int, tuple[str, str]] = {}
+        """Node -> (status, reason) of its last error reply to an introduction."""
         self._listed: set[int] = set()
         self._unreported: list[FailedReply] = []
 
@@ -202,7 +204,16 @@ class Admission:
     def screen(
         self, replies: Iterable[Message], known: dict[int, str]
     ) -> dict[str, dict[str, str]]:
-        """The sites that joined by these introductions; the rejected nodes are kept."""
+        """The sites that joined by these introductions; the rejected nodes are kept, and
+        so is why a node answered with an error (a refusal names its reason)."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                status = "refused" if reply.error.code in REFUSAL_CODES else "failed"
+                self.unanswered[reply.metadata.src_node_id] = (
+                    status,
+                    readable_reason(reply.error.reason),
+                )
         joined, rejected = screen_introductions(replies, known, self.registered, self.audit_keys)
         for failure in rejected:
             logger.warning("node %d is rejected: %s", failure.node_id, failure.reason)
@@ -215,6 +226,10 @@ class Admission:
         whose audit key is not yet shown (each round they are held back)."""
         held, self._unreported = self._unreported, []
         for node, site in self.unverified(node_ids, known).items():
-            reason = f"site {site} has not shown its registered audit key; it takes no round"
-            held.append(FailedReply(node, site, "rejected", reason))
+            if node in self.unanswered:  # it said why: a refusal reaches the coordinator
+                status, reason = self.unanswered[node]
+            else:
+                status = "rejected"
+                reason = f"site {site} has not shown its registered audit key; it takes no round"
+            held.append(FailedReply(node, site, status, reason))
         return held

@@ -20,6 +20,7 @@ from common.protocol import (
     ARTIFACT_REFUSED,
     AUDIT_HEAD_HASH,
     AUDIT_HEAD_SEQ,
+    CLIENT_CODE_REFUSED,
     REFUSED_BY_POLICY,
     SITE_ID_KEY,
 )
@@ -258,7 +259,11 @@ def parse_replies(
         node_id = message.metadata.src_node_id
         site, identity_problem = bind_site(node_id, claimed_site(message), known_sites, registered)
         if message.has_error():
-            refused = message.error.code in (REFUSED_BY_POLICY, ARTIFACT_REFUSED)
+            refused = message.error.code in (
+                REFUSED_BY_POLICY,
+                ARTIFACT_REFUSED,
+                CLIENT_CODE_REFUSED,
+            )
             status = "refused" if refused else "failed"
             reason = readable_reason(message.error.reason)
             bad.append(FailedReply(node_id, site, status, reason))

@@ -14,6 +14,7 @@ import csv
 import http.client
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -38,7 +39,7 @@ from common.signing import fingerprint, load_public_key
 from server.checkpoint import CheckpointStore
 from simulations.runner import prepare
 from simulations.scenario import Scenario
-from tests.e2e.deployment import BIN
+from tests.e2e.deployment import BIN, PROJECT_ROOT
 from tests.e2e.fedlora_deployment import (
     FEDLORA,
     FedloraDeployment,
@@ -125,12 +126,38 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             path.write_text(tomli_w.dumps(document) + "\n" + filled)
             configs[path.stem] = path
             assert load_site_config(path).site.task == task
+    # The coordinator publishes the release it runs; each site reviews it and pins it.
+    release = _publish(root / "release", certs)
+    for path in configs.values():
+        _pin(path, release)
     return {
         "root": root,
         "deployment": deployment,
         "configs": configs,
         "federations": root / "setup" / "federation",
+        "release": release,
     }
+
+
+def _publish(folder: Path, certs: Path, *app: str) -> Path:
+    """`fedlora coordinator release` of this app (or ``--app DIR``): its release.json."""
+    done = fedlora("coordinator", "release", "--certs", str(certs), "--out", str(folder), *app)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return folder / "release.json"
+
+
+def _pin(site_config: Path, release: Path) -> list[str]:
+    """What a site operator does after review: `fedlora site release … --release`, then
+    the [policy] line it prints goes into the site config. Returns the pins."""
+    shown = fedlora("site", "release", str(site_config), "--release", str(release))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "signature valid" in shown.stdout
+    line = next(text.strip() for text in shown.stdout.splitlines() if "client_releases =" in text)
+    pins = list(tomllib.loads(line)["client_releases"])
+    document = tomllib.loads(site_config.read_text())
+    document.setdefault("policy", {})["client_releases"] = pins
+    site_config.write_text(tomli_w.dumps(document))
+    return pins
 
 
 @pytest.fixture(scope="module")
@@ -418,6 +445,70 @@ def test_a_site_name_belongs_to_the_key_registered_under_it(
     mallory_log = root / "mallory-state" / "audit.jsonl"
     logged = read_entries(mallory_log) if mallory_log.exists() else []
     assert not any(e["event"] == "training-done" for e in logged), logged
+
+
+def _changed_app(folder: Path, markers: Path) -> Path:
+    """A copy of this app whose client code differs from the pinned release: its
+    client/app.py would leave a marker file as soon as anything imported it."""
+    folder.mkdir()
+    for part in ("pyproject.toml", "common", "client", "server", "simulations"):
+        source = PROJECT_ROOT / part
+        if source.is_dir():
+            shutil.copytree(source, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, folder / part)
+    app = folder / "client" / "app.py"
+    app.write_text(
+        app.read_text()
+        + f"\n__import__('pathlib').Path({str(markers)!r}, 'bundled-client-ran').touch()\n"
+    )
+    return folder
+
+
+def test_a_site_runs_only_the_client_code_it_pinned(
+    setup: dict[str, Any], running: FedloraDeployment
+) -> None:
+    """A run of client code that differs from the pinned release is refused at the
+    site (audited, reported to the coordinator with the bundle's hash) and nothing of
+    it runs there; once the site reviews and pins the new release, the same run
+    trains, and still runs the site's own installed client code."""
+    root: Path = setup["root"]
+    markers = root / "release-markers"
+    markers.mkdir()
+    changed = _changed_app(root / "app-v2", markers)
+    federation = _federation(setup, TABULAR, "pinned", rounds=1, min_sites=1)
+    bank = setup["configs"]["bank-a"]
+
+    def run(name: str) -> list[dict[str, str]]:
+        done = subprocess.run(
+            _run_command(setup, running, str(federation), "--out", str(root / name),
+                         "--app", str(changed)),
+            capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        assert (root / name / "metrics.csv").exists(), done.stdout[-3000:] + done.stderr[-3000:]
+        return [r for r in _metrics(root / name) if r["site"] == "bank-a"]
+
+    rows = run("run-unpinned")
+    v2 = _publish(root / "release-v2", running.certs, "--app", str(changed))
+    bundle = json.loads(v2.read_text())["fab_sha256"]
+    assert rows and {r["status"] for r in rows} == {"refused"}, rows
+    assert any(bundle in r["reason"] and "not a release this site pinned" in r["reason"]
+               for r in rows), rows  # fmt: skip
+    events = _site_log(setup, "bank-a")
+    assert {e["data"]["fab_sha256"] for e in events if e["event"] == "code-refused"} == {bundle}
+    assert "refused a run's client code" in running.tail("bank-a", 200_000)
+    assert not any(markers.iterdir())
+
+    # The upgrade: the coordinator publishes the new release, the site reviews and pins it.
+    pins = _pin(bank, v2)
+    assert bundle in pins and len(pins) == 2
+    rows = run("run-pinned")
+    assert any(r["phase"] == "train" and r["status"] == "accepted" for r in rows), rows
+    assert not any(markers.iterdir()), "the bundle's client code ran at the site"
+    changes = [
+        e["data"] for e in _site_log(setup, "bank-a") if e["event"] == "client-releases-pinned"
+    ]
+    assert changes[-1]["added"] == [bundle] and changes[-1]["removed"] == []
 
 
 def test_an_unregistered_key_and_a_foreign_ca_are_refused(

@@ -72,3 +72,17 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     command = section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
     assert "pytest" in command
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_app_bundle_holds_fedloras_packages_and_nothing_else() -> None:
+    """What `flwr run` ships (and a release pins): no site config, key, test or data."""
+    import io
+    import zipfile
+
+    from common.release import build_fab
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab(ROOT))).namelist()
+    tops = {name.split("/", 1)[0] for name in names}
+    assert tops == {".info", "pyproject.toml", "common", "client", "server", "simulations"}
+    assert "client/app.py" in names and "server/app.py" in names
+    assert not any(name.endswith((".pem", ".key", ".csv", ".dcm")) for name in names)

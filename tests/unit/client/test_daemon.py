@@ -213,7 +213,7 @@ def test_supernode_command(tmp_path: Path) -> None:
     secret = str(tmp_path / "state" / "superexec.secret")
     assert _flag(command, "--superexec-auth-secret-file") == secret
     superexec = settings.superexec_command()
-    assert Path(superexec[0]).name == "flower-superexec"
+    assert Path(superexec[0]).name == "fedlora-superexec"  # the pinned-code launcher
     assert _flag(superexec, "--runtime-api-address") == "127.0.0.1:9094"
     assert _flag(superexec, "--superexec-auth-secret-file") == secret
     assert "--allow-runtime-dependency-installation" not in superexec

@@ -874,13 +874,16 @@ def test_next_steps_give_the_deployment_order(
         "pki add-site",
         "coordinator start",
         "coordinator register",
+        "coordinator release",
+        "site release",
         "site check",
         "site run",
         "coordinator run",
     ]
     assert "--superlink fl.example.org:9092" in steps[1]
     assert "--node-public-key" in steps[1] and "--audit-public-key" in steps[1]
-    assert "--federation FEDERATION.toml" in steps[4]
+    assert "--release release.json" in steps[5]
+    assert "--federation FEDERATION.toml" in steps[6]
     certs = tmp_path / "certs"
     section = init.stdout.split("Next steps:", 1)[1]
     assert (
@@ -908,6 +911,8 @@ def test_next_steps_give_the_deployment_order(
     assert [_subcommand(command) for command in after] == [
         "coordinator start",
         "coordinator register",
+        "coordinator release",
+        "site release",
         "site check",
         "site run",
         "coordinator run",

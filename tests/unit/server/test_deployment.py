@@ -279,3 +279,29 @@ def test_check_pki_names_what_is_missing(tmp_path: Path) -> None:
 def test_registration_outcome_skips_braces_in_text_before_the_reply() -> None:
     stdout = 'Loading {profile} from config\n{\n  "success": true,\n  "node-id": 9\n}\n'
     assert _registration_outcome(stdout) == "registered (node 9)"
+
+
+def test_coordinator_release_writes_a_signed_record_of_the_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from common.release import fab_sha256, load_release
+    from common.signing import load_public_key
+    from server import cli
+
+    monkeypatch.setattr(cli, "build_fab", lambda app: b"the bundle flwr run would submit")
+    pki.init_pki(tmp_path / "certs", ["127.0.0.1"])
+    out = tmp_path / "release"
+    done = CliRunner().invoke(
+        cli.coordinator, ["release", "--certs", str(tmp_path / "certs"), "--out", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    release = load_release(
+        out / "release.json", load_public_key(tmp_path / "certs" / "coordinator.pub")
+    )
+    assert release.fab_sha256 == fab_sha256(b"the bundle flwr run would submit")
+    assert release.fab_sha256 in done.output
+    (bundle,) = out.glob("*.fab")
+    assert bundle.read_bytes() == b"the bundle flwr run would submit"
+    assert "fedlora site release SITE.toml --release" in done.output

@@ -334,3 +334,25 @@ def test_parse_site_registry() -> None:
 def test_a_malformed_site_registry_is_refused(document: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_site_registry(document)
+
+
+def test_a_site_that_refuses_its_introduction_is_reported_with_its_reason() -> None:
+    """A site whose launcher refuses the run's code answers the introduction with an
+    error: the coordinator records that refusal and its reason, not a missing key."""
+    from common.protocol import CLIENT_CODE_REFUSED, SITE_FAILED
+
+    admission = Admission(AUDIT_KEYS)
+    admission.learn(Listing(dict(REGISTERED)), [1, 2, 3])  # type: ignore[arg-type]
+    known: dict[int, str] = {}
+    reason = "the run's app bundle (SHA-256 abc) is not a release this site pinned"
+    admission.screen(
+        [
+            error_reply(2, CLIENT_CODE_REFUSED, reason, MessageType.QUERY),
+            error_reply(3, SITE_FAILED, "disk full", MessageType.QUERY),
+        ],
+        known,
+    )
+    held = {f.node_id: f for f in admission.held_back([2, 3], known)}
+    assert (held[2].site, held[2].status, held[2].reason) == ("hospital-a", "refused", reason)
+    assert (held[3].status, held[3].reason) == ("failed", "disk full")
+    assert admission.barred([2, 3], known) == {2, 3}

@@ -287,3 +287,19 @@ def test_the_coordinator_bar_takes_the_progress(tmp_path: Path) -> None:
     (task,) = progress.tasks
     assert (task.completed, task.total) == (2, 5)
     assert task.description == f"{TASK} round 2/5 accuracy 0.912"
+
+
+def test_without_a_terminal_each_change_is_a_line(tmp_path: Path) -> None:
+    """Under a service or a pipe a rich bar shows nothing until the end: each new state
+    is printed as a line instead, once."""
+    from server.cli import _bar_updater
+    from server.run_report import round_progress
+
+    output = io.StringIO()
+    progress = round_progress(Console(file=output, force_terminal=False))
+    show = _bar_updater(progress, progress.add_task(TASK, total=5))
+    show(TaskProgress(TASK, 5, completed=1, accuracy={1: 0.8}))
+    show(TaskProgress(TASK, 5, completed=1, accuracy={1: 0.8}))
+    show(TaskProgress(TASK, 5, completed=2, accuracy={1: 0.8, 2: 0.9}))
+    lines = [line for line in output.getvalue().splitlines() if line.strip()]
+    assert lines == [f"{TASK} round 1/5 accuracy 0.800", f"{TASK} round 2/5 accuracy 0.900"]
