@@ -208,18 +208,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def superexec_main() -> None:
     """``fedlora-superexec``: Flower's ``flower-superexec``, taking ClientApp tasks only
-    and starting ``fedlora-clientapp`` for them (both settings are Flower module
-    attributes; tests/unit/client/test_launcher.py checks they still exist, so a Flower
-    upgrade that moves them fails the tests rather than the site)."""
-    from flwr.supercore import constant
-    from flwr.supercore.cli.flower_superexec import flower_superexec
-    from flwr.supercore.superexec.plugin import base_exec_plugin
+    and starting ``fedlora-clientapp`` for them (common/superexec.py)."""
+    from common.superexec import run_flower_superexec
 
     launcher = Path(sys.executable).parent / LAUNCHER
     found = str(launcher) if launcher.exists() else shutil.which(LAUNCHER)
     if found is None:
         raise SystemExit(f"{LAUNCHER} is not installed beside {sys.executable}")
-    constant.TASK_TYPE_TO_COMMAND[constant.TaskType.CLIENT_APP] = found
-    base_exec_plugin.AutoExecPlugin.supported_task_types = frozenset({constant.TaskType.CLIENT_APP})
-    sys.argv[0] = "flower-superexec"
-    flower_superexec()
+    run_flower_superexec("CLIENT_APP", found)

@@ -44,6 +44,10 @@ OFFLINE_ENVIRONMENT: Final[Mapping[str, str]] = MappingProxyType(
         # through it): no request to the hub at all, and no telemetry either way.
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        # flwr/supercore/constant.py: the Flower web API behind the update check and
+        # Flower Hub (a run started from a Hub app name fetches its bundle there):
+        # pointed at the discard port of this machine, so nothing can reach it.
+        "FLWR_SUPERGRID_API_URL": "http://127.0.0.1:9/v1",
         # The common convention (https://donottrack.sh); huggingface_hub honours it,
         # and it covers tools that know no switch of their own.
         "DO_NOT_TRACK": "1",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
+from types import FrameType, MappingProxyType
 
 from common.errors import ConfigError
 from common.offline import OFFLINE_ENVIRONMENT
@@ -37,18 +37,30 @@ def executable(name: str) -> str:
     return found
 
 
+PERIMETER_ENVIRONMENT = MappingProxyType(
+    {
+        # flwr/superlink/cli/flower_superlink.py: "1" also starts Flower's legacy gRPC
+        # Control and Fleet APIs, on 0.0.0.0 (every interface, past nginx).
+        "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
+        "FLWR_INTERNAL_GRPC_FLEET_API": "0",
+    }
+)
+"""Switches of Flower's that would open a port beside the perimeter: forced off."""
+
+
 def flower_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a Flower process: this environment's commands first on PATH
-    (the SuperLink starts ``flower-superexec`` by name), and telemetry and update checks
-    off, explicitly: Flower's commands import flwr (which reads its switch at import)
-    before any fedlora code, and the switches win over ``extra`` and over whatever
-    ``os.environ`` was changed to since fedlora set them."""
+    (the SuperLink starts ``flower-superexec`` by name), and telemetry, update checks and
+    Flower's extra listeners off, explicitly: Flower's commands import flwr (which reads
+    its switches at import) before any fedlora code, and the switches win over ``extra``
+    and over whatever ``os.environ`` was changed to since fedlora set them."""
     here = str(Path(sys.executable).parent)
     return {
         **os.environ,
         "PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra or {}),
         **OFFLINE_ENVIRONMENT,
+        **PERIMETER_ENVIRONMENT,
     }
 
 

@@ -60,3 +60,30 @@ def superexec_command(
     if root_certificates is None:
         return [*command, "--insecure"]
     return [*command, "--root-certificates", str(root_certificates)]
+
+
+def run_flower_superexec(task_type: str, command: str | None = None) -> None:
+    """Flower's ``flower-superexec`` (arguments from ``sys.argv``), narrowed: it takes
+    tasks of ``task_type`` only (``"SERVER_APP"`` at the coordinator, ``"CLIENT_APP"`` at a
+    site; Flower's default takes every type, agent, model and connector tasks included,
+    which would run a bundle's code or call outside services), and starts ``command``
+    for them instead of Flower's own process when given. Both are attributes of
+    Flower modules (checked by tests/unit/common/test_superexec.py against the pinned
+    Flower, so an upgrade that moves them fails the tests, not a deployment)."""
+    import sys
+
+    from flwr.supercore import constant
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.superexec.plugin import base_exec_plugin
+
+    wanted = constant.TaskType[task_type]
+    if command is not None:
+        constant.TASK_TYPE_TO_COMMAND[wanted] = command
+    base_exec_plugin.AutoExecPlugin.supported_task_types = frozenset({wanted})
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+def server_superexec_main() -> None:
+    """``fedlora-server-superexec``: the coordinator's SuperExec, ServerApp tasks only."""
+    run_flower_superexec("SERVER_APP")

@@ -97,9 +97,14 @@ class Coordinator:
         ]
 
     def superexec_command(self, port: int, secret: Path) -> list[str]:
-        """The SuperExec that runs the ServerApp: it is handed the CA certificate (to
-        pin the SuperLink) and the shared secret, no private key."""
-        return superexec_command(f"{LOOPBACK}:{port}", secret, self.certs / pki.CA_CERT)
+        """The SuperExec that runs the ServerApp (ServerApp tasks only): it is handed the
+        CA certificate (to pin the SuperLink) and the shared secret, no private key."""
+        return superexec_command(
+            f"{LOOPBACK}:{port}",
+            secret,
+            self.certs / pki.CA_CERT,
+            program="fedlora-server-superexec",
+        )
 
     def perimeter(self, host: str, port: int, upstream_port: int) -> Perimeter:
         return Perimeter(

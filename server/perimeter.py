@@ -6,7 +6,9 @@ HTTP app on one host and port, and the open-source Control API has no authentica
 So fedlora binds the SuperLink to loopback and puts nginx in front of it on the
 address the sites dial. nginx terminates TLS with the SuperLink's certificate and
 forwards exactly the Fleet API's routes (POST only) to the SuperLink, over TLS again
-and pinned to the federation's CA; every other path is answered 404 by nginx itself.
+and pinned to the federation's CA, each as the one path it matched (nginx sends its own
+normalised path, never the client's raw one) and with a body limit fit for what the
+route carries; every other path is answered 404 by nginx itself.
 Registration and runs are only possible from the coordinator's own machine.
 
 The configuration is a pure function of the settings, tested without nginx.
@@ -41,8 +43,15 @@ the sites need. A test compares this list with Flower's router."""
 UPSTREAM_NAME = "localhost"
 """The name nginx checks in the SuperLink's certificate (every certificate `fedlora
 pki init` makes carries it)."""
-MAX_BODY = "2g"
-"""Largest request nginx forwards; the strategy checks each update's real size."""
+MAX_BODY = "1m"
+"""Largest request nginx forwards on the Fleet routes that carry no model data."""
+MAX_OBJECT_BODY = "512m"
+"""Largest push-object request (one object of a message: an update's arrays); the
+strategy checks each update's real size. The SuperLink reads a body before it checks
+who sent it, so every other route is kept small."""
+CONNECTIONS_PER_CLIENT = 32
+BODY_TIMEOUT_SECONDS = 120
+"""A client that stops sending its body for this long is cut off (slow-body attacks)."""
 IDLE_TIMEOUT_SECONDS = 3600
 """A Fleet call may wait long (a pull of a large object on a slow link)."""
 
@@ -129,7 +138,8 @@ def nginx_config(perimeter: Perimeter) -> str:
         f"""\
         location = {FLEET_PREFIX}{route} {{
             limit_except POST {{ deny all; }}
-            proxy_pass {upstream};
+            client_max_body_size {MAX_OBJECT_BODY if route == "push-object" else MAX_BODY};
+            proxy_pass {upstream}{FLEET_PREFIX}{route};
         }}"""
         for route in FLEET_ROUTES
     )
@@ -152,10 +162,13 @@ http {{
     uwsgi_temp_path {temp}/uwsgi;
     scgi_temp_path {temp}/scgi;
     client_max_body_size {MAX_BODY};
+    client_body_timeout {BODY_TIMEOUT_SECONDS}s;
+    limit_conn_zone $binary_remote_addr zone=per_client:1m;
+    limit_conn per_client {CONNECTIONS_PER_CLIENT};
     proxy_request_buffering off;
     proxy_buffering off;
     proxy_http_version 1.1;
-    proxy_set_header Host $host;
+    proxy_set_header Host {UPSTREAM_NAME};
     proxy_set_header Connection "";
     proxy_read_timeout {IDLE_TIMEOUT_SECONDS}s;
     proxy_send_timeout {IDLE_TIMEOUT_SECONDS}s;

@@ -57,6 +57,7 @@ ENABLING = {
     "HF_HUB_OFFLINE": "0",
     "HF_HUB_DISABLE_TELEMETRY": "0",
     "DO_NOT_TRACK": "0",
+    "FLWR_SUPERGRID_API_URL": "https://api.flower.ai/v1",
 }
 
 
@@ -110,6 +111,7 @@ READ_BY = {
     "HF_HUB_OFFLINE": ("huggingface_hub", "constants.py"),
     "HF_HUB_DISABLE_TELEMETRY": ("huggingface_hub", "constants.py"),
     "DO_NOT_TRACK": ("huggingface_hub", "constants.py"),
+    "FLWR_SUPERGRID_API_URL": ("flwr", "supercore/constant.py"),
 }
 
 
@@ -220,3 +222,17 @@ def test_quantizing_through_fedlora_leaves_no_telemetry_store(
     _python(source, home, str(matmul_model), str(int8))
     assert int8.is_file()
     assert not (home / ORT_STORE).exists()
+
+
+def test_flower_processes_never_open_the_legacy_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLWR_INTERNAL_GRPC_*=1 would make the SuperLink serve its Control and Fleet APIs
+    on 0.0.0.0 as well, past the perimeter: forced off for every Flower process."""
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    environment = flower_environment()
+    assert environment["FLWR_INTERNAL_GRPC_CONTROL_API"] == "0"
+    assert environment["FLWR_INTERNAL_GRPC_FLEET_API"] == "0"
+    spec = importlib.util.find_spec("flwr.superlink.cli.flower_superlink")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).read_text()
+    assert 'os.getenv(FLWR_INTERNAL_GRPC_CONTROL_API) == "1"' in source

@@ -237,7 +237,7 @@ def test_the_superexec_gets_the_ca_certificate_and_the_secret_only(tmp_path: Pat
     secret = tmp_path / "state" / "secrets" / "superexec.secret"
     command = coordinator.superexec_command(9093, secret)
 
-    assert Path(command[0]).name == "flower-superexec"
+    assert Path(command[0]).name == "fedlora-server-superexec"  # ServerApp tasks only
     assert _flag(command, "--runtime-api-address") == "127.0.0.1:9093"
     assert _flag(command, "--root-certificates") == str(tmp_path / "certs" / pki.CA_CERT)
     assert _flag(command, "--superexec-auth-secret-file") == str(secret)

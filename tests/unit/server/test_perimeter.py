@@ -41,7 +41,17 @@ def test_only_the_fleet_routes_are_forwarded(tmp_path: Path) -> None:
     text = nginx_config(_perimeter(tmp_path))
     forwarded = re.findall(r"location = (\S+) \{\s*limit_except POST", text)
     assert forwarded == [FLEET_PREFIX + route for route in FLEET_ROUTES]
-    assert text.count("proxy_pass https://127.0.0.1:9093;") == len(FLEET_ROUTES)
+    # Each route is forwarded as the one path it matched: nginx sends its normalised
+    # path, never the client's raw one (no "/v1/control/..%2F..%2Ffleet/get-run").
+    passed = re.findall(r"location = (\S+) \{[^}]*\}[^}]*proxy_pass (\S+);", text)
+    assert passed == [(path, f"https://127.0.0.1:9093{path}") for path in forwarded]
+    # Only push-object may carry a large body: the SuperLink reads a body before it
+    # checks who sent it.
+    limits = dict(re.findall(r"location = (\S+) \{[^}]*\}\s*client_max_body_size (\S+);", text))
+    assert limits.pop(FLEET_PREFIX + "push-object") == "512m"
+    assert set(limits.values()) == {"1m"}
+    assert "limit_conn per_client" in text and "client_body_timeout" in text
+    assert "proxy_set_header Host localhost;" in text
     # Everything else is answered by nginx: no prefix location that could match
     # /v1/control or /v1/runtime, and the catch-all returns 404.
     locations = re.findall(r"location (\S+)", text)
