@@ -159,7 +159,8 @@ def run_task(
             status, details, code = SubStatus.COMPLETED, "", 0
     except Exception as exc:
         logger.exception("the site's ClientApp raised an exception")
-        reason = f"{type(exc).__name__}: {exc}"
+        # Only the kind of failure leaves the site: its message may hold a path.
+        reason = f"the site's ClientApp failed ({type(exc).__name__}); see the site's log"
         details = reason
         if message is not None:
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
