@@ -685,9 +685,18 @@ def test_nothing_phoned_home(
     watched_programs = {
         line.split()[1] for line in Path(f"{watched['sockets']}.processes").read_text().splitlines()
     }
-    every_kind = {"fedlora", "flower-superlink", "flower-supernode", "flower-superexec"}
+    every_kind = {
+        "fedlora",
+        "flower-superlink",
+        "flower-supernode",
+        "fedlora-server-superexec",
+        "fedlora-superexec",
+        "flwr-serverapp",
+        "fedlora-clientapp",
+    }
     assert every_kind <= watched_programs, watched_programs
-    assert {"flwr-serverapp", "flwr-clientapp"} <= watched_programs, watched_programs
+    # The sites never ran Flower's own ClientApp process (the bundle's code).
+    assert "flwr-clientapp" not in watched_programs, watched_programs
     recorded = watched["sockets"].read_text() if watched["sockets"].exists() else ""
     assert recorded == "", recorded
     assert not (watched["home"] / ".cache" / "Microsoft").exists()
