@@ -57,6 +57,13 @@ STATE = click.option(
 )
 
 
+SIGNING_KEY = click.option(
+    "--signing-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The coordinator's Ed25519 key (default CERTS/coordinator.key, whose public "
+    "half the sites pin): it signs releases, the audit log and the artifact.",
+)
 APP = click.option(
     "--app",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -199,13 +206,7 @@ def register(certs: Path, state_dir: Path) -> None:
     default=None,
     help="Folder for the release (default runs/releases/<version>-<hash>).",
 )
-@click.option(
-    "--signing-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="The coordinator's Ed25519 key that signs the release (default "
-    "CERTS/coordinator.key, whose public half the sites pin).",
-)
+@SIGNING_KEY
 def release(certs: Path, app: Path, out: Path | None, signing_key: Path | None) -> None:
     """Publish the app as a release for the sites to review and pin: build its Flower
     App Bundle exactly as `flwr run` does, and write OUT/release.json (app, version,
@@ -248,13 +249,7 @@ def release(certs: Path, app: Path, out: Path | None, signing_key: Path | None) 
     help="Continue the run in this directory from its last checkpointed round (the "
     "same settings; FEDERATIONS are not given).",
 )
-@click.option(
-    "--signing-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="The coordinator's Ed25519 key (default CERTS/coordinator.key); it signs the "
-    "audit log and the artifact, and the sites pinned its public half.",
-)
+@SIGNING_KEY
 @APP
 def run(
     federations: tuple[Path, ...],
