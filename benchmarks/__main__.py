@@ -18,6 +18,9 @@ printed at the end and each entry is written to benchmarks/results.json under it
   end_to_end          the default `fedlora simulate`: wall time and peak memory
   framework_overhead  a Flower round in simulation (end_to_end's run) against the
                       sites' local training (utility's run): ≤ 1.25×
+  site_overhead       a site's time outside training per round, with its site service
+                      against a site rebuilt per message, per task and at the real-size
+                      text preset (≤ 1 s and ≤ 5% of the round after the first)
 
 --quick runs every entry on smaller settings (half the people at each site, 3–4
 rounds, fewer repeats) in under 5 minutes.
@@ -32,7 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import aggregation, dp_overhead, end_to_end, framework, traffic, utility
+from benchmarks import (
+    aggregation,
+    dp_overhead,
+    end_to_end,
+    framework,
+    site_overhead,
+    traffic,
+    utility,
+)
 from benchmarks.fixtures import Template, make_template, scenario_document
 from benchmarks.results import RESULTS, record
 from common.cli import configure_logging
@@ -46,6 +57,7 @@ ENTRIES = (
     "utility",
     "end_to_end",
     "framework_overhead",
+    "site_overhead",
 )
 NEEDS = {"framework_overhead": ("utility", "end_to_end")}
 """framework_overhead compares end_to_end's Flower rounds with utility's local training."""
@@ -125,6 +137,9 @@ def run_entry(
     if entry == "end_to_end":
         values = end_to_end.run(template, quick)
         return values, end_to_end.rows(values)
+    if entry == "site_overhead":
+        values = site_overhead.run(template, quick)
+        return values, site_overhead.rows(values)
     baseline = {
         task: task_figures["local_train_seconds_per_round"]
         for task, task_figures in earlier["utility"]["tasks"].items()
@@ -138,7 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(argv)
     configure_logging(verbose=False)
     logger.setLevel(logging.INFO)
-    for name in ("benchmarks.dp_overhead", "benchmarks.aggregation", "benchmarks.utility"):
+    for name in (
+        "benchmarks.dp_overhead",
+        "benchmarks.aggregation",
+        "benchmarks.utility",
+        "benchmarks.site_overhead",
+    ):
         logging.getLogger(name).setLevel(logging.INFO)
     chosen = chosen_entries(args.only)
     started = time.monotonic()

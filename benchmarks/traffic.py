@@ -14,7 +14,6 @@ default settings, ≤ 0.5%.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ def measure_model(task: str, base: PreTrainedModel, lora: LoraSettings) -> dict[
             request = RoundRequest.for_round(
                 federation, "0" * 64, 1, spec.default_lora_targets, freeze_lora_a=ffa
             )
-            request = dataclasses.replace(request, update_dtype=precision)
+            request = request.model_copy(update={"update_dtype": precision})
             sent = update_bytes(model, request)
             key = f"{precision}{'-ffa' if ffa else ''}"
             rows[key] = {"update_bytes": sent, "ratio": sent / full}

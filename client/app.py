@@ -1,7 +1,9 @@
 """The Flower ClientApp: turns messages into calls on :class:`client.site.Site`.
 
 Which site a SuperNode is comes from its node config (``site-config = "path.toml"``),
-so one ClientApp serves every institution. Simulations pass their own resolver.
+so one ClientApp serves every institution. Simulations pass their own resolver. The
+app keeps one Site per site for the life of its process (client/service.py), so a
+message does not re-read the site's data or base model.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.artifacts import check_artifact, install_artifact
-from client.site import Site, load_site
+from client.service import process_site_cache
+from client.site import Site
 from common.adapters import AdapterArrays, arrays_to_record, record_to_arrays
 from common.errors import (
     ArtifactError,
@@ -40,6 +43,13 @@ from common.protocol import (
     SITE_ID_KEY,
     SITE_MISCONFIGURED,
     RoundRequest,
+)
+from common.replies import (
+    ArtifactCheckMetrics,
+    EvalMetrics,
+    InstallMetrics,
+    ReplyMetrics,
+    TrainMetrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,12 +97,12 @@ def _error_reply(message: Message, exc: Exception) -> Message:
 def _reply(
     message: Message,
     site: Site,
-    metrics: dict[str, int | float],
+    metrics: ReplyMetrics,
     adapter: ArrayRecord | None = None,
     details: dict[str, str] | None = None,
 ) -> Message:
     identity: dict[str, int | str] = {SITE_ID_KEY: site.site_id, **(details or {})}
-    content = RecordDict({"metrics": MetricRecord(cast(dict[str, Any], metrics))})
+    content = RecordDict({"metrics": metrics.to_record()})
     if adapter is not None:
         content["arrays"] = adapter
         head = site.audit.head()  # the 'training-done' entry this update is logged in
@@ -102,16 +112,13 @@ def _reply(
     return Message(content, reply_to=message)
 
 
-def _unpack(
-    message: Message, context: Context, resolve_site: SiteResolver
-) -> tuple[Site, RoundRequest, AdapterArrays]:
-    """This node's site, and the round request and global adapter the message carries."""
-    site = load_site(resolve_site(context))
+def _unpack(message: Message, site: Site) -> tuple[RoundRequest, AdapterArrays]:
+    """The round request and global adapter the message carries."""
     config = message.content.config_records.get("config")
     arrays = message.content.array_records.get("arrays")
     if config is None or arrays is None:
         raise UpdateError("the message lacks its 'config' or 'arrays' record")
-    return site, RoundRequest.from_record(config), record_to_arrays(arrays)
+    return RoundRequest.from_record(config), record_to_arrays(arrays)
 
 
 def _artifact(message: Message) -> dict[str, object] | None:
@@ -125,94 +132,87 @@ def _run(request: RoundRequest, message: Message) -> str:
     return request.run_id or str(message.metadata.run_id)
 
 
+Handler = Callable[[Message, Site], Message]
+
+
+def train_reply(message: Message, site: Site) -> Message:
+    """One round of DP training. The site's privacy ledger is on disk before
+    ``site.train`` returns, so before the update is handed to Flower."""
+    request, adapter = _unpack(message, site)
+    outcome = site.train(request, adapter, run=_run(request, message))
+    metrics = TrainMetrics(
+        num_examples=outcome.result.examples,
+        epsilon=outcome.epsilon,
+        epsilon_budget=site.config.privacy.epsilon,
+        delta=site.config.privacy.delta,
+        noise_multiplier=outcome.noise_multiplier,
+        steps=outcome.result.steps,
+    )
+    return _reply(message, site, metrics, arrays_to_record(outcome.adapter))
+
+
+def evaluate_reply(message: Message, site: Site) -> Message:
+    request, adapter = _unpack(message, site)
+    result = site.evaluate(request, adapter, run=_run(request, message))
+    metrics = EvalMetrics(
+        num_examples=result.examples, eval_loss=result.loss, eval_accuracy=result.accuracy
+    )
+    return _reply(message, site, metrics)
+
+
+def artifact_check_reply(message: Message, site: Site) -> Message:
+    """Verify the signed artifact and score fp32 and int8 on held-out data; the reply
+    names the accountant behind the ε this site reported, for the manifest."""
+    with site.lock:
+        check = check_artifact(site, _artifact(message), run=str(message.metadata.run_id))
+    metrics = ArtifactCheckMetrics.model_validate(check.metrics())
+    details: dict[str, str] = {"accountant": site.config.privacy.accountant}
+    return _reply(message, site, metrics, details=details)
+
+
+def artifact_install_reply(message: Message, site: Site) -> Message:
+    """Verify the checked artifact and install it as the site's model."""
+    with site.lock:
+        install_artifact(site, _artifact(message), run=str(message.metadata.run_id))
+    return _reply(message, site, InstallMetrics(installed=1))
+
+
+def introduction_reply(message: Message, site: Site) -> Message:
+    """Who this node is: the public site name, the task it serves and the fingerprint
+    of its audit key. This is where the site joins the run; it reads no data."""
+    site.joined(str(message.metadata.run_id))
+    identity: dict[str, Any] = {
+        SITE_ID_KEY: site.site_id,
+        "task": site.task.name,
+        "kind": site.config.site.kind,
+        AUDIT_KEY: site.audit.key_fingerprint,
+    }
+    return Message(
+        RecordDict({"site": ConfigRecord(cast(dict[str, Any], identity))}), reply_to=message
+    )
+
+
 def build_client_app(
     resolve_site: SiteResolver = site_config_from_node_config, mods: list[Mod] | None = None
 ) -> ClientApp:
     """The ClientApp; ``mods`` wrap every handler (Flower mods, e.g. fault injection)."""
     app = ClientApp(mods=mods)
+    sites = process_site_cache()
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        try:
-            site, request, adapter = _unpack(message, context, resolve_site)
-            # The site's privacy ledger is on disk before train() returns, so before the
-            # update is handed to Flower.
-            outcome = site.train(request, adapter, run=_run(request, message))
-        except Exception as exc:
-            return _error_reply(message, exc)
-        metrics: dict[str, float | int] = {
-            "num-examples": outcome.result.examples,
-            "epsilon": outcome.epsilon,
-            "epsilon-budget": site.config.privacy.epsilon,
-            "delta": site.config.privacy.delta,
-            "noise-multiplier": outcome.noise_multiplier,
-            "steps": outcome.result.steps,
-        }
-        return _reply(message, site, metrics, arrays_to_record(outcome.adapter))
+    def handled(handler: Handler) -> Callable[[Message, Context], Message]:
+        def handle(message: Message, context: Context) -> Message:
+            try:
+                return handler(message, sites.get(resolve_site(context)))
+            except Exception as exc:
+                return _error_reply(message, exc)
 
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        try:
-            site, request, adapter = _unpack(message, context, resolve_site)
-            result = site.evaluate(request, adapter, run=_run(request, message))
-        except Exception as exc:
-            return _error_reply(message, exc)
-        metrics: dict[str, float | int] = {
-            "num-examples": result.examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
-        }
-        return _reply(message, site, metrics)
+        return handle
 
-    @app.evaluate("artifact_check")
-    def artifact_check(message: Message, context: Context) -> Message:
-        """Verify the signed artifact and score fp32 and int8 on held-out data."""
-        try:
-            site = load_site(resolve_site(context))
-            check = check_artifact(site, _artifact(message), run=str(message.metadata.run_id))
-        except Exception as exc:
-            return _error_reply(message, exc)
-        # The accountant behind the ε this site reported, for the manifest.
-        return _reply(
-            message, site, check.metrics(), details={"accountant": site.config.privacy.accountant}
-        )
-
-    @app.query("artifact_install")
-    def artifact_install(message: Message, context: Context) -> Message:
-        """Verify the checked artifact and install it as the site's model."""
-        try:
-            site = load_site(resolve_site(context))
-            install_artifact(site, _artifact(message), run=str(message.metadata.run_id))
-        except Exception as exc:
-            return _error_reply(message, exc)
-        return _reply(message, site, {"installed": 1})
-
-    @app.query()
-    def introduce(message: Message, context: Context) -> Message:
-        """Who this node is: the public site name, the task it serves and the fingerprint
-        of its audit key. The coordinator asks once per run, so this is where the site
-        joins the run."""
-        try:
-            site = load_site(resolve_site(context))
-            site.joined(str(message.metadata.run_id))
-        except Exception as exc:
-            return _error_reply(message, exc)
-        return Message(
-            RecordDict(
-                {
-                    "site": ConfigRecord(
-                        {
-                            SITE_ID_KEY: site.site_id,
-                            "task": site.task.name,
-                            "kind": site.config.site.kind,
-                            AUDIT_KEY: site.audit.key_fingerprint,
-                        }
-                    )
-                }
-            ),
-            reply_to=message,
-        )
-
+    app.train()(handled(train_reply))
+    app.evaluate()(handled(evaluate_reply))
+    app.evaluate("artifact_check")(handled(artifact_check_reply))
+    app.query("artifact_install")(handled(artifact_install_reply))
+    app.query()(handled(introduction_reply))
     return app
 
 

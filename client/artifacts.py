@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from client.policy import check_cohort
 from client.predict import PREPROCESSING_FILE
+from client.preflight import cohort_problem
 from client.site import Site
 from client.training import DPTrainer
 from common.artifact import (
@@ -36,7 +36,6 @@ from common.artifact import (
 from common.errors import ArtifactError, PolicyError
 from common.inference import OnnxClassifier, classification_metrics
 from common.signing import load_public_key
-from common.tasks import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def verify_for_site(site: Site, folder: Path, run: str) -> VerifiedArtifact:
             "wrong-task",
             f"the artifact is for task {manifest.task}, which this site does not serve",
         )
-    if manifest.base_model_sha256 != model_fingerprint(site.config.site.base_model):
+    if manifest.base_model_sha256 != site.models.fingerprint():
         raise ArtifactError(
             "wrong-base-model",
             "the artifact was built on another base model than the one this site holds",
@@ -125,7 +124,9 @@ def check_artifact(site: Site, payload: Mapping[str, object] | None, run: str) -
     model on the site's held-out data. Nothing is installed."""
     with _staged(site, payload, "check", run) as verified:
         data = site.load_data()
-        check_cohort(site.config, data.holdout.persons, purpose="report metrics")
+        problem = cohort_problem(site.config, data.holdout.persons, purpose="report metrics")
+        if problem is not None:
+            raise problem
         holdout = data.holdout
         base = site.task.load_base_model(site.config.site.base_model)
         model = PeftModel.from_pretrained(base, str(verified.directory / ADAPTER_DIR))

@@ -19,6 +19,7 @@ from client.daemon import (
     run_supernode,
 )
 from client.ledger import ledgers_of, run_summaries
+from client.preflight import preflight
 from client.privacy import epsilon_spent
 from client.release_cli import release
 from client.releases import record_pins, refused_bundles
@@ -32,10 +33,10 @@ from common.config import (
     load_site_config,
     validate_model,
 )
-from common.errors import ConfigError, DataError, PolicyError
+from common.errors import ConfigError, PolicyError
 from common.protocol import RoundRequest
 from common.superexec import ensure_secret
-from common.tasks import TASKS, model_outputs
+from common.tasks import TASKS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,10 +79,10 @@ def privacy_plan(runtime: Site, loaded: LoadedData, request: RoundRequest) -> di
 
 
 def check_report(config_path: Path, request: RoundRequest | None = None) -> dict[str, Any]:
-    """Validate the config, scan the data, apply the site's own policy; never raises for data."""
+    """Validate the config, scan the data, apply the site's own policy (the pre-flight
+    every round runs, client/preflight.py); never raises for data."""
     config = load_site_config(config_path)
     runtime = Site(config)
-    problems: list[str] = []
     report: dict[str, Any] = {
         "site": config.site.id,
         "kind": config.site.kind,
@@ -90,19 +91,10 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
         "rejected": [],
         "labels": {name: 0 for name in config.data.classes},
     }
-    model_config = config.site.base_model / "config.json"
-    if not model_config.is_file():
-        problems.append("site.base_model: no model saved with save_pretrained there")
-    else:
-        try:
-            runtime.check_classes(model_outputs(model_config))
-        except ConfigError as exc:
-            problems.append(str(exc))
-    try:
-        loaded = runtime.load_data()
-    except (DataError, ConfigError) as exc:  # ConfigError: a text site's tokenizer
-        problems.append(str(exc))
-    else:
+    checked = preflight(runtime, "check")
+    problems = [str(problem) for problem in checked.problems]
+    loaded = checked.data
+    if loaded is not None:
         data = loaded.all
         report["records"] = {"accepted": data.accepted, "rejected": len(data.rejected)}
         report["rejected"] = [{"record": r.record, "reason": r.reason} for r in data.rejected]
@@ -113,14 +105,6 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
             "train": loaded.train.persons,
             "holdout": loaded.holdout.persons,
         }
-        k = config.policy.min_cohort
-        if loaded.train.persons < k:
-            problems.append(f"{loaded.train.persons} people to train on, fewer than k = {k}")
-        if loaded.holdout.persons < k:
-            problems.append(f"{loaded.holdout.persons} held-out people, fewer than k = {k}")
-        empty = [name for name, count in report["labels"].items() if count == 0]
-        if empty:
-            problems.append(f"no records for class(es) {', '.join(empty)}")
         if request is not None and loaded.train.persons > 0:
             try:
                 report["privacy_plan"] = privacy_plan(runtime, loaded, request)
@@ -132,7 +116,7 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
     # The client code it runs in a deployment, and the bundles it refused lately.
     report["client_releases"] = list(config.policy.client_releases)
     report["refused_bundles"] = refused_bundles(runtime.audit.events())[:5]
-    report["problems"] = problems
+    report["problems"] = list(dict.fromkeys(problems))
     report["ok"] = not problems
     return report
 

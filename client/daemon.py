@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.preflight import preflight
 from client.site import Site
 from common import pki
 from common.config import SiteConfig, SiteConnection
@@ -109,31 +110,13 @@ class SupernodeSettings:
 
 
 def check_ready(config: SiteConfig) -> list[str]:
-    """Everything that would make the site refuse every round, found before it connects."""
-    problems: list[str] = []
-    runtime = Site(config)
-    if not (config.site.base_model / "config.json").is_file():
-        problems.append("site.base_model: no model saved with save_pretrained there")
+    """Everything that would make the site refuse every round, found before it connects:
+    the pre-flight of every round (client/preflight.py) and a deployment's own needs."""
     try:
-        loaded = runtime.load_data()
-        k = config.policy.min_cohort
-        if loaded.train.persons < k:
-            problems.append(f"{loaded.train.persons} people to train on, fewer than k = {k}")
-        runtime.open_ledger(loaded.dataset)
+        site = Site(config)
     except (FedloraError, OSError) as exc:
-        problems.append(str(exc))
-    if not config.policy.client_releases:
-        problems.append(
-            "policy.client_releases: no release pinned, so the site would refuse every "
-            "run; review the coordinator's release and pin it (fedlora site release "
-            "SITE.toml --release release.json)"
-        )
-    if config.site.coordinator_key is None or not config.site.coordinator_key.is_file():
-        problems.append(
-            "site.coordinator_key: the coordinator's public key (coordinator.pub from the "
-            "bundle) is needed to check the model it sends"
-        )
-    return problems
+        return [str(exc)]
+    return [str(problem) for problem in preflight(site, "serve").problems]
 
 
 def check_connection(connection: SiteConnection, timeout: float = 10.0) -> bool:

@@ -208,12 +208,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def superexec_main() -> None:
-    """``fedlora-superexec``: Flower's ``flower-superexec``, taking ClientApp tasks only
-    and starting ``fedlora-clientapp`` for them (common/superexec.py)."""
+    """``fedlora-superexec``: the site's long-lived ClientApp service. Flower's
+    ``flower-superexec``, taking ClientApp tasks only, running each in this process
+    through :func:`run_task` (client/service_executor.py), so the site's data and base
+    model are loaded once per daemon, not once per message. ``fedlora-clientapp``
+    stays the command for a task run on its own (the per-task process Flower knows)."""
+    from client.service_executor import InProcessExecutor
+    from common.cli import configure_logging
     from common.superexec import run_flower_superexec
 
     launcher = Path(sys.executable).parent / LAUNCHER
     found = str(launcher) if launcher.exists() else shutil.which(LAUNCHER)
     if found is None:
         raise SystemExit(f"{LAUNCHER} is not installed beside {sys.executable}")
-    run_flower_superexec("CLIENT_APP", found)
+    configure_logging(False)
+    logging.getLogger("client").setLevel(logging.INFO)
+    run_flower_superexec("CLIENT_APP", found, executor=InProcessExecutor(run_task))

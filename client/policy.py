@@ -1,15 +1,20 @@
-"""The site's own rules. The coordinator can ask; only these checks decide."""
+"""The site's own rules for a round request. The coordinator can ask; only these
+checks decide (client/preflight.py runs them with the rest)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from common.config import SiteConfig
 from common.errors import PolicyError
 from common.protocol import RoundRequest
-from common.tasks import model_fingerprint
 
 
-def check_request(config: SiteConfig, request: RoundRequest) -> None:
-    """Refuse a round for another task, a task the site does not allow, or a foreign base."""
+def check_request(
+    config: SiteConfig, request: RoundRequest, local_fingerprint: Callable[[], str]
+) -> None:
+    """Refuse a round for another task, a task the site does not allow, or a foreign
+    base. ``local_fingerprint`` hashes the site's base model (cached per process)."""
     site = config.site
     if request.task != site.task:
         raise PolicyError(
@@ -20,19 +25,9 @@ def check_request(config: SiteConfig, request: RoundRequest) -> None:
         raise PolicyError(f"site {site.id} policy does not allow task {request.task!r}")
     if not (site.base_model / "config.json").is_file():
         raise PolicyError(f"site {site.id} has no base model at its configured base_model")
-    local = model_fingerprint(site.base_model)
+    local = local_fingerprint()
     if local != request.base_model_sha256:
         raise PolicyError(
             f"site {site.id}: the run's base model (sha256 {request.base_model_sha256[:12]}…) "
             f"differs from the site's own ({local[:12]}…)"
-        )
-
-
-def check_cohort(config: SiteConfig, persons: int, *, purpose: str) -> None:
-    """Minimum cohort k: too few people make aggregates identifying."""
-    k = config.policy.min_cohort
-    if persons < k:
-        raise PolicyError(
-            f"site {config.site.id} refuses to {purpose}: {persons} people, "
-            f"fewer than its minimum cohort of {k}"
         )

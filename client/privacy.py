@@ -9,19 +9,21 @@ process restarts, which a live object does not.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
 
 from opacus.accountants import create_accountant
 
+from common.dp import MIN_NOISE_MULTIPLIER
 from common.errors import PolicyError
 
 HistoryEntry = tuple[float, float, int]
 """(noise multiplier σ, sample rate q, steps) — Opacus's accountant history format."""
 
 _MAX_SIGMA = 1e3
-MIN_SIGMA = 0.1
+MIN_SIGMA = MIN_NOISE_MULTIPLIER
 """Below this a site never goes (and coordinators may not ask for it)."""
 
 
@@ -39,11 +41,20 @@ def compact(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
 
 
 def epsilon_spent(history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
-    """ε at ``delta`` after every step in ``history`` (0 for an empty history)."""
+    """ε at ``delta`` after every step in ``history`` (0 for an empty history).
+
+    A pure function of its arguments, so each answer is kept for the life of the process:
+    a round asks for the ε the ledger already reached, which the round before computed
+    (PRV takes 0.5–1 s per call)."""
     if not history:
         return 0.0
+    return _epsilon(tuple(compact(history)), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
     engine = create_accountant(mechanism=accountant)
-    engine.history = compact(history)
+    engine.history = list(history)
     try:
         with warnings.catch_warnings():  # numerical notes from probing extreme σ
             warnings.simplefilter("ignore")

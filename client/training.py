@@ -15,7 +15,6 @@ person however many records (images, loans) they own.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from client.data import SiteData
 from client.privacy import HistoryEntry
+from common import dp
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,15 @@ class TrainingPlan:
     tests pass one for reproducibility."""
 
     def batches_per_epoch(self, people: int) -> int:
-        return max(1, math.ceil(people / self.batch_size))
+        return dp.batches_per_epoch(people, self.batch_size)
 
     def sample_rate(self, people: int) -> float:
-        """Opacus's q for this plan: one over the number of batches in an epoch."""
-        return 1.0 / self.batches_per_epoch(people)
+        """Opacus's q for this plan (common.dp)."""
+        return dp.sample_rate(people, self.batch_size)
 
     def steps(self, people: int) -> int:
-        """Optimiser steps one round takes (what the accountant will be charged): Opacus's
-        sampler runs int(1 / q) batches an epoch, which float rounding can make one less
-        than the number of batches."""
-        return self.epochs * int(1 / self.sample_rate(people))
+        """Optimiser steps one round takes: what the accountant will be charged."""
+        return dp.steps_per_round(people, self.batch_size, self.epochs)
 
 
 @dataclass(frozen=True)
@@ -201,9 +199,9 @@ class DPTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
         if plan.optimizer == "adam":
-            optimizer = torch.optim.Adam(trainable, lr=plan.learning_rate)
+            optimizer = torch.optim.Adam(trainable, lr=plan.learning_rate, betas=dp.ADAM_BETAS)
         else:
-            optimizer = torch.optim.SGD(trainable, lr=plan.learning_rate, momentum=0.9)
+            optimizer = torch.optim.SGD(trainable, lr=plan.learning_rate, momentum=dp.SGD_MOMENTUM)
         criterion = PerSampleLoss(self.class_weights)
         if not plan.private:
             loader = DataLoader(

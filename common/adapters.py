@@ -185,3 +185,44 @@ def seeded_lora_a(
         bound = 1.0 / np.sqrt(shape[1])
         frozen[name] = generator.uniform(-bound, bound, size=shape).astype(dtype)
     return frozen
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Which tensors of a run's adapter train and travel, and which stay frozen.
+
+    Under FFA-LoRA (``freeze_lora_a``) the A matrices are never sent: every party
+    regenerates them from the run's seed, and only B (and the head) train. Otherwise
+    every tensor trains and travels. Sites and coordinator split adapters with this
+    one rule.
+    """
+
+    freeze_lora_a: bool = False
+    seed: int = 0
+
+    def is_trained(self, name: str) -> bool:
+        return not (self.freeze_lora_a and is_lora_a(name))
+
+    def trained(self, arrays: Mapping[str, npt.NDArray[np.floating]]) -> AdapterArrays:
+        """The tensors that train and travel."""
+        return {name: value for name, value in arrays.items() if self.is_trained(name)}
+
+    def frozen(self, like: Mapping[str, npt.NDArray[np.floating]]) -> AdapterArrays:
+        """The frozen tensors of an adapter shaped ``like`` (regenerated, never sent)."""
+        if not self.freeze_lora_a:
+            return {}
+        shapes = {name: tuple(value.shape) for name, value in like.items()}
+        return seeded_lora_a(shapes, self.seed, dtype=lora_a_dtype(like))
+
+    def complete(
+        self,
+        received: Mapping[str, npt.NDArray[np.floating]],
+        local: Mapping[str, npt.NDArray[np.floating]],
+    ) -> AdapterArrays:
+        """The whole adapter from the tensors that travelled and a local adapter of the
+        same model (for names, shapes and dtypes): the received tensors must be exactly
+        the trained ones; the frozen ones are regenerated."""
+        AdapterSchema.of(self.trained(local)).check(received)
+        whole = {**received, **self.frozen(local)}
+        AdapterSchema.of(local).check(whole)
+        return whole

@@ -4,169 +4,80 @@ Both are TOML files turned into pydantic v2 models when loaded. Relative paths i
 file are resolved against the file's own directory, so a site folder can be moved as a
 whole. Any problem is raised as :class:`~common.errors.ConfigError` with one line per
 field, naming the field and what was expected.
+
+The data table (:mod:`common.data_config`) and the run's settings
+(:mod:`common.federation_config`) have modules of their own; every name other modules
+use is re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from common.data_config import (
+    DataConfig,
+    DataKind,
+    DicomDataConfig,
+    TabularDataConfig,
+    TextDataConfig,
+    data_kind,
+)
 from common.errors import ConfigError
+from common.federation_config import (
+    DPSettings,
+    FederationConfig,
+    FederationSettings,
+    LoraSettings,
+    RollbackGuard,
+    UpdateValidation,
+)
+from common.identifiers import SiteId
+from common.strict_model import StrictModel
+
+__all__ = [
+    "SMALLEST_COHORT",
+    "AccountantName",
+    "DPSettings",
+    "DataConfig",
+    "DataKind",
+    "DicomDataConfig",
+    "FederationConfig",
+    "FederationSettings",
+    "GradSampleMode",
+    "LoraSettings",
+    "PrivacyBudget",
+    "RollbackGuard",
+    "SiteConfig",
+    "SiteConnection",
+    "SiteIdentity",
+    "SiteKind",
+    "SitePolicy",
+    "StrictModel",
+    "TabularDataConfig",
+    "TextDataConfig",
+    "UpdateValidation",
+    "data_kind",
+    "format_validation_error",
+    "load_federation_config",
+    "load_site_config",
+    "read_toml",
+    "validate_model",
+]
 
 SiteKind = Literal["hospital", "bank"]
-DataKind = Literal["dicom", "table", "text"]
 AccountantName = Literal["prv", "rdp"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
-
-
-class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo in a site file must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------- data ---
-
-
-class DicomDataConfig(StrictModel):
-    """A directory of DICOM files, labelled by a CSV or by one sub-folder per class."""
-
-    format: Literal["dicom"]
-    path: Path = Field(description="Directory holding the DICOM files.")
-    classes: list[str] = Field(min_length=2, description="Class names, in label order.")
-    labels: Literal["csv", "folders"] = Field(
-        default="csv",
-        description="'csv': a labels file with columns path,label; "
-        "'folders': one sub-folder per class.",
-    )
-    labels_file: str = Field(default="labels.csv", description="Used when labels = 'csv'.")
-    image_size: int = Field(default=32, ge=8, le=1024, description="Side after resizing.")
-    window_center: float | None = Field(
-        default=None, description="Overrides the file's Window Center (after rescale)."
-    )
-    window_width: float | None = Field(
-        default=None, gt=0, description="Overrides the file's Window Width (after rescale)."
-    )
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _window_pair(self) -> DicomDataConfig:
-        if (self.window_center is None) != (self.window_width is None):
-            raise ValueError("window_center and window_width must be given together")
-        return self
-
-
-class TabularDataConfig(StrictModel):
-    """A CSV or Parquet table with a declared schema."""
-
-    format: Literal["csv", "parquet"]
-    path: Path = Field(description="The CSV or Parquet file.")
-    classes: list[str] = Field(min_length=2, description="Label values (as text), in label order.")
-    label_column: str
-    person_column: str | None = Field(
-        default=None, description="Column identifying the customer; stays at the site."
-    )
-    numeric_features: list[str] = Field(default_factory=list)
-    categorical_features: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description="Column -> allowed values. Unlisted or missing values map to 'other'.",
-    )
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _has_features(self) -> TabularDataConfig:
-        if not self.numeric_features and not self.categorical_features:
-            raise ValueError(
-                "declare at least one numeric or categorical feature "
-                "(or a text_column, for a table of texts)"
-            )
-        return self
-
-
-class TextDataConfig(StrictModel):
-    """A CSV, Parquet or JSON-lines file of texts (reports, narratives) with labels.
-
-    Texts are tokenised at the site with the base model's own tokenizer. Empty texts are
-    rejected; texts over ``max_tokens`` tokens are cut (or rejected, by ``overlong``) and
-    texts over ``max_characters`` are rejected before tokenising, so one huge cell cannot
-    exhaust the site's memory. Every such record is counted in the site's report.
-    """
-
-    format: Literal["csv", "parquet", "jsonl"]
-    path: Path = Field(description="The CSV, Parquet or JSONL (one JSON object per line) file.")
-    classes: list[str] = Field(min_length=2, description="Label values (as text), in label order.")
-    text_column: str = Field(description="Column (JSONL: key) holding the text.")
-    label_column: str
-    person_column: str | None = Field(
-        default=None, description="Column identifying the patient or customer; stays at the site."
-    )
-    max_tokens: int = Field(
-        default=128, ge=8, le=8192, description="Tokens kept per text (the model's input length)."
-    )
-    overlong: Literal["truncate", "reject"] = Field(
-        default="truncate",
-        description="Texts longer than max_tokens: 'truncate' keeps their first max_tokens "
-        "tokens, 'reject' leaves them out. Either way they are counted and reported.",
-    )
-    max_characters: int = Field(
-        default=100_000, ge=1, description="Texts longer than this are rejected untokenised."
-    )
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _distinct_columns(self) -> TextDataConfig:
-        roles = {"text_column": self.text_column, "label_column": self.label_column}
-        if self.person_column is not None:
-            roles["person_column"] = self.person_column
-        names = list(roles.values())
-        for role, name in roles.items():
-            if names.count(name) > 1:
-                raise ValueError(f"column {name!r} is given for more than one role ({role}, …)")
-        return self
-
-
-def data_kind(data: object) -> DataKind | None:
-    """Which kind of data a ``[data]`` table describes: ``format = "dicom"`` is DICOM,
-    a table with a ``text_column`` (or in JSONL) is text, any other CSV/Parquet is a
-    feature table. None when it is none of them."""
-    if isinstance(data, dict):
-        fmt, has_text = data.get("format"), "text_column" in data
-    else:
-        fmt, has_text = getattr(data, "format", None), isinstance(data, TextDataConfig)
-    if fmt == "dicom":
-        return "dicom"
-    if has_text or fmt == "jsonl":
-        return "text"
-    if fmt in ("csv", "parquet"):
-        return "table"
-    return None
-
-
-DataConfig = Annotated[
-    Annotated[DicomDataConfig, Tag("dicom")]
-    | Annotated[TabularDataConfig, Tag("table")]
-    | Annotated[TextDataConfig, Tag("text")],
-    Discriminator(
-        data_kind,
-        custom_error_type="data_format",
-        custom_error_message="data.format must be 'dicom', 'csv', 'parquet' or 'jsonl' "
-        "(a CSV/Parquet file with a text_column is text data)",
-    ),
-]
 
 
 # --------------------------------------------------------------------------- site ---
@@ -219,7 +130,7 @@ class SitePolicy(StrictModel):
 
 
 class SiteIdentity(StrictModel):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$", description="Public site name.")
+    id: SiteId = Field(description="Public site name.")
     kind: SiteKind
     task: str = Field(description="The task this site's data serves.")
     base_model: Path = Field(
@@ -329,139 +240,6 @@ class SiteConfig(StrictModel):
                 + f", but data.format = {self.data.format!r}"
             )
         return self
-
-
-# --------------------------------------------------------------------- federation ---
-
-
-class LoraSettings(StrictModel):
-    r: int = Field(default=16, ge=1, le=256)
-    alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(
-        default=None, description="Module names to adapt; the task's default when omitted."
-    )
-
-
-class DPSettings(StrictModel):
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample clipping bound C.")
-    noise_multiplier: float | None = Field(
-        default=None,
-        ge=0,
-        description="σ; when omitted each site calibrates σ so the run's planned rounds "
-        "spend epsilon_per_run (or what is left of its budget).",
-    )
-    epsilon_per_run: float | None = Field(
-        default=None,
-        gt=0,
-        description="ε this run asks each site to spend; a site whose remaining budget is "
-        "smaller refuses. Omitted: each site may spend what is left of its budget.",
-    )
-
-
-class UpdateValidation(StrictModel):
-    """What the coordinator checks in every update before it may be aggregated."""
-
-    max_update_norm: float | Literal["derived", "off"] = Field(
-        default="derived",
-        description="L2 bound on a site's update (its adapter minus the global one). "
-        "'derived': per reply, from the DP clipping bound, learning rate, steps and noise "
-        "(the most honest DP-SGD can move); a number: a fixed bound; 'off': no bound "
-        "(for robustness studies of the aggregators alone).",
-    )
-    max_payload_bytes: int | None = Field(
-        default=None,
-        gt=0,
-        description="Largest adapter payload accepted; omitted: twice the run's adapter size.",
-    )
-    min_examples: int = Field(
-        default=20, ge=1, description="Smallest num-examples accepted (sites refuse below 20)."
-    )
-    max_examples: int = Field(
-        default=10_000_000, ge=1, description="Largest num-examples accepted."
-    )
-
-    @field_validator("max_update_norm", mode="before")
-    @classmethod
-    def _not_a_flag(cls, value: object) -> object:
-        if isinstance(value, bool):
-            raise ValueError("max_update_norm must be a number, 'derived' or 'off', not true/false")
-        return value
-
-    @model_validator(mode="after")
-    def _ordered(self) -> UpdateValidation:
-        if self.min_examples > self.max_examples:
-            raise ValueError("min_examples must not exceed max_examples")
-        bound = self.max_update_norm
-        if isinstance(bound, float) and not (math.isfinite(bound) and bound > 0):
-            raise ValueError("max_update_norm must be a finite positive number, 'derived' or 'off'")
-        return self
-
-
-class RollbackGuard(StrictModel):
-    """Keep the best global adapter when federated accuracy falls too far below it."""
-
-    enabled: bool = True
-    max_accuracy_drop: float = Field(
-        default=0.03,
-        ge=0,
-        le=1,
-        description="Largest drop below the best accuracy (0.03 = 3 points).",
-    )
-
-
-class FederationSettings(StrictModel):
-    """How a task's federation runs: everything but which model and which task."""
-
-    rounds: int = Field(default=5, ge=1, le=1000)
-    local_epochs: int = Field(default=1, ge=1, le=100)
-    batch_size: int = Field(default=32, ge=1, description="Expected (Poisson) batch size.")
-    learning_rate: float = Field(default=0.1, gt=0)
-    optimizer: Literal["sgd", "adam"] = Field(
-        default="sgd", description="'sgd' (momentum 0.9) is the robust choice under DP noise."
-    )
-    min_sites: int = Field(default=2, ge=1)
-    aggregator: str = Field(
-        default="fedavg",
-        description="fedavg, fedavg-ffa, trimmed-mean, trimmed-mean-symmetric or median.",
-    )
-    trim_fraction: float = Field(
-        default=0.2,
-        ge=0,
-        lt=0.5,
-        description="trimmed-mean: fraction of sites dropped at each end, per coordinate.",
-    )
-    round_timeout: float = Field(
-        default=3600,
-        gt=0,
-        allow_inf_nan=False,
-        description="Seconds to wait for replies; late sites are skipped.",
-    )
-    update_precision: Literal["float16", "float32"] = Field(
-        default="float16",
-        description="Precision sites send their adapter updates in. 'float16' halves the "
-        "traffic; its rounding is far below the DP noise, and the coordinator aggregates "
-        "in float32/float64 either way.",
-    )
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    dp: DPSettings = Field(default_factory=DPSettings)
-    validation: UpdateValidation = Field(default_factory=UpdateValidation)
-    rollback: RollbackGuard = Field(default_factory=RollbackGuard)
-
-    @field_validator("lora")
-    @classmethod
-    def _no_dropout_under_dp(cls, value: LoraSettings) -> LoraSettings:
-        if value.dropout != 0.0:
-            raise ValueError("LoRA dropout must be 0 under DP-SGD (per-sample gradients)")
-        return value
-
-
-class FederationConfig(FederationSettings):
-    """One run of one task: what to train, for how long, how privately and how defended."""
-
-    task: str
-    base_model: Path = Field(description="Directory of the frozen base model.")
-    seed: int = 0
 
 
 # ------------------------------------------------------------------------ loading ---

@@ -69,3 +69,30 @@ def write_private_file(path: Path, data: bytes, *, replace: bool = False) -> Non
     finally:
         temporary.unlink(missing_ok=True)
     fsync_folder(path.parent)
+
+
+FileStamp = tuple[str, int, int, int, int]
+"""(relative name, size, mtime ns, ctime ns, inode) of one file."""
+
+
+def listing_signature(path: Path, exclude: Path | None = None) -> tuple[FileStamp, ...]:
+    """What a file, or every file under a folder, looks like without reading a byte.
+
+    It changes when a file is added, removed, renamed, replaced or written (the change
+    time cannot be set back by the file's owner, unlike the modification time), so a
+    cache keyed by it is read again after any change. A path that does not exist has
+    the empty signature (its loader then says what is missing)."""
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = sorted(p for p in path.rglob("*") if p.is_file()), path
+    else:
+        return ()
+    stamps: list[FileStamp] = []
+    for file in files:
+        if exclude is not None and file.is_relative_to(exclude):
+            continue
+        info = file.stat()
+        name = file.relative_to(root).as_posix()
+        stamps.append((name, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino))
+    return tuple(stamps)

@@ -6,14 +6,22 @@ treats every value as a request: its own policy and budget decide what it does.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Annotated, Any
 
 from flwr.app import ConfigRecord
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from common.adapters import AdapterLayout
 from common.config import FederationConfig, LoraSettings
+from common.dp import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 from common.errors import UpdateError
 
 SITE_ID_KEY = "site-id"
@@ -33,68 +41,82 @@ ARTIFACT_INSTALL = "query.artifact_install"
 """Message type: verify the checked, signed artifact and install it."""
 ARTIFACT_RECORD = "artifact"
 """ConfigRecord of an artifact message: file name -> bytes."""
-ARTIFACT_CHECK_METRICS = (
-    "num-examples",
-    "fp32-accuracy",
-    "fp32-loss",
-    "int8-accuracy",
-    "int8-loss",
-)
-"""Metrics every artifact check reply carries; 'fp32-auc' and 'int8-auc' come too unless
-the site's held-out data has a single class."""
 
-TRAIN_METRICS = (
-    "num-examples",
-    "epsilon",
-    "epsilon-budget",
-    "delta",
-    "noise-multiplier",
-    "steps",
-)
-"""Metrics every training reply carries (a reply without them is rejected). No training
-loss or accuracy: computed on the site's data without noise, they are not covered by ε."""
-EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy")
 
 SITE_CALIBRATED = -1.0
 """noise_multiplier value meaning: each site calibrates σ from its own budget."""
 SITE_REMAINING_BUDGET = -1.0
 """epsilon_per_run value meaning: the run may spend what is left of each site's budget."""
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{0,64}")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 
 
 UPDATE_DTYPES = ("float32", "float16")
+"""Precisions an update may travel in. float16 rounds each value to 11 significant bits,
+far below the DP noise (σ·C/B per step), and post-processing costs no privacy."""
 OPTIONAL_KEYS = frozenset({"update-dtype"})
 """Keys a coordinator from before they existed does not send: their defaults apply
 (such a coordinator expects float32 updates)."""
-"""Precisions an update may travel in. float16 rounds each value to 11 significant bits,
-far below the DP noise (σ·C/B per step), and post-processing costs no privacy."""
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True)
-class RoundRequest:
+class RoundRequest(BaseModel):
+    """One round as the coordinator asks for it: strict types, no extra keys, and no
+    value an honest coordinator would not send (NaN in particular: every comparison
+    with it is false, so an unchecked NaN σ would slip past a budget check)."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
     task: str
     base_model_sha256: str
-    server_round: int
-    total_rounds: int
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
+    server_round: int = Field(ge=1)
+    total_rounds: int = Field(ge=1)
+    local_epochs: int = Field(ge=1, le=100)
+    batch_size: int = Field(ge=1)
+    learning_rate: PositiveFinite
     optimizer: str
-    max_grad_norm: float
-    noise_multiplier: float
-    epsilon_per_run: float
+    max_grad_norm: PositiveFinite
+    noise_multiplier: float = Field(allow_inf_nan=False)
+    """σ for every site; SITE_CALIBRATED (-1): each site calibrates its own."""
+    epsilon_per_run: float = Field(allow_inf_nan=False)
     """ε the run asks of each site; SITE_REMAINING_BUDGET (-1) for 'what is left'."""
-    lora_r: int
-    lora_alpha: float
+    lora_r: int = Field(ge=1)
+    lora_alpha: PositiveFinite
     lora_targets: list[str]
     freeze_lora_a: bool
     """FFA-LoRA: A stays at the run's seeded initialisation; sites train and send B only."""
-    seed: int
-    run_id: str
+    seed: int = Field(ge=0)
+    run_id: str = Field(pattern=RUN_ID_PATTERN.pattern)
     """The federation run the round belongs to. It stays the same when a run is resumed,
     so a site keeps the run's privacy plan; empty: the Flower run that carries it."""
     update_dtype: str = "float32"
     """The dtype a site sends its update in (UPDATE_DTYPES); float16 halves the traffic."""
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _sigma(cls, value: float) -> float:
+        if not (value == SITE_CALIBRATED or MIN_NOISE_MULTIPLIER <= value <= MAX_NOISE_MULTIPLIER):
+            raise ValueError("noise_multiplier must lie in [0.1, 1000] (or -1: site-calibrated)")
+        return value
+
+    @field_validator("epsilon_per_run")
+    @classmethod
+    def _epsilon(cls, value: float) -> float:
+        if not (value == SITE_REMAINING_BUDGET or value > 0):
+            raise ValueError("epsilon_per_run must be positive (or -1: what is left)")
+        return value
+
+    @field_validator("update_dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in UPDATE_DTYPES:
+            raise ValueError(f"update_dtype must be one of {', '.join(UPDATE_DTYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _round_in_run(self) -> RoundRequest:
+        if self.server_round > self.total_rounds:
+            raise ValueError("server_round is past total_rounds")
+        return self
 
     @classmethod
     def for_round(
@@ -139,73 +161,54 @@ class RoundRequest:
     def lora(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, target_modules=self.lora_targets)
 
+    @property
+    def layout(self) -> AdapterLayout:
+        """Which adapter tensors the sites train and send this run."""
+        return AdapterLayout(freeze_lora_a=self.freeze_lora_a, seed=self.seed)
+
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({name.replace("_", "-"): value for name, value in asdict(self).items()})
+        return ConfigRecord(
+            {name.replace("_", "-"): value for name, value in self.model_dump().items()}
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundRequest:
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            key = field.name.replace("_", "-")
+        for name, field in cls.model_fields.items():
+            key = name.replace("_", "-")
             if key in record:
-                values[field.name] = record[key]
-            elif key not in OPTIONAL_KEYS:
+                values[name] = record[key]
+            elif key not in OPTIONAL_KEYS or field.is_required():
                 raise UpdateError(f"round configuration lacks {key!r}")
-        values["lora_targets"] = list(values["lora_targets"])
-        request = cls(**values)
-        request.validate()
-        return request
-
-    def validate(self) -> None:
-        """Reject values no honest coordinator sends; the site never guesses around them.
-
-        (NaN in particular: every comparison with it is false, so an unchecked NaN σ
-        would slip past a budget check.)
-        """
-        problems: list[str] = []
-        for name in (
-            "server_round",
-            "total_rounds",
-            "local_epochs",
-            "batch_size",
-            "lora_r",
-            "seed",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                problems.append(f"{name} must be a whole number")
-            elif value < (0 if name == "seed" else 1):
-                problems.append(f"{name} must be positive")
-        for name in ("learning_rate", "max_grad_norm", "lora_alpha"):
-            value = getattr(self, name)
-            if not _finite_number(value) or value <= 0:
-                problems.append(f"{name} must be a finite positive number")
-        if not _finite_number(self.noise_multiplier) or not (
-            self.noise_multiplier == SITE_CALIBRATED or 0.1 <= self.noise_multiplier <= 1000
-        ):
-            problems.append("noise_multiplier must lie in [0.1, 1000] (or -1: site-calibrated)")
-        if _finite_number(self.local_epochs) and self.local_epochs > 100:
-            problems.append("local_epochs must be at most 100")
-        if not _finite_number(self.epsilon_per_run) or not (
-            self.epsilon_per_run == SITE_REMAINING_BUDGET or self.epsilon_per_run > 0
-        ):
-            problems.append("epsilon_per_run must be positive (or -1: what is left)")
-        if not problems and self.server_round > self.total_rounds:
-            problems.append("server_round is past total_rounds")
-        if not isinstance(self.freeze_lora_a, bool):
-            problems.append("freeze_lora_a must be true or false")
-        if not isinstance(self.run_id, str) or not RUN_ID_PATTERN.fullmatch(self.run_id):
-            problems.append("run_id must be up to 64 letters, digits, '.', '_' or '-'")
-        if not all(isinstance(target, str) for target in self.lora_targets):
-            problems.append("lora_targets must be module names")
-        if self.update_dtype not in UPDATE_DTYPES:
-            problems.append(f"update_dtype must be one of {', '.join(UPDATE_DTYPES)}")
-        if problems:
-            raise UpdateError("invalid round configuration: " + "; ".join(problems))
+        if isinstance(values.get("lora_targets"), list | tuple):
+            values["lora_targets"] = list(values["lora_targets"])
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise UpdateError("invalid round configuration: " + _problems(exc)) from None
 
 
-def _finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+_RULES = {
+    "freeze_lora_a": "freeze_lora_a must be true or false",
+    "run_id": "run_id must be up to 64 letters, digits, '.', '_' or '-'",
+    "lora_targets": "lora_targets must be a list of module names",
+}
+"""How a broken field is explained where pydantic's own words would be obscure."""
+
+
+def _problems(exc: ValidationError) -> str:
+    """Pydantic's findings in the request's own words: 'field: what is wrong'."""
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if field in _RULES:
+            message = _RULES[field]
+        elif not message.startswith(field):
+            message = f"{field}: {message}"
+        if message not in problems:
+            problems.append(message)
+    return "; ".join(problems)
 
 
 # Error codes a site puts in an error reply (Flower's own codes are small integers).

@@ -62,14 +62,18 @@ def superexec_command(
     return [*command, "--root-certificates", str(root_certificates)]
 
 
-def run_flower_superexec(task_type: str, command: str | None = None) -> None:
+def run_flower_superexec(
+    task_type: str, command: str | None = None, executor: object | None = None
+) -> None:
     """Flower's ``flower-superexec`` (arguments from ``sys.argv``), narrowed: it takes
     tasks of ``task_type`` only (``"SERVER_APP"`` at the coordinator, ``"CLIENT_APP"`` at a
     site; Flower's default takes every type, agent, model and connector tasks included,
     which would run a bundle's code or call outside services), and starts ``command``
-    for them instead of Flower's own process when given. Both are attributes of
-    Flower modules (checked by tests/unit/common/test_superexec.py against the pinned
-    Flower, so an upgrade that moves them fails the tests, not a deployment)."""
+    for them instead of Flower's own process when given. With ``executor`` (an object
+    with the methods of Flower's ``Executor``) tasks go to it instead of Flower's
+    subprocess executor. All three are attributes of Flower modules (checked by
+    tests/unit/common/test_superexec.py against the pinned Flower, so an upgrade that
+    moves them fails the tests, not a deployment)."""
     import sys
 
     from flwr.supercore import constant
@@ -79,6 +83,10 @@ def run_flower_superexec(task_type: str, command: str | None = None) -> None:
     wanted = constant.TaskType[task_type]
     if command is not None:
         constant.TASK_TYPE_TO_COMMAND[wanted] = command
+    if executor is not None:
+        from flwr.supercore.superexec import run_superexec as loop
+
+        loop.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
     base_exec_plugin.AutoExecPlugin.supported_task_types = frozenset({wanted})
     sys.argv[0] = "flower-superexec"
     flower_superexec()

@@ -267,28 +267,9 @@ def run(
     adapters/, checkpoints/, the signed audit log (audit/) and each task's signed
     artifact (artifacts/). Progress streams as the rounds finish.
     """
-    node = Coordinator(certs.resolve(), state_dir.resolve())
-    if not (node.flwr_home / "config.toml").exists():
-        raise ConfigError(
-            f"{state_dir} has no SuperLink connection: run `fedlora coordinator start`"
-        )
+    node = _connected_coordinator(certs, state_dir)
     key = (signing_key or node.certs / pki.COORDINATOR_KEY).resolve()
-    if resume_dir is not None:
-        if federations:
-            raise click.UsageError(
-                "--resume continues a run with its own settings; give no FEDERATIONS"
-            )
-        run_dir = resume_dir.resolve()
-        tasks = staged_federations(run_dir)
-    else:
-        if not federations:
-            raise click.UsageError("give at least one federation config (or --resume RUN_DIR)")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        run_dir = (out or Path("runs") / f"deployment-{stamp}").resolve()
-        tasks = {}
-        for source in federations:
-            federation, staged = stage_federation(source, run_dir)
-            tasks[federation.task] = staged
+    run_dir, tasks = _run_dir_and_tasks(federations, out, resume_dir)
     # The sites' audit keys as registered now (a resume sees sites added since).
     registry = write_site_registry(node.certs, run_dir / SITE_REGISTRY)
     click.echo(
@@ -303,36 +284,90 @@ def run(
             if (run_dir / RESULT_DIR / f"{task}.json").exists():
                 progress.console.print(f"{task}: finished earlier, skipped")
                 continue
-            resume = resume_dir is not None
-            planned = _planned_rounds(config)
-            bar = progress.add_task(task, total=planned)
-            # The bar follows the task's audit log; on a resume, the rounds it already
-            # holds show as done at once.
-            with follow_progress(
-                coordinator_log_path(run_dir, task),
-                TaskProgress(task, planned),
-                _bar_updater(progress, bar),
-            ):
-                code = flwr_run(
-                    node,
-                    {
-                        "federation-config": str(config),
-                        "run-dir": str(run_dir),
-                        "signing-key": str(key),
-                        "resume": "true" if resume else "",
-                        "site-registry": str(registry),
-                    },
-                    run_dir / "coordinator.log",
-                    _problems_printer(progress.console),
-                    app,
-                )
-            if code != 0 or not (run_dir / RESULT_DIR / f"{task}.json").exists():
-                raise click.ClickException(
-                    f"the {task} run did not finish (flwr run exit code {code}; log: "
-                    f"{run_dir / 'coordinator.log'}). Once the SuperLink is back, continue "
-                    f"it with: fedlora coordinator run --resume {run_dir}"
-                )
-    summary = deployment_summary(run_dir, list(tasks), time.monotonic() - started, run_dir.name)
+            run_config = {
+                "federation-config": str(config),
+                "run-dir": str(run_dir),
+                "signing-key": str(key),
+                "resume": "true" if resume_dir is not None else "",
+                "site-registry": str(registry),
+            }
+            _run_task(node, task, config, run_dir, run_config, progress, app)
+    _report(run_dir, list(tasks), time.monotonic() - started)
+
+
+def _connected_coordinator(certs: Path, state_dir: Path) -> Coordinator:
+    """The coordinator of ``state_dir``, which `fedlora coordinator start` must have
+    connected to its SuperLink."""
+    node = Coordinator(certs.resolve(), state_dir.resolve())
+    if not (node.flwr_home / "config.toml").exists():
+        raise ConfigError(
+            f"{state_dir} has no SuperLink connection: run `fedlora coordinator start`"
+        )
+    return node
+
+
+def _run_dir_and_tasks(
+    federations: tuple[Path, ...], out: Path | None, resume_dir: Path | None
+) -> tuple[Path, dict[str, Path]]:
+    """The run directory and its tasks' staged configs: those of the run resumed, or
+    FEDERATIONS staged into a new run directory."""
+    if resume_dir is not None:
+        if federations:
+            raise click.UsageError(
+                "--resume continues a run with its own settings; give no FEDERATIONS"
+            )
+        run_dir = resume_dir.resolve()
+        return run_dir, staged_federations(run_dir)
+    if not federations:
+        raise click.UsageError("give at least one federation config (or --resume RUN_DIR)")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = (out or Path("runs") / f"deployment-{stamp}").resolve()
+    tasks = {}
+    for source in federations:
+        federation, staged = stage_federation(source, run_dir)
+        tasks[federation.task] = staged
+    return run_dir, tasks
+
+
+def _run_task(
+    node: Coordinator,
+    task: str,
+    config: Path,
+    run_dir: Path,
+    run_config: dict[str, str],
+    progress: Progress,
+    app: Path,
+) -> None:
+    """One `flwr run` of ``task``, its progress on a bar of its own; raises unless the run
+    finished (saved its result)."""
+    planned = _planned_rounds(config)
+    bar = progress.add_task(task, total=planned)
+    # The bar follows the task's audit log; on a resume, the rounds it already
+    # holds show as done at once.
+    with follow_progress(
+        coordinator_log_path(run_dir, task),
+        TaskProgress(task, planned),
+        _bar_updater(progress, bar),
+    ):
+        code = flwr_run(
+            node,
+            run_config,
+            run_dir / "coordinator.log",
+            _problems_printer(progress.console),
+            app,
+        )
+    if code != 0 or not (run_dir / RESULT_DIR / f"{task}.json").exists():
+        raise click.ClickException(
+            f"the {task} run did not finish (flwr run exit code {code}; log: "
+            f"{run_dir / 'coordinator.log'}). Once the SuperLink is back, continue "
+            f"it with: fedlora coordinator run --resume {run_dir}"
+        )
+
+
+def _report(run_dir: Path, tasks: list[str], wall_seconds: float) -> None:
+    """Write the run's summary and plots and print its report; fails the command if a
+    task trained no round."""
+    summary = deployment_summary(run_dir, tasks, wall_seconds, run_dir.name)
     write_plots(run_dir, summary)
     print_summary(summary, run_dir, Console(), kind="deployment")
     untrained = [name for name, task in summary["tasks"].items() if task["rounds_completed"] == 0]

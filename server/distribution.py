@@ -40,10 +40,10 @@ from common.config import AccountantName, FederationConfig
 from common.errors import ArtifactError, UpdateError
 from common.protocol import (
     ARTIFACT_CHECK,
-    ARTIFACT_CHECK_METRICS,
     ARTIFACT_INSTALL,
     ARTIFACT_RECORD,
 )
+from common.replies import ArtifactCheckMetrics, InstallMetrics, ReplyMetrics
 from common.signing import fingerprint
 from common.tasks import TaskSpec
 from server.audit import CoordinatorAudit
@@ -144,10 +144,10 @@ def _collect(
     nodes: Sequence[int],
     known_sites: dict[int, str],
     timeout: float,
-    required: tuple[str, ...],
+    schema: type[ReplyMetrics],
 ) -> tuple[list[SiteReply], list[FailedReply]]:
     good, bad = parse_replies(
-        replies, known_sites, None, required_metrics=required, check_metrics=check_plausible
+        replies, known_sites, None, schema=schema, check_metrics=check_plausible
     )
     return good, bad + missing_replies(nodes, replies, known_sites, timeout)
 
@@ -227,39 +227,13 @@ def release_artifact(
 ) -> dict[str, Any]:
     """Export, check, sign and install; returns the summary for the run's result."""
     task = federation.task
+    timeout = federation.round_timeout
     directory = run_dir / ARTIFACTS_DIR / task
     draft = directory.with_name(f".{task}.draft")
-    manifest, unchecked = build_artifact(
-        spec,
-        model,
-        adapter_dir,
-        draft,
-        run_dir / EXPORTS_DIR / task / MODEL_FP32,
-        run=str(grid.run.run_id),
-        provenance=result,
-        key=key,
-    )
+    fp32_path = run_dir / EXPORTS_DIR / task / MODEL_FP32
+    manifest = _export(grid, spec, model, adapter_dir, draft, fp32_path, result, audit, key)
     nodes = sorted(known_sites)
-    audit.record(
-        "artifact-exported",
-        manifest_sha256=manifest_sha256(unchecked),
-        files={name: entry.model_dump() for name, entry in manifest.files.items()},
-        fp32_onnx_bytes=manifest.quantization.fp32_onnx_bytes,
-    )
-
-    # The federated check: each site verifies and scores both models.
-    verify_artifact(draft, key.public_key())  # what the sites receive is what was signed
-    replies = _send(grid, nodes, ARTIFACT_CHECK, artifact_payload(draft), federation.round_timeout)
-    checked, failed = _collect(
-        replies, nodes, known_sites, federation.round_timeout, ARTIFACT_CHECK_METRICS
-    )
-    accountants = _accountants(replies, {reply.node_id for reply in checked}, known_sites)
-    for reply in checked:
-        audit.record("artifact-checked", site=reply.site, status="checked", metrics=reply.metrics)
-    for failure in failed:
-        audit.record(
-            "artifact-checked", site=failure.site, status=failure.status, reason=failure.reason
-        )
+    checked, failed, accountants = _check(grid, draft, nodes, known_sites, timeout, audit, key)
     summary: dict[str, Any] = {
         "directory": str(directory),
         "int8_bytes": manifest.files[MODEL_INT8].bytes,
@@ -267,44 +241,15 @@ def release_artifact(
         "check_failures": {f.site: f.reason for f in failed},
     }
     if not checked:
-        audit.record("artifact-withheld", reason="no site could check the artifact")
-        shutil.rmtree(draft, ignore_errors=True)  # a signed but unchecked model ships nowhere
-        logger.warning("%s: no site checked the artifact; it is not released", task)
+        _withhold(draft, task, audit)
         return {**summary, "status": "unchecked", "installed": [], "install_failures": {}}
 
     metrics = aggregate_checks(checked)
-    done = audit.record(
-        "artifact-check-done",
-        fp32=metrics.fp32.model_dump(),
-        int8=metrics.int8.model_dump(),
-        sites=metrics.sites,
+    privacy = result["site_privacy"]
+    released = _sign_checked(
+        task, manifest, metrics, privacy, accountants, draft, directory, audit, key
     )
-    final = manifest.model_copy(
-        update={
-            "metrics": metrics,
-            "sites": site_privacy(result["site_privacy"], accountants),
-            "audit": AuditHead(log=coordinator_log_name(task), seq=done["seq"], hash=done["hash"]),
-        }
-    )
-    released = manifest_sha256(
-        sign_manifest(draft, Manifest.model_validate(final.model_dump()), key)
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    draft.replace(directory)
-    audit.record("artifact-signed", manifest_sha256=released, audit_seq=done["seq"])
-
-    replies = _send(
-        grid, nodes, ARTIFACT_INSTALL, artifact_payload(directory), federation.round_timeout
-    )
-    installed, not_installed = _collect(
-        replies, nodes, known_sites, federation.round_timeout, ("installed",)
-    )
-    for reply in installed:
-        audit.record("artifact-installed", site=reply.site, status="installed")
-    for failure in not_installed:
-        audit.record(
-            "artifact-installed", site=failure.site, status=failure.status, reason=failure.reason
-        )
+    installed, not_installed = _install(grid, directory, nodes, known_sites, timeout, audit)
     logger.info(
         "%s artifact: accuracy fp32 %.3f, int8 %.3f; installed at %d of %d sites",
         task,
@@ -321,6 +266,124 @@ def release_artifact(
         "installed": sorted(r.site for r in installed),
         "install_failures": {f.site: f.reason for f in not_installed},
     }
+
+
+def _export(
+    grid: Grid,
+    spec: TaskSpec,
+    model: PeftModel,
+    adapter_dir: Path,
+    draft: Path,
+    fp32_path: Path,
+    result: Mapping[str, Any],
+    audit: CoordinatorAudit,
+    key: Ed25519PrivateKey,
+) -> Manifest:
+    """Build the signed, unchecked artifact in ``draft`` and audit its export."""
+    manifest, unchecked = build_artifact(
+        spec,
+        model,
+        adapter_dir,
+        draft,
+        fp32_path,
+        run=str(grid.run.run_id),
+        provenance=result,
+        key=key,
+    )
+    audit.record(
+        "artifact-exported",
+        manifest_sha256=manifest_sha256(unchecked),
+        files={name: entry.model_dump() for name, entry in manifest.files.items()},
+        fp32_onnx_bytes=manifest.quantization.fp32_onnx_bytes,
+    )
+    return manifest
+
+
+def _check(
+    grid: Grid,
+    draft: Path,
+    nodes: Sequence[int],
+    known_sites: dict[int, str],
+    timeout: float,
+    audit: CoordinatorAudit,
+    key: Ed25519PrivateKey,
+) -> tuple[list[SiteReply], list[FailedReply], dict[str, str]]:
+    """The federated check: each site verifies the draft and scores both models. Returns
+    the sites' scores, the failures (each audited) and the accountant each site named."""
+    verify_artifact(draft, key.public_key())  # what the sites receive is what was signed
+    replies = _send(grid, nodes, ARTIFACT_CHECK, artifact_payload(draft), timeout)
+    checked, failed = _collect(replies, nodes, known_sites, timeout, ArtifactCheckMetrics)
+    accountants = _accountants(replies, {reply.node_id for reply in checked}, known_sites)
+    for reply in checked:
+        audit.record("artifact-checked", site=reply.site, status="checked", metrics=reply.metrics)
+    _audit_failures(audit, "artifact-checked", failed)
+    return checked, failed, accountants
+
+
+def _withhold(draft: Path, task: str, audit: CoordinatorAudit) -> None:
+    """No site checked the artifact: audit that it is withheld and delete the draft."""
+    audit.record("artifact-withheld", reason="no site could check the artifact")
+    shutil.rmtree(draft, ignore_errors=True)  # a signed but unchecked model ships nowhere
+    logger.warning("%s: no site checked the artifact; it is not released", task)
+
+
+def _sign_checked(
+    task: str,
+    manifest: Manifest,
+    metrics: CheckedMetrics,
+    privacy: Mapping[str, Mapping[str, Any]],
+    accountants: Mapping[str, str],
+    draft: Path,
+    directory: Path,
+    audit: CoordinatorAudit,
+    key: Ed25519PrivateKey,
+) -> str:
+    """Audit the check's results, then sign the final manifest (carrying them, each site's
+    privacy with its ``accountants``, and that audit entry's head) and move the draft into
+    ``directory``; returns the final manifest's hash."""
+    done = audit.record(
+        "artifact-check-done",
+        fp32=metrics.fp32.model_dump(),
+        int8=metrics.int8.model_dump(),
+        sites=metrics.sites,
+    )
+    final = manifest.model_copy(
+        update={
+            "metrics": metrics,
+            "sites": site_privacy(privacy, accountants),
+            "audit": AuditHead(log=coordinator_log_name(task), seq=done["seq"], hash=done["hash"]),
+        }
+    )
+    released = manifest_sha256(
+        sign_manifest(draft, Manifest.model_validate(final.model_dump()), key)
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    draft.replace(directory)
+    audit.record("artifact-signed", manifest_sha256=released, audit_seq=done["seq"])
+    return released
+
+
+def _install(
+    grid: Grid,
+    directory: Path,
+    nodes: Sequence[int],
+    known_sites: dict[int, str],
+    timeout: float,
+    audit: CoordinatorAudit,
+) -> tuple[list[SiteReply], list[FailedReply]]:
+    """Send the released artifact to every site to install; each outcome is audited."""
+    replies = _send(grid, nodes, ARTIFACT_INSTALL, artifact_payload(directory), timeout)
+    installed, not_installed = _collect(replies, nodes, known_sites, timeout, InstallMetrics)
+    for reply in installed:
+        audit.record("artifact-installed", site=reply.site, status="installed")
+    _audit_failures(audit, "artifact-installed", not_installed)
+    return installed, not_installed
+
+
+def _audit_failures(audit: CoordinatorAudit, event: str, failures: list[FailedReply]) -> None:
+    """Audit each site that failed a step (``event``), with its status and reason."""
+    for failure in failures:
+        audit.record(event, site=failure.site, status=failure.status, reason=failure.reason)
 
 
 def _accountants(

@@ -22,7 +22,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from common.errors import ConfigError
-from common.pki import SITE_NAME
+from common.identifiers import is_site_id
 from common.protocol import AUDIT_KEY, REFUSAL_CODES
 from server.strategy_utils import FailedReply, bind_site, claimed_site, readable_reason
 
@@ -46,7 +46,7 @@ def parse_site_registry(document: object) -> dict[str, str]:
         raise ConfigError("the site registry must be a JSON object of sites")
     audit_keys: dict[str, str] = {}
     for site, entry in document.items():
-        if not isinstance(site, str) or not SITE_NAME.match(site):
+        if not is_site_id(site):
             raise ConfigError(f"the site registry names {site!r}, which is not a site id")
         if not isinstance(entry, dict):
             raise ConfigError(f"the site registry's entry for {site} is not an object")

@@ -17,7 +17,6 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from common.adapters import (
     AdapterArrays,
     adapter_sha256,
-    arrays_to_record,
     lora_a_dtype,
     seeded_lora_a,
 )
@@ -32,13 +31,15 @@ from common.signing import (
     load_public_key,
     write_public_key,
 )
-from common.tasks import TASKS, model_fingerprint
-from server.aggregation import AGGREGATORS
+from common.tasks import TASKS, TaskSpec, model_fingerprint
+from server.aggregation import AGGREGATORS, AggregatorSpec
 from server.audit import CoordinatorAudit, config_sha256, coordinator_log_path
-from server.checkpoint import CheckpointStore
+from server.checkpoint import CheckpointStore, RunState
 from server.distribution import release_artifact
 from server.identity import load_site_registry
+from server.introductions import FIRST_WAIT
 from server.reporting import RunRecorder
+from server.rounds import run_rounds
 from server.strategy import FedLoraStrategy
 
 logger = logging.getLogger(__name__)
@@ -126,25 +127,114 @@ def _run_federation(
     audit_keys = load_site_registry(site_registry) if site_registry is not None else {}
     checkpoints = CheckpointStore(run_dir / "checkpoints" / federation.task)
     settings_sha256 = config_sha256(federation)
+    state = _resume_state(federation, run_dir, checkpoints, resume, settings_sha256)
+    run_id = state.run_id if state is not None else str(grid.run.run_id)
+    aggregation = AGGREGATORS.get(federation.aggregator)
+    base_sha256 = model_fingerprint(federation.base_model)
+    model = initial_model(federation)
+    initial, frozen = _initial_adapter(model, federation, aggregation)
+    recorder = RunRecorder(federation.task, run_dir / "metrics.csv")
+    strategy = _build_strategy(
+        federation,
+        spec=spec,
+        model=model,
+        aggregation=aggregation,
+        initial=initial,
+        frozen=frozen,
+        recorder=recorder,
+        checkpoints=checkpoints,
+        audit=audit,
+        run_id=run_id,
+        base_sha256=base_sha256,
+        settings_sha256=settings_sha256,
+        audit_keys=audit_keys,
+    )
+    _start_or_resume(grid, federation, strategy, audit, state, run_id, base_sha256)
+    logger.info(
+        "%s: %d rounds, aggregator %s, %d bytes per update",
+        federation.task,
+        federation.rounds,
+        federation.aggregator,
+        strategy.schema.with_dtype(federation.update_precision).payload_bytes,
+    )
+    run_rounds(
+        strategy,
+        grid,
+        num_rounds=federation.rounds - strategy.rounds_before,
+        timeout=federation.round_timeout,
+    )
+    final = strategy.global_adapter
+    adapter_dir = run_dir / "adapters" / federation.task
+    _save_adapter(model, final, adapter_dir)
+    result = _result(federation, base_sha256, strategy, recorder, model)
+    result["artifact"] = _release(
+        grid,
+        spec=spec,
+        model=model,
+        federation=federation,
+        run_dir=run_dir,
+        result=result,
+        adapter_dir=adapter_dir,
+        strategy=strategy,
+        audit=audit,
+        key=key,
+    )
+    _write_result(run_dir, federation.task, result)
+    audit.run_finished(result, final)
+    return result
+
+
+def _resume_state(
+    federation: FederationConfig,
+    run_dir: Path,
+    checkpoints: CheckpointStore,
+    resume: bool,
+    settings_sha256: str,
+) -> RunState | None:
+    """The checkpointed state to resume from: None for a fresh run, or a resumed run that
+    failed before its first checkpoint (it starts over, in its log)."""
     state = checkpoints.load_state() if resume and checkpoints.state_path.exists() else None
     if state is not None and state.config_sha256 != settings_sha256:
         raise ConfigError(
             f"the federation config differs from the one the {federation.task} run in "
             f"{run_dir} started with; a run resumes with its own settings"
         )
-    run_id = state.run_id if state is not None else str(grid.run.run_id)
-    aggregation = AGGREGATORS.get(federation.aggregator)
-    base_sha256 = model_fingerprint(federation.base_model)
-    model = initial_model(federation)
+    return state
+
+
+def _initial_adapter(
+    model: PeftModel, federation: FederationConfig, aggregation: AggregatorSpec
+) -> tuple[AdapterArrays, AdapterArrays]:
+    """The round-0 adapter and the part of it the sites keep frozen: with FFA-LoRA, LoRA's
+    A seeded from the run's seed (so every site derives the same one), else nothing."""
     initial = adapter_arrays(model)
-    frozen: dict[str, Any] = {}
+    frozen: AdapterArrays = {}
     if aggregation.freezes_lora_a:
         frozen = seeded_lora_a(
             {k: v.shape for k, v in initial.items()}, federation.seed, dtype=lora_a_dtype(initial)
         )
         initial.update(frozen)
-    recorder = RunRecorder(federation.task, run_dir / "metrics.csv")
-    strategy = FedLoraStrategy(
+    return initial, frozen
+
+
+def _build_strategy(
+    federation: FederationConfig,
+    *,
+    spec: TaskSpec,
+    model: PeftModel,
+    aggregation: AggregatorSpec,
+    initial: AdapterArrays,
+    frozen: AdapterArrays,
+    recorder: RunRecorder,
+    checkpoints: CheckpointStore,
+    audit: CoordinatorAudit,
+    run_id: str,
+    base_sha256: str,
+    settings_sha256: str,
+    audit_keys: dict[str, str],
+) -> FedLoraStrategy:
+    """The run's strategy, asking each round for ``federation``'s training settings."""
+    return FedLoraStrategy(
         request_for_round=lambda r: RoundRequest.for_round(
             federation,
             base_sha256,
@@ -167,60 +257,87 @@ def _run_federation(
         config_sha256=settings_sha256,
         audit_keys=audit_keys,
     )
-    introduced = strategy.introduce(grid, sorted(grid.get_node_ids()))
-    joined = {
-        site: details
+
+
+def _start_or_resume(
+    grid: Grid,
+    federation: FederationConfig,
+    strategy: FedLoraStrategy,
+    audit: CoordinatorAudit,
+    state: RunState | None,
+    run_id: str,
+    base_sha256: str,
+) -> None:
+    """Introduce the connected sites, then audit the run's start (and checkpoint round 0)
+    or its resumption from ``state``, then each site that joined."""
+    introduced = strategy.introduce(
+        grid, sorted(grid.get_node_ids()), wait=min(FIRST_WAIT, strategy.introduction_timeout)
+    )
+    joined = [
+        site
         for site, details in introduced.items()
         if details.get("task", federation.task) == federation.task
-    }
+    ]
     if state is None:
         audit.run_started(
             run=str(grid.run.run_id),
             federation=federation,
             base_model_sha256=base_sha256,
             initial=strategy.global_adapter,
-            sites=list(joined),
+            sites=joined,
         )
         strategy.save_state(0)
     else:
-        strategy.resume(state)
-        if adapter_sha256(strategy.global_adapter) != state.adapter_sha256:
-            raise ConfigError("the resumed adapter differs from the checkpointed one")
-        audit.run_resumed(
-            run=str(grid.run.run_id),
-            run_id=run_id,
-            from_round=state.completed_round,
-            adapter=strategy.global_adapter,
-            sites=list(joined),
-        )
-        logger.info(
-            "%s: resuming run %s after round %d of %d",
-            federation.task,
-            run_id,
-            state.completed_round,
-            federation.rounds,
-        )
+        _resume(grid, federation, strategy, audit, state, run_id, joined)
     for site, details in introduced.items():
         audit.site_joined(site, details)
+
+
+def _resume(
+    grid: Grid,
+    federation: FederationConfig,
+    strategy: FedLoraStrategy,
+    audit: CoordinatorAudit,
+    state: RunState,
+    run_id: str,
+    joined: list[str],
+) -> None:
+    """Restore ``strategy`` from ``state``, check its adapter is the checkpointed one,
+    and audit the resumption."""
+    strategy.resume(state)
+    if adapter_sha256(strategy.global_adapter) != state.adapter_sha256:
+        raise ConfigError("the resumed adapter differs from the checkpointed one")
+    audit.run_resumed(
+        run=str(grid.run.run_id),
+        run_id=run_id,
+        from_round=state.completed_round,
+        adapter=strategy.global_adapter,
+        sites=joined,
+    )
     logger.info(
-        "%s: %d rounds, aggregator %s, %d bytes per update",
+        "%s: resuming run %s after round %d of %d",
         federation.task,
+        run_id,
+        state.completed_round,
         federation.rounds,
-        federation.aggregator,
-        strategy.schema.with_dtype(federation.update_precision).payload_bytes,
     )
-    strategy.start(
-        grid=grid,
-        initial_arrays=arrays_to_record(strategy.trained),
-        num_rounds=federation.rounds - strategy.rounds_before,
-        timeout=federation.round_timeout,
-    )
-    final = strategy.global_adapter
+
+
+def _save_adapter(model: PeftModel, final: AdapterArrays, adapter_dir: Path) -> None:
+    """Load the final adapter into ``model`` and save it (PEFT's format) in ``adapter_dir``."""
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in final.items()})
-    adapter_dir = run_dir / "adapters" / federation.task
     model.save_pretrained(str(adapter_dir))
 
-    result: dict[str, Any] = {
+
+def _result(
+    federation: FederationConfig,
+    base_sha256: str,
+    strategy: FedLoraStrategy,
+    recorder: RunRecorder,
+    model: PeftModel,
+) -> dict[str, Any]:
+    """The run's result (``tasks/TASK.json``), less its artifact."""
+    return {
         "task": federation.task,
         "base_model_sha256": base_sha256,
         "aggregator": federation.aggregator,
@@ -247,8 +364,26 @@ def _run_federation(
         "adapter_bytes": strategy.schema.with_dtype(federation.update_precision).payload_bytes,
         "model_parameters_bytes": full_model_bytes(model),
     }
+
+
+def _release(
+    grid: Grid,
+    *,
+    spec: TaskSpec,
+    model: PeftModel,
+    federation: FederationConfig,
+    run_dir: Path,
+    result: dict[str, Any],
+    adapter_dir: Path,
+    strategy: FedLoraStrategy,
+    audit: CoordinatorAudit,
+    key: Ed25519PrivateKey,
+) -> dict[str, Any]:
+    """Release the trained adapter as a signed artifact to this task's sites; its record,
+    or ``{"status": "failed", ...}``. The trained adapter is saved either way: a failed
+    export or distribution is recorded (``artifact-failed``), not allowed to lose the run."""
     try:
-        result["artifact"] = release_artifact(
+        return release_artifact(
             grid,
             spec=spec,
             model=model,
@@ -261,13 +396,13 @@ def _run_federation(
             key=key,
         )
     except Exception as exc:
-        # The trained adapter is saved either way; a failed export or distribution is
-        # recorded, not allowed to lose the run.
         logger.exception("%s: the artifact could not be released", federation.task)
         audit.record("artifact-failed", error=type(exc).__name__)
-        result["artifact"] = {"status": "failed", "error": type(exc).__name__}
+        return {"status": "failed", "error": type(exc).__name__}
+
+
+def _write_result(run_dir: Path, task: str, result: dict[str, Any]) -> None:
+    """Write ``RUN_DIR/tasks/TASK.json``, which also marks the run finished (not resumable)."""
     results = run_dir / RESULT_DIR
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{federation.task}.json").write_text(json.dumps(result, indent=2))
-    audit.run_finished(result, final)
-    return result
+    (results / f"{task}.json").write_text(json.dumps(result, indent=2))

@@ -297,56 +297,89 @@ def round_progress(console: Console) -> Progress:
 def print_summary(
     summary: dict[str, Any], run_dir: Path, console: Console, kind: str = "simulation"
 ) -> None:
-    # One column per task, so the table stays narrow however many figures a task has.
+    """The console report of a finished run: the tasks and sites tables, then notes on
+    faults, artifacts, exclusions and the audit trail."""
+    tasks = _tasks_table(summary, kind)
+    sites = _sites_table(summary)
+    console.print(tasks)
+    console.print(sites)
+    console.print(
+        "refused: rounds a site's policy or budget said no; excluded: updates rejected by "
+        "validation, error replies and timeouts (reasons in metrics.csv)"
+    )
+    _print_faults(summary, console)
+    _print_artifacts(summary, run_dir, console)
+    _print_exclusions(summary, console)
+    _print_audit(summary, run_dir, console)
+    console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
+
+
+_TASK_ROWS = (
+    "aggregator",
+    "rounds",
+    "accuracy",
+    "loss",
+    "sites",
+    "refused",
+    "excluded",
+    "rollbacks",
+    "artifact",
+    "size int8/fp32",
+    "acc fp32→int8",
+    "installed at",
+)
+"""The rows of the tasks table, top to bottom."""
+
+
+def _tasks_table(summary: dict[str, Any], kind: str) -> Table:
+    """One column per task, so the table stays narrow however many figures a task has."""
     tasks = Table(title=f"fedlora {kind} — {summary['scenario']!r}")
     tasks.add_column("")
     for name in summary["tasks"]:
         tasks.add_column(name, justify="right")
-    rows: dict[str, list[str]] = {
-        "aggregator": [],
-        "rounds": [],
-        "accuracy": [],
-        "loss": [],
-        "sites": [],
-        "refused": [],
-        "excluded": [],
-        "rollbacks": [],
-        "artifact": [],
-        "size int8/fp32": [],
-        "acc fp32→int8": [],
-        "installed at": [],
+    columns = [_task_cells(task) for task in summary["tasks"].values()]
+    for label in _TASK_ROWS:
+        tasks.add_row(label, *(cells[label] for cells in columns))
+    return tasks
+
+
+def _task_cells(task: dict[str, Any]) -> dict[str, str]:
+    """One task's column of the tasks table: row label -> cell."""
+    excluded = task["excluded_updates"]
+    artifact = task["artifact"]
+    metrics = artifact.get("metrics")
+    return {
+        "aggregator": task["aggregator"],
+        "rounds": f"{task['rounds_completed']}/{task['rounds_planned']}",
+        "accuracy": f"{task['final']['accuracy']:.3f}",
+        "loss": f"{task['final']['loss']:.3f}",
+        "sites": str(len(task["sites"])),
+        "refused": str(excluded["refused"]),
+        "excluded": str(sum(excluded.values()) - excluded["refused"]),
+        "rollbacks": str(len(task["rollbacks"])),
+        "artifact": _artifact_status(artifact),
+        "size int8/fp32": f"{artifact['int8_bytes'] / artifact['fp32_bytes']:.2f}"
+        if artifact["verified"]
+        else "—",
+        "acc fp32→int8": f"{metrics['fp32']['accuracy']:.3f}→{metrics['int8']['accuracy']:.3f}"
+        if metrics
+        else "—",
+        "installed at": f"{len(artifact['installed'])}/{len(task['sites'])} sites",
     }
-    for task in summary["tasks"].values():
-        excluded = task["excluded_updates"]
-        rows["aggregator"].append(task["aggregator"])
-        rows["rounds"].append(f"{task['rounds_completed']}/{task['rounds_planned']}")
-        rows["accuracy"].append(f"{task['final']['accuracy']:.3f}")
-        rows["loss"].append(f"{task['final']['loss']:.3f}")
-        rows["sites"].append(str(len(task["sites"])))
-        rows["refused"].append(str(excluded["refused"]))
-        rows["excluded"].append(str(sum(excluded.values()) - excluded["refused"]))
-        rows["rollbacks"].append(str(len(task["rollbacks"])))
-        artifact = task["artifact"]
-        if artifact["verified"]:
-            status = "verified" if artifact["checked"] else "[yellow]unchecked[/yellow]"
-        elif artifact["problem"].startswith("not released"):
-            status = "[yellow]not released[/yellow]"
-        else:
-            status = "[red]NOT VERIFIED[/red]"
-        rows["artifact"].append(status)
-        if artifact["verified"]:
-            rows["size int8/fp32"].append(f"{artifact['int8_bytes'] / artifact['fp32_bytes']:.2f}")
-        else:
-            rows["size int8/fp32"].append("—")
-        metrics = artifact.get("metrics")
-        rows["acc fp32→int8"].append(
-            f"{metrics['fp32']['accuracy']:.3f}→{metrics['int8']['accuracy']:.3f}"
-            if metrics
-            else "—"
-        )
-        rows["installed at"].append(f"{len(artifact['installed'])}/{len(task['sites'])} sites")
-    for label, values in rows.items():
-        tasks.add_row(label, *values)
+
+
+def _artifact_status(artifact: dict[str, Any]) -> str:
+    """The artifact's state, in console markup: verified, unchecked, not released or not
+    verified."""
+    if artifact["verified"]:
+        return "verified" if artifact["checked"] else "[yellow]unchecked[/yellow]"
+    if artifact["problem"].startswith("not released"):
+        return "[yellow]not released[/yellow]"
+    return "[red]NOT VERIFIED[/red]"
+
+
+def _sites_table(summary: dict[str, Any]) -> Table:
+    """One row per site: its records, rounds and ε."""
     deltas = sorted({f"{site['delta']:g}" for site in summary["sites"].values()})
     sites = Table(title=f"sites (δ = {', '.join(deltas)})")
     for column in ("site", "records", "rounds", "refused", "excluded", "ε spent", "ε budget"):
@@ -361,12 +394,11 @@ def print_summary(
             f"{site['epsilon_spent']:.2f}",
             f"{site['epsilon_budget']:.2f}",
         )
-    console.print(tasks)
-    console.print(sites)
-    console.print(
-        "refused: rounds a site's policy or budget said no; excluded: updates rejected by "
-        "validation, error replies and timeouts (reasons in metrics.csv)"
-    )
+    return sites
+
+
+def _print_faults(summary: dict[str, Any], console: Console) -> None:
+    """The faults a scenario injected, if any."""
     faulty = [
         f"{name} ({_describe(site['behaviour'])})"
         for name, site in summary["sites"].items()
@@ -374,6 +406,11 @@ def print_summary(
     ]
     if faulty:
         console.print("injected faults: " + ", ".join(faulty))
+
+
+def _print_artifacts(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    """Where each task's artifact is (or why there is none), and the sites that did not
+    take it."""
     for name, task in summary["tasks"].items():
         artifact = task["artifact"]
         if artifact["verified"]:
@@ -385,11 +422,19 @@ def print_summary(
             **artifact.get("install_failures", {}),
         }.items():
             console.print(f"  {site} did not take the artifact: {reason}", markup=False)
+
+
+def _print_exclusions(summary: dict[str, Any], console: Console) -> None:
+    """Per task, how many updates ended in each exclusion status (those that did)."""
     for name, task in summary["tasks"].items():
         counts = {k: v for k, v in task["excluded_updates"].items() if v}
         if counts:
             details = ", ".join(f"{count} {status}" for status, count in counts.items())
             console.print(f"{name}: {details}", markup=False)
+
+
+def _print_audit(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    """Whether the audit trail verified, and where its report is."""
     audit = summary["audit"]
     if audit["intact"]:
         console.print(f"audit trail: {audit['logs']} signed logs verified intact")
@@ -397,7 +442,6 @@ def print_summary(
         problems = escape("; ".join(audit["problems"]))
         console.print(f"[red]audit trail: NOT intact[/red]: {problems}")
     console.print(f"audit report: {run_dir / audit['report']}")
-    console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
 
 
 def _describe(behaviour: dict[str, Any]) -> str:

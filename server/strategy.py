@@ -7,8 +7,12 @@ fail, refuse or stay silent are recorded with their reason instead of sinking th
 round, every aggregate is checkpointed, and a round whose federated accuracy falls
 too far below the best so far gives way to the best adapter (the rollback guard).
 
-The strategy keeps the global adapter itself rather than trusting the arrays Flower's
-loop hands back, because the rollback guard may replace it after evaluation.
+Each event of a round is published once (server/events.py) and reaches both the
+metrics recorder and the audit log. Introductions (who a node is) are asked by the
+round loop (server/rounds.py), never inside a hook, and retried until a node answers
+(server/introductions.py). The strategy keeps the global adapter rather than trusting
+arrays handed back by a loop, because the rollback guard may replace it after
+evaluation; the loop sends what the strategy holds.
 """
 
 from __future__ import annotations
@@ -16,22 +20,36 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import AdapterArrays, AdapterSchema, adapter_sha256, arrays_to_record
 from common.config import RollbackGuard, UpdateValidation
 from common.errors import ConfigError
-from common.protocol import EVALUATE_METRICS, TRAIN_METRICS, RoundRequest
+from common.protocol import RoundRequest
+from common.replies import EvalMetrics, TrainMetrics
 from server.aggregation import Aggregator, lora_product_error
 from server.audit import CoordinatorAudit
 from server.checkpoint import CheckpointStore, EvaluatedAdapter, RunState
+from server.events import (
+    Aggregated,
+    Evaluated,
+    RolledBack,
+    RoundEvents,
+    RoundFailed,
+    RoundStarted,
+    SiteEvaluated,
+    SiteFailed,
+    SiteJoined,
+    SiteTrained,
+)
 from server.identity import Admission
+from server.introductions import Introductions
 from server.reporting import RunRecorder
+from server.rollback import BestAdapter, decide
 from server.strategy_utils import (
     EXCLUSION_STATUSES,
     FailedReply,
@@ -40,22 +58,12 @@ from server.strategy_utils import (
     metric_record,
     missing_replies,
     parse_replies,
-    rollback_reason,
     update_receipt,
     weighted_mean,
 )
 from server.validation import UpdateLimits, check_evaluation, validate_update
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BestAdapter:
-    server_round: int
-    """The round whose aggregation produced this adapter (0: the initial one)."""
-    accuracy: float
-    loss: float
-    trained: AdapterArrays
 
 
 class FedLoraStrategy(FedAvg):
@@ -105,6 +113,8 @@ class FedLoraStrategy(FedAvg):
         self.site_details: dict[str, dict[str, str]] = {}
         """What each site said of itself when it joined (kind, task, audit key)."""
         self.introduction_timeout = min(120.0, round_timeout)
+        self.introductions = Introductions(retry_after=self.introduction_timeout)
+        self.publish = RoundEvents(recorder, audit)
         self.rounds_aggregated = 0
         self.adapter_round = 0
         """The round that produced the current global adapter (0: the initial one)."""
@@ -118,10 +128,13 @@ class FedLoraStrategy(FedAvg):
         self.rounds_before = 0
         """Rounds completed before this process started (a resumed run): Flower's loop
         counts from 1 again, the hooks add this to get the run's round."""
-        self._introduced: set[int] = set()
         self._request: RoundRequest | None = None
         self._sent_adapter: AdapterArrays = self.trained
         self._sent_to: set[int] = set()
+
+    def current_arrays(self) -> ArrayRecord:
+        """The trained tensors of the current global adapter, as they travel."""
+        return arrays_to_record(self.trained)
 
     @property
     def global_adapter(self) -> AdapterArrays:
@@ -202,11 +215,10 @@ class FedLoraStrategy(FedAvg):
             )
         )
         nodes = sorted(m.metadata.dst_node_id for m in messages)
-        for site, details in self.introduce(grid, nodes).items():
-            self.audit.site_joined(site, details)
+        self.admission.learn(grid, nodes)
         messages = self._for_this_task(messages)
         self._sent_to = {m.metadata.dst_node_id for m in messages}
-        self.audit.round_started(server_round, "train", self._site_names(self._sent_to))
+        self.publish(RoundStarted(server_round, "train", self._site_names(self._sent_to)))
         self._failures(server_round, "train", self.admission.held_back(nodes, self.known_sites))
         return messages
 
@@ -237,22 +249,31 @@ class FedLoraStrategy(FedAvg):
     def _site_names(self, node_ids: Iterable[int]) -> list[str]:
         return [self.known_sites.get(node, f"node-{node}") for node in node_ids]
 
-    def introduce(self, grid: Grid, node_ids: list[int]) -> dict[str, dict[str, str]]:
+    def introduce(
+        self, grid: Grid, node_ids: Iterable[int], wait: float = 0.0
+    ) -> dict[str, dict[str, str]]:
         """Ask nodes we have not heard from which site they are, so that even a site that
-        refuses every round is reported by name. Returns the sites that joined, each with
-        what it said of itself (kind, task, audit key fingerprint). A node that claims a
-        registered name or audit key not its own is rejected for the run (reported at the
-        next configure_train); one whose audit key is unshown is asked again each round."""
-        self.admission.learn(grid, node_ids)
-        unknown = self.admission.to_introduce(node_ids, self.known_sites, self._introduced)
-        if not unknown:
-            return {}
-        self._introduced.update(unknown)  # asked once (bar a missing audit key): no stalls
-        queries = [
-            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
-            for node in unknown
-        ]
-        replies = grid.send_and_receive(queries, timeout=self.introduction_timeout)
+        refuses every round is reported by name; take the answers that came meanwhile.
+        Returns the sites that joined, each with what it said of itself (kind, task,
+        audit key fingerprint). A node that claims a registered name or audit key not
+        its own is rejected for the run (reported at the next configure_train); one
+        whose audit key is unshown, or that has not answered within the introduction
+        timeout, is asked again. ``wait``: seconds to wait for the answers (0: none)."""
+        nodes = list(node_ids)
+        self.admission.learn(grid, nodes)
+        joined = self._screen(self.introductions.collect(grid))
+        asked = self.introductions.answered | self.introductions.waiting()
+        self.introductions.ask(grid, self.admission.to_introduce(nodes, self.known_sites, asked))
+        joined.update(self._screen(self.introductions.collect(grid, wait)))
+        return joined
+
+    def admit(self, grid: Grid, wait: float = 0.0) -> None:
+        """Introductions for every connected node, and the sites that joined recorded:
+        what the round loop runs before each round and before updates are accepted."""
+        for site, details in self.introduce(grid, sorted(grid.get_node_ids()), wait).items():
+            self.publish(SiteJoined(site, details))
+
+    def _screen(self, replies: list[Message]) -> dict[str, dict[str, str]]:
         joined = self.admission.screen(replies, self.known_sites)
         self.site_details.update(joined)
         return joined
@@ -267,18 +288,8 @@ class FedLoraStrategy(FedAvg):
         """Record each failure; a rejected training reply is audited as a received
         update (with its hash) when ``receipts`` are given."""
         for failure in failures:
-            self.recorder.site_failed(
-                server_round, failure.site, phase, failure.status, failure.reason
-            )
             receipt = (receipts or {}).get(failure.node_id)
-            if failure.status == "rejected" and receipt is not None:
-                self.audit.update_received(
-                    server_round, failure.site, receipt, accepted=False, reason=failure.reason
-                )
-            else:
-                self.audit.site_excluded(
-                    server_round, failure.site, phase, failure.status, failure.reason
-                )
+            self.publish(SiteFailed(server_round, phase, failure, receipt))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -295,7 +306,7 @@ class FedLoraStrategy(FedAvg):
             limits=self.limits,
         )
         parsed, bad = parse_replies(
-            received, self.known_sites, check, TRAIN_METRICS, registered=self.admission.registered
+            received, self.known_sites, check, TrainMetrics, registered=self.admission.registered
         )
         decoded = {reply.node_id: reply.arrays for reply in parsed}
         receipts = {
@@ -314,9 +325,10 @@ class FedLoraStrategy(FedAvg):
                 good.append(reply)
         self._failures(server_round, "train", bad, receipts)
         for reply in good:
-            self.recorder.site_trained(server_round, reply.site, reply.metrics, reply.norm)
-            self.audit.update_received(
-                server_round, reply.site, receipts[reply.node_id], accepted=True, norm=reply.norm
+            self.publish(
+                SiteTrained(
+                    server_round, reply.site, reply.metrics, reply.norm, receipts[reply.node_id]
+                )
             )
         counts = {
             status: float(sum(1 for failure in bad if failure.status == status))
@@ -330,8 +342,7 @@ class FedLoraStrategy(FedAvg):
                 "sites; the previous global adapter is kept"
             )
             logger.warning("%s round %d failed: %s", self.recorder.task, server_round, reason)
-            self.recorder.round_trained(server_round, int(sum(weights)), None, reason)
-            self.audit.round_failed(server_round, reason)
+            self.publish(RoundFailed(server_round, int(sum(weights)), reason))
             return None, metric_record({"sites": float(len(good)), **counts})
         # Updates arrive in the run's update precision, packed by validation; the
         # aggregate is computed and kept in (at least) float32.
@@ -347,13 +358,9 @@ class FedLoraStrategy(FedAvg):
         lora_error = error if math.isfinite(error) else None
         self.checkpoints.save(server_round, self.global_adapter)
         self.rounds_aggregated += 1
-        self.recorder.round_trained(server_round, int(sum(weights)), lora_error, None)
-        self.audit.aggregated(
-            server_round,
-            self.global_adapter,
-            [reply.site for reply in good],
-            int(sum(weights)),
-            lora_error,
+        sites = [reply.site for reply in good]
+        self.publish(
+            Aggregated(server_round, self.global_adapter, sites, int(sum(weights)), lora_error)
         )
         metrics = {
             "examples": float(sum(weights)),
@@ -376,7 +383,7 @@ class FedLoraStrategy(FedAvg):
         self.admission.learn(grid, [m.metadata.dst_node_id for m in messages])
         messages = self._for_this_task(messages)
         self._sent_to = {m.metadata.dst_node_id for m in messages}
-        self.audit.round_started(server_round, "evaluate", self._site_names(self._sent_to))
+        self.publish(RoundStarted(server_round, "evaluate", self._site_names(self._sent_to)))
         return messages
 
     def aggregate_evaluate(
@@ -396,52 +403,47 @@ class FedLoraStrategy(FedAvg):
             received,
             self.known_sites,
             None,
-            EVALUATE_METRICS,
+            EvalMetrics,
             check_metrics=partial(check_evaluation, limits=self.limits),
             registered=self.admission.registered,
         )
         bad += missing_replies(self._sent_to, received, self.known_sites, self.round_timeout)
         self._failures(server_round, "evaluate", bad)
         for reply in good:
-            self.recorder.site_evaluated(server_round, reply.site, reply.metrics)
+            self.publish(SiteEvaluated(server_round, reply.site, reply.metrics))
         if not good:
             return None
         weights = [reply.metrics["num-examples"] for reply in good]
         loss = weighted_mean([r.metrics["eval-loss"] for r in good], weights)
         accuracy = weighted_mean([r.metrics["eval-accuracy"] for r in good], weights)
-        self.recorder.round_evaluated(server_round, loss, accuracy, int(sum(weights)))
-        self.audit.evaluated(
-            server_round, accuracy, loss, int(sum(weights)), [reply.site for reply in good]
-        )
+        sites = [reply.site for reply in good]
+        self.publish(Evaluated(server_round, loss, accuracy, int(sum(weights)), sites))
         self._guard(server_round, accuracy, loss)
         return metric_record({"eval-loss": loss, "eval-accuracy": accuracy})
 
     def _guard(self, server_round: int, accuracy: float, loss: float) -> None:
-        """The rollback guard: keep the best adapter when this round's fell too far."""
+        """The rollback guard (server/rollback.py): keep the best adapter when this
+        round's fell too far."""
         self.adapter_evaluation = {"round": server_round, "accuracy": accuracy, "loss": loss}
-        if not self.rollback.enabled:
+        current = BestAdapter(self.adapter_round, accuracy, loss, self.trained)
+        decision = decide(self.rollback, self.best, current)
+        self.best = decision.best
+        restore = decision.restore
+        if restore is None or decision.reason is None:
             return
-        best = self.best
-        reason = rollback_reason(
-            accuracy,
-            best.accuracy if best else None,
-            best.server_round if best else None,
-            self.rollback.max_accuracy_drop,
+        logger.warning(
+            "%s round %d rolled back: %s", self.recorder.task, server_round, decision.reason
         )
-        if reason is not None and best is not None:
-            logger.warning("%s round %d rolled back: %s", self.recorder.task, server_round, reason)
-            self.recorder.rolled_back(server_round, best.server_round, reason)
-            self.trained = best.trained
-            self.audit.rolled_back(server_round, best.server_round, self.global_adapter, reason)
-            self.adapter_round = best.server_round
-            self.adapter_evaluation = {
-                "round": best.server_round,
-                "accuracy": best.accuracy,
-                "loss": best.loss,
-            }
-            return
-        if best is None or accuracy > best.accuracy:
-            self.best = BestAdapter(self.adapter_round, accuracy, loss, self.trained)
+        self.trained = restore.trained
+        self.publish(
+            RolledBack(server_round, restore.server_round, self.global_adapter, decision.reason)
+        )
+        self.adapter_round = restore.server_round
+        self.adapter_evaluation = {
+            "round": restore.server_round,
+            "accuracy": restore.accuracy,
+            "loss": restore.loss,
+        }
 
     def _changed_count(self, reply: SiteReply) -> str | None:
         """A site trains on one dataset through a run: a new count is a lie or a fault."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common.adapters import AdapterArrays, adapter_sha256, record_to_arrays
 from common.errors import UpdateError
+from common.identifiers import is_site_id
 from common.protocol import (
     ARTIFACT_REFUSED,
     AUDIT_HEAD_HASH,
@@ -24,6 +24,7 @@ from common.protocol import (
     REFUSED_BY_POLICY,
     SITE_ID_KEY,
 )
+from common.replies import CountMetrics, ReplyMetrics
 from server.validation import record_payload_bytes
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,6 @@ def update_receipt(
     )
 
 
-SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
-"""A public site id, as site configs define it; anything else is not taken as a name."""
-
-
 def claimed_site(message: Message) -> str | None:
     """The site name a reply claims, if it is a site id."""
     if not message.has_content():
@@ -128,7 +125,7 @@ def claimed_site(message: Message) -> str | None:
     config = message.content.config_records.get("site")
     if isinstance(config, ConfigRecord) and isinstance(config.get(SITE_ID_KEY), str):
         claimed = str(config[SITE_ID_KEY])
-        return claimed if SITE_NAME.match(claimed) else None
+        return claimed if is_site_id(claimed) else None
     return None
 
 
@@ -210,25 +207,19 @@ def readable_reason(reason: str | None) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
-def _metrics_of(message: Message, required: tuple[str, ...]) -> dict[str, float] | str:
-    """The reply's metrics as finite floats, or the reason they cannot be used."""
+def _metrics_of(message: Message, schema: type[ReplyMetrics]) -> dict[str, float] | str:
+    """The reply's metrics as ``schema`` reads them (common/replies.py), or the reason
+    they cannot be used."""
     records = list(message.content.metric_records.values())
     if len(records) != 1:
         return f"expected one metric record, got {len(records)}"
-    metrics: dict[str, float] = {}
-    for key, value in records[0].items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"metric {key!r} is not a number"
-        if not math.isfinite(value):
-            return f"metric {key!r} is not finite"
-        metrics[key] = float(value)
-    missing = [key for key in required if key not in metrics]
-    if missing:
-        return f"reply lacks metric(s) {', '.join(missing)}"
-    examples = metrics["num-examples"] if "num-examples" in required else 1.0
-    if examples <= 0 or not examples.is_integer():
-        return "num-examples must be a positive whole number"
-    return metrics
+    values = dict(records[0])
+    try:
+        checked = schema.from_values(values).as_dict()
+    except UpdateError as exc:
+        return str(exc)
+    # Numbers beyond the schema's pass through (as floats); none is used unchecked.
+    return {**{key: float(value) for key, value in values.items()}, **checked}  # type: ignore[arg-type]
 
 
 UpdateCheck = Callable[[ArrayRecord | None, dict[str, float]], tuple[AdapterArrays, float]]
@@ -240,7 +231,7 @@ def parse_replies(
     replies: Iterable[Message],
     known_sites: dict[int, str],
     check_update: UpdateCheck | None,
-    required_metrics: tuple[str, ...] = ("num-examples",),
+    schema: type[ReplyMetrics] = CountMetrics,
     check_metrics: Callable[[dict[str, float]], None] | None = None,
     registered: Mapping[int, str] | None = None,
 ) -> tuple[list[SiteReply], list[FailedReply]]:
@@ -271,7 +262,7 @@ def parse_replies(
         if identity_problem:
             bad.append(FailedReply(node_id, site, "rejected", identity_problem))
             continue
-        metrics = _metrics_of(message, required_metrics)
+        metrics = _metrics_of(message, schema)
         if isinstance(metrics, str):
             bad.append(FailedReply(node_id, site, "rejected", metrics))
             continue

@@ -71,6 +71,10 @@ class FaultInjection:
 
     def __call__(self, message: Message, context: Context, call_next: ClientAppCallable) -> Message:
         behaviour = self.behaviours[int(context.node_config["partition-id"])]
+        if behaviour is not None and behaviour.kind == "slow-introduction":
+            if message.metadata.message_type == MessageType.QUERY:
+                time.sleep(behaviour.delay)
+            return call_next(message, context)
         if (
             behaviour is None
             or message.metadata.message_type != MessageType.TRAIN

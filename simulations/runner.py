@@ -37,27 +37,21 @@ from server.run import coordinator_key, publish_public_key
 from simulations.faults import fault_mods
 from simulations.generators.dicom import (
     public_pretext_images,
-    write_corrupt_examples,
-    write_hospital,
 )
-from simulations.generators.tabular import bank_schema, write_bank
+from simulations.generators.tabular import bank_schema
 from simulations.generators.text import (
-    LABEL_COLUMN,
-    PERSON_COLUMNS,
     TEXT_CLASSES,
-    TEXT_COLUMNS,
     customer_narrative,
     public_vocabulary,
     radiology_report,
-    write_texts,
 )
-from simulations.scenario import AnySite, HospitalSpec, Scenario, SiteBehaviour, TextSiteSpec
+from simulations.scenario import AnySite, Scenario, SiteBehaviour
+from simulations.site_kinds import IMAGING_CLASSES, SITE_KINDS
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 BASE_MODEL_VERSION = 3  # bump when the demo base models change
-IMAGING_CLASSES = ["normal", "lesion"]
 PRETEXT_CLASSES = 3  # public pretext task: 0, 1 or 2 blobs
 
 
@@ -98,36 +92,7 @@ def generate_site_data(spec: AnySite, scenario: Scenario, site_dir: Path) -> boo
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
     seed = _site_seed(scenario, spec)
-    if isinstance(spec, HospitalSpec):
-        write_hospital(
-            data_dir,
-            patients=spec.patients,
-            classes=IMAGING_CLASSES,
-            class_weights=spec.class_weights,
-            seed=seed,
-            modality=spec.modality,
-        )
-        if spec.corrupt_files:
-            write_corrupt_examples(data_dir, seed=seed)
-    elif isinstance(spec, TextSiteSpec):
-        write_texts(
-            data_dir / f"texts.{spec.format}",
-            kind=spec.kind,
-            people=spec.people,
-            seed=seed,
-            urgent_rate=spec.urgent_rate,
-            empty_texts=spec.empty_texts,
-            overlong_texts=spec.overlong_texts,
-            file_format=spec.format,
-        )
-    else:
-        write_bank(
-            data_dir / f"loans.{spec.format}",
-            customers=spec.customers,
-            seed=seed,
-            default_rate=spec.default_rate,
-            file_format=spec.format,
-        )
+    SITE_KINDS.get(spec.data_kind).generate(spec, scenario, data_dir, seed)
     marker_path.write_text(json.dumps(marker, indent=2))
     return True
 
@@ -297,35 +262,7 @@ def site_config_document(
     }
     if coordinator_key is not None:
         document["site"]["coordinator_key"] = str(coordinator_key)
-    if isinstance(spec, HospitalSpec):
-        document["data"] = {
-            "format": "dicom",
-            "path": str(site_dir / "data"),
-            "classes": IMAGING_CLASSES,
-            "labels": "csv",
-            "image_size": scenario.image_size,
-        }
-    elif isinstance(spec, TextSiteSpec):
-        document["data"] = {
-            "format": spec.format,
-            "path": str(site_dir / "data" / f"texts.{spec.format}"),
-            "classes": TEXT_CLASSES,
-            "text_column": TEXT_COLUMNS[spec.kind],
-            "label_column": LABEL_COLUMN,
-            "person_column": PERSON_COLUMNS[spec.kind],
-            "max_tokens": scenario.text_backbone.max_tokens,
-        }
-    else:
-        schema = bank_schema()
-        document["data"] = {
-            "format": spec.format,
-            "path": str(site_dir / "data" / f"loans.{spec.format}"),
-            "classes": schema["classes"],
-            "label_column": schema["label_column"],
-            "person_column": schema["person_column"],
-            "numeric_features": schema["numeric_features"],
-            "categorical_features": schema["categorical_features"],
-        }
+    document["data"] = SITE_KINDS.get(spec.data_kind).data_document(spec, site_dir, scenario)
     return document
 
 

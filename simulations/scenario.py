@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
@@ -19,10 +19,20 @@ from common.config import (
     validate_model,
 )
 from common.errors import ConfigError
+from common.identifiers import SiteId
 from common.tasks import TASKS
 
 BehaviourKind = Literal[
-    "nan", "inf", "wrong-shape", "missing-keys", "scaled", "oversized", "error", "crash", "slow"
+    "nan",
+    "inf",
+    "wrong-shape",
+    "missing-keys",
+    "scaled",
+    "oversized",
+    "error",
+    "crash",
+    "slow",
+    "slow-introduction",
 ]
 
 
@@ -33,18 +43,23 @@ class SiteBehaviour(StrictModel):
     a ``wrong-shape`` tensor, ``missing-keys``, an update ``scaled`` by ``factor``, an
     ``oversized`` payload, an ``error`` reply (without training), a ``crash`` (the
     site's process dies after ``crash_after_steps`` optimiser steps) or a ``slow``
-    reply (``delay`` seconds late: a straggler). Evaluation stays honest.
+    reply (``delay`` seconds late: a straggler). Evaluation stays honest. A
+    ``slow-introduction`` site is honest in every round but answers the coordinator's
+    introduction ``delay`` seconds late (a site busy or on a loaded machine).
     """
 
     kind: BehaviourKind
     factor: float = Field(default=1000.0, description="scaled: the update's multiplier.")
-    delay: float = Field(default=0.0, ge=0, description="slow: seconds before replying.")
+    delay: float = Field(
+        default=0.0, ge=0, description="slow, slow-introduction: seconds before replying."
+    )
     crash_after_steps: int = Field(default=1, ge=1, description="crash: steps before dying.")
     from_round: int = Field(default=1, ge=1, description="First round that misbehaves.")
 
 
 class HospitalSpec(StrictModel):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    data_kind: ClassVar[DataKind] = "dicom"
+    id: SiteId
     kind: Literal["hospital"]
     patients: int = Field(ge=1, description="Patients; each has 1-3 images.")
     class_weights: list[float] = Field(
@@ -60,7 +75,8 @@ class HospitalSpec(StrictModel):
 
 
 class BankSpec(StrictModel):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    data_kind: ClassVar[DataKind] = "table"
+    id: SiteId
     kind: Literal["bank"]
     customers: int = Field(ge=1)
     default_rate: float = Field(default=0.4, gt=0, lt=1, description="Label skew.")
@@ -75,7 +91,8 @@ class BankSpec(StrictModel):
 class TextSiteSpec(StrictModel):
     """A hospital with radiology reports or a bank with customer narratives (text task)."""
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    data_kind: ClassVar[DataKind] = "text"
+    id: SiteId
     kind: SiteKind
     data: Literal["text"]
     people: int = Field(ge=1, description="Patients or customers; each has 1-3 texts.")
@@ -112,9 +129,7 @@ AnySite = HospitalSpec | BankSpec | TextSiteSpec
 
 
 def site_data_kind(site: AnySite) -> DataKind:
-    if isinstance(site, TextSiteSpec):
-        return "text"
-    return "dicom" if isinstance(site, HospitalSpec) else "table"
+    return site.data_kind
 
 
 class TaskRunSpec(FederationSettings):

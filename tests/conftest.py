@@ -4,17 +4,28 @@ simulation builds them, so tests exercise the real loading paths."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
 from transformers.utils import logging as transformers_logging
 
 from client.site import SALT_FILE
+from simulations import runner
 from simulations.runner import build_base_model, generate_site_data, site_config_document
 from simulations.scenario import Scenario
 
 transformers_logging.disable_progress_bar()
+
+if "OMP_NUM_THREADS" not in os.environ:
+    # The test models are tiny: one intra-op thread is faster than torch's default of
+    # one per core, and far faster on a busy machine, where the other threads spin
+    # waiting for a core (the inner loop's training tests ran 5x slower). Subprocesses
+    # (isolated benchmarks, e2e nodes) inherit it; set OMP_NUM_THREADS to override.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 SMALL_SCENARIO = {
     "name": "test",
@@ -48,6 +59,44 @@ def site_workspace(tmp_path_factory: pytest.TempPathFactory, small_scenario: Sce
     for spec in small_scenario.sites:
         generate_site_data(spec, small_scenario, root / "sites" / spec.id)
     return root
+
+
+@pytest.fixture(scope="session")
+def untrained_workspace(tmp_path_factory: pytest.TempPathFactory, small_scenario: Scenario) -> Path:
+    """site_workspace's layout and data, but base models built from their configs alone:
+    the backbones are not pretrained (about a second, not a quarter of a minute). For the
+    fast tests that need real files, shapes and loading paths, not a model that already
+    learned something; a test that needs the pretrained backbone uses site_workspace
+    (and is slow)."""
+    root = tmp_path_factory.mktemp("untrained-workspace")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "pretrain_imaging_backbone", lambda *args, **kwargs: 0.0)
+        patch.setattr(runner, "pretrain_text_backbone", lambda *args, **kwargs: 0.0)
+        for task in small_scenario.tasks:
+            build_base_model(task, small_scenario, root / "models")
+    for spec in small_scenario.sites:
+        generate_site_data(spec, small_scenario, root / "sites" / spec.id)
+    return root
+
+
+SLOW_FIXTURES = frozenset({"site_workspace", "finished_run"})
+"""Session fixtures that pretrain a model or run a simulation: any test that needs one is
+slow, so that `pytest -m "not slow"` never builds them (use untrained_workspace instead)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m "not slow"` is the inner loop: it leaves out the e2e tests, the browser tests
+    and every test that needs a pretrained model or a finished simulation."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "browser" in fixtures and item.get_closest_marker("browser") is None:
+            item.add_marker(pytest.mark.browser)
+        if item.get_closest_marker("slow") is None and (
+            item.get_closest_marker("e2e") is not None
+            or item.get_closest_marker("browser") is not None
+            or fixtures & SLOW_FIXTURES
+        ):
+            item.add_marker(pytest.mark.slow)
 
 
 def write_site_config(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from client.data import Rejection, SiteData, person_key
+from client.data.cell_text import as_text, column_texts, text_lookup
 from common.config import TabularDataConfig, TextDataConfig
 from common.errors import DataError
 
@@ -101,8 +102,8 @@ class TabularPreprocessor:
             means.append(mean)
             stds.append(std)
 
-        lookup = _text_lookup(config.classes)
-        labels = [lookup(_as_text(value)) for value in frame[config.label_column]]
+        lookup = text_lookup(config.classes)
+        labels = [lookup(as_text(value)) for value in frame[config.label_column]]
         counts = Counter(label for label in labels if label is not None)
         total, present_classes = sum(counts.values()), len(counts)
         weights = [
@@ -146,10 +147,10 @@ class TabularPreprocessor:
 
         categorical = np.zeros((rows, len(self.categorical_features)), dtype=np.int64)
         for j, (name, allowed) in enumerate(self.categorical_features.items()):
-            lookup = _text_lookup(allowed)
+            lookup = text_lookup(allowed)
             codes, uniques = pd.factorize(frame[name], use_na_sentinel=True)
             ids = np.array(
-                [_category_id(lookup(_as_text(value))) for value in uniques], dtype=np.int64
+                [_category_id(lookup(as_text(value))) for value in uniques], dtype=np.int64
             )
             categorical[:, j] = np.where(codes < 0, OTHER_CATEGORY, ids[np.maximum(codes, 0)])
 
@@ -379,11 +380,11 @@ def screen_rows(
     frame: pd.DataFrame, config: TabularDataConfig | TextDataConfig, salt: bytes
 ) -> tuple[list[int | None], list[str], list[Rejection]]:
     """Label index (None if rejected) and person key per row, and the rejections."""
-    lookup = _text_lookup(config.classes)
-    label_texts = _texts(frame[config.label_column])
+    lookup = text_lookup(config.classes)
+    label_texts = column_texts(frame[config.label_column])
     person_texts: list[str | None]
     if config.person_column is not None:
-        person_texts = _texts(frame[config.person_column])
+        person_texts = column_texts(frame[config.person_column])
         hashed = {text: person_key(text, salt) for text in set(person_texts) if text is not None}
         persons = [hashed[text] if text is not None else "" for text in person_texts]
     else:
@@ -414,65 +415,6 @@ def screen_rows(
 def reason_summary(rejected: Sequence[Rejection]) -> str:
     counts = Counter(rejection.reason for rejection in rejected)
     return "; ".join(f"{reason}: {count}" for reason, count in counts.most_common())
-
-
-# ----------------------------------------------------------------------- matching ---
-
-
-def _as_text(value: object) -> str | None:
-    """Canonical text of a cell, so 1, 1.0, '1' and ' 1 ' compare equal; None if missing."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value))
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        number = float(value)
-        return None if math.isnan(number) else _number_text(number)
-    text = str(value).strip()
-    return text or None
-
-
-def _number_text(number: float) -> str:
-    return str(int(number)) if number.is_integer() else repr(number)
-
-
-def _numeric_alias(text: str) -> str | None:
-    """'1.0' -> '1', so a label written as a float still matches class '1'."""
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return _number_text(number) if math.isfinite(number) else None
-
-
-def _texts(column: pd.Series) -> list[str | None]:
-    """Canonical text per cell, converting each distinct value once."""
-    codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    texts = [_as_text(value) for value in uniques]
-    return [texts[code] if code >= 0 else None for code in codes]
-
-
-def _text_lookup(declared: Sequence[str]) -> Callable[[str | None], int | None]:
-    """Index of a cell's text in ``declared`` (exact first, then numerically equal)."""
-    index: dict[str, int] = {}
-    for position, name in enumerate(declared):
-        index.setdefault(name.strip(), position)
-    for position, name in enumerate(declared):
-        alias = _numeric_alias(name.strip())
-        if alias is not None:
-            index.setdefault(alias, position)
-
-    def lookup(text: str | None) -> int | None:
-        if text is None:
-            return None
-        if text in index:
-            return index[text]
-        alias = _numeric_alias(text)
-        return index.get(alias) if alias is not None else None
-
-    return lookup
 
 
 def _category_id(position: int | None) -> int:

@@ -240,89 +240,142 @@ def verify_lines(
     the log opened with (which proves integrity, not authorship).
     """
     result = Verification(key_pinned=pinned_key is not None)
-    key = pinned_key
-    if key is not None:
-        result.key = fingerprint(key)
-    entries: list[dict[str, Any]] = []
-    previous_hash = GENESIS_PREV
-    foreign_key = False
-    lines = list(lines)
-    while lines and not lines[-1].strip():  # a trailing blank line is layout, not content
-        lines.pop()
+    if pinned_key is not None:
+        result.key = fingerprint(pinned_key)
+    lines = _without_trailing_blanks(lines)
     if not lines:
         result.add(0, "the log is empty")
         return result
-    position = 0  # entries seen so far, blank lines aside
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            result.add(number, "an empty line where an entry belongs")
-            continue
-        position += 1
-        parsed = _parse(line)
-        if isinstance(parsed, str):
-            result.add(number, parsed)
-            previous_hash = ""
-            continue
-        entry = parsed
-        expected_seq = position - 1
-        if position == 1:
-            opened = _opening_key(entry)
-            if isinstance(opened, str):
-                result.add(number, opened)
-            else:
-                if key is None:
-                    key, result.key = opened, fingerprint(opened)
-                elif fingerprint(opened) != result.key:
-                    foreign_key = True  # every signature fails: one finding says why
-                    result.add(
-                        number,
-                        f"the log was opened with key {fingerprint(opened)}, not the "
-                        f"expected {result.key}: it was re-signed by another party",
-                    )
-            result.actor = str(entry["actor"])
-        if entry["seq"] != expected_seq:
-            result.add(
-                number,
-                f"sequence number {entry['seq']} where {expected_seq} belongs: an entry "
-                "was deleted, inserted or moved",
-            )
-        if entry["prev"] != previous_hash and previous_hash:
-            result.add(
-                number,
-                f"entry {entry['seq']} does not follow the entry before it (its 'prev' hash "
-                "differs): the chain is broken here",
-            )
-        try:
-            digest = entry_digest(entry)
-        except (ValueError, UnicodeError, RecursionError):
-            result.add(number, f"entry {entry['seq']} holds values no writer produces")
-            previous_hash = str(entry["hash"])
-            continue
-        if digest != entry["hash"]:
-            result.add(
-                number, f"entry {entry['seq']} was edited: its content no longer matches its hash"
-            )
-        elif (
-            key is not None
-            and not foreign_key
-            and not signature_valid(
-                key, str(entry["hash"]).encode("ascii"), str(entry["signature"])
-            )
-        ):
-            result.add(
-                number,
-                f"entry {entry['seq']}'s signature is not by key {result.key}",
-            )
-        if entry["actor"] != result.actor:
-            result.add(number, f"entry {entry['seq']} names another actor ({entry['actor']!r})")
-        previous_hash = str(entry["hash"])
-        entries.append(entry)
+    key, entries = _check_entries(result, lines, pinned_key)
     result.entries = len(entries)
     if head is None:
         result.add(0, "no signed head to compare with: a cut tail could not be detected")
     elif key is not None and entries:
         _check_head(result, head, key, entries, len(lines))
     return result
+
+
+def _without_trailing_blanks(lines: Sequence[str]) -> list[str]:
+    """The lines less the blank ones at the end: a trailing blank line is layout, not
+    content."""
+    kept = list(lines)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return kept
+
+
+def _check_entries(
+    result: Verification, lines: list[str], key: Ed25519PublicKey | None
+) -> tuple[Ed25519PublicKey | None, list[dict[str, Any]]]:
+    """Check every line in turn, each finding added to ``result``. Returns the key the
+    entries were checked against (``key``, else the one the log opened with; None when
+    neither is known) and the entries that could be hashed."""
+    entries: list[dict[str, Any]] = []
+    previous_hash = GENESIS_PREV  # "": unknown (the line before was no entry)
+    foreign_key = False
+    position = 0  # entries seen so far, blank lines aside
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            result.add(number, "an empty line where an entry belongs")
+            continue
+        position += 1
+        entry = _parse(line)
+        if isinstance(entry, str):
+            result.add(number, entry)
+            previous_hash = ""
+            continue
+        if position == 1:
+            key, foreign_key = _check_opening(result, number, entry, key)
+        _check_order(result, number, entry, position - 1, previous_hash)
+        previous_hash = str(entry["hash"])
+        if _check_seal(result, number, entry, key, foreign_key):
+            _check_actor(result, number, entry)
+            entries.append(entry)
+    return key, entries
+
+
+def _check_opening(
+    result: Verification, number: int, entry: dict[str, Any], key: Ed25519PublicKey | None
+) -> tuple[Ed25519PublicKey | None, bool]:
+    """Check the first entry opens the log with a usable key, the expected one when
+    ``key`` is pinned; records the log's actor (and key, when none was pinned). Returns
+    the key to check the entries against, and whether the log was opened with another
+    key than the pinned one (then every signature fails: one finding says why)."""
+    foreign_key = False
+    opened = _opening_key(entry)
+    if isinstance(opened, str):
+        result.add(number, opened)
+    elif key is None:
+        key, result.key = opened, fingerprint(opened)
+    elif fingerprint(opened) != result.key:
+        foreign_key = True
+        result.add(
+            number,
+            f"the log was opened with key {fingerprint(opened)}, not the "
+            f"expected {result.key}: it was re-signed by another party",
+        )
+    result.actor = str(entry["actor"])
+    return key, foreign_key
+
+
+def _check_order(
+    result: Verification,
+    number: int,
+    entry: dict[str, Any],
+    expected_seq: int,
+    previous_hash: str,
+) -> None:
+    """Check the entry's sequence number, and that it chains to the entry before it
+    (when that one's hash is known: ``previous_hash`` is not empty)."""
+    if entry["seq"] != expected_seq:
+        result.add(
+            number,
+            f"sequence number {entry['seq']} where {expected_seq} belongs: an entry "
+            "was deleted, inserted or moved",
+        )
+    if entry["prev"] != previous_hash and previous_hash:
+        result.add(
+            number,
+            f"entry {entry['seq']} does not follow the entry before it (its 'prev' hash "
+            "differs): the chain is broken here",
+        )
+
+
+def _check_seal(
+    result: Verification,
+    number: int,
+    entry: dict[str, Any],
+    key: Ed25519PublicKey | None,
+    foreign_key: bool,
+) -> bool:
+    """Check the entry's hash matches its content and, when there is a key to check it
+    against (and the log is not known to be signed by another), its signature. Returns
+    False when the entry cannot even be hashed (it holds values no writer produces)."""
+    try:
+        digest = entry_digest(entry)
+    except (ValueError, UnicodeError, RecursionError):
+        result.add(number, f"entry {entry['seq']} holds values no writer produces")
+        return False
+    if digest != entry["hash"]:
+        result.add(
+            number, f"entry {entry['seq']} was edited: its content no longer matches its hash"
+        )
+    elif (
+        key is not None
+        and not foreign_key
+        and not signature_valid(key, str(entry["hash"]).encode("ascii"), str(entry["signature"]))
+    ):
+        result.add(
+            number,
+            f"entry {entry['seq']}'s signature is not by key {result.key}",
+        )
+    return True
+
+
+def _check_actor(result: Verification, number: int, entry: dict[str, Any]) -> None:
+    """Check the entry names the actor the log opened with."""
+    if entry["actor"] != result.actor:
+        result.add(number, f"entry {entry['seq']} names another actor ({entry['actor']!r})")
 
 
 def _check_head(

@@ -3,13 +3,14 @@
 Everything shown is read from the signed logs (not from summary files an operator could
 edit), next to the verdict of verifying them. Plots are inline SVG, styles and the
 timeline filter inline too: the page opens from disk, offline, in any browser.
+
+What a coordinator log says about its run is read by :mod:`common.audit.run_record`;
+the page's fixed style sheet and script are in :mod:`common.audit.report_assets`.
 """
 
 from __future__ import annotations
 
 import io
-from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.audit.log import read_entries
 from common.audit.reconcile import Reconciliation, reconcile
+from common.audit.report_assets import SCRIPT, STYLE
 from common.audit.review import (
     AUDIT_DIR,
     LogReport,
@@ -28,10 +29,25 @@ from common.audit.review import (
     real_number,
     verify_path,
 )
+from common.audit.run_record import MAX_ROUNDS_SHOWN, TaskRun, read_task_run, task_run
 from common.errors import AuditError
 
+__all__ = [
+    "MAX_ROUNDS_SHOWN",
+    "PARTICIPATION_MARKS",
+    "REPORT_NAME",
+    "SCRIPT",
+    "STYLE",
+    "TaskRun",
+    "accuracy_plot",
+    "epsilon_plot",
+    "read_task_run",
+    "render_report",
+    "task_run",
+    "write_report",
+]
+
 REPORT_NAME = "report.html"
-MAX_ROUNDS_SHOWN = 10_000
 
 PARTICIPATION_MARKS = {
     "accepted": ("✓", "accepted"),
@@ -40,82 +56,6 @@ PARTICIPATION_MARKS = {
     "timed-out": ("T", "timed-out"),
     "failed": ("F", "failed"),
 }
-
-
-@dataclass
-class TaskRun:
-    """What one coordinator log says about its run."""
-
-    log: Path
-    started: dict[str, Any] = field(default_factory=dict)
-    finished: dict[str, Any] | None = None
-    failed: dict[str, Any] | None = None
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    accuracy: dict[int, float] = field(default_factory=dict)
-    loss: dict[int, float] = field(default_factory=dict)
-    epsilon: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
-    participation: dict[str, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))
-    rollbacks: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def task(self) -> str:
-        return str(self.started.get("task", self.log.stem))
-
-    @property
-    def rounds(self) -> list[int]:
-        planned = self.started.get("planned_rounds")
-        planned = planned if isinstance(planned, int) and 0 < planned <= MAX_ROUNDS_SHOWN else 0
-        seen = {r for marks in self.participation.values() for r in marks}
-        return sorted(set(range(1, planned + 1)) | seen | set(self.accuracy))
-
-
-def _round(data: dict[str, Any]) -> int | None:
-    value = data.get("round")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def read_task_run(log: Path) -> TaskRun:
-    return task_run(log, read_entries(log))
-
-
-def task_run(log: Path, entries: list[dict[str, Any]]) -> TaskRun:
-    """The run as its coordinator log's entries tell it. Entries that do not have the
-    expected shape (a tampered log, which verification flags) are left out, never fatal."""
-    run = TaskRun(log)
-    for entry in entries:
-        event, data = entry.get("event"), entry.get("data")
-        if not isinstance(data, dict):
-            continue
-        server_round, site = _round(data), data.get("site")
-        if event == "run-started":
-            run.started = data
-        elif event == "site-joined" and isinstance(site, str):
-            run.sites[site] = data
-        elif event == "update-received" and isinstance(site, str) and server_round is not None:
-            run.participation[site][server_round] = str(data.get("status"))
-            # The site's lifetime ε as it reported it: spent even when the update was
-            # rejected, since the site trained.
-            epsilon = real_number(data.get("epsilon"))
-            if epsilon is not None:
-                run.epsilon[site][server_round] = epsilon
-        elif (
-            event in ("site-refused", "site-excluded")
-            and data.get("phase") == "train"
-            and isinstance(site, str)
-            and server_round is not None
-        ):
-            run.participation[site][server_round] = str(data.get("status"))
-        elif event == "evaluation" and server_round is not None:
-            accuracy, loss = real_number(data.get("accuracy")), real_number(data.get("loss"))
-            if accuracy is not None and loss is not None:
-                run.accuracy[server_round], run.loss[server_round] = accuracy, loss
-        elif event == "rolled-back":
-            run.rollbacks.append(data)
-        elif event == "run-finished":
-            run.finished = data
-        elif event == "run-failed":
-            run.failed = data
-    return run
 
 
 # ---------------------------------------------------------------------- plots ---
@@ -190,56 +130,6 @@ def epsilon_plot(run: TaskRun, budgets: dict[str, float]) -> str:
 
 # ----------------------------------------------------------------------- page ---
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px;
-       color: #1d2430; padding: 0 1rem; }
-h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
-.muted { color: #57606a; font-size: 0.9rem; }
-.status { padding: .8rem 1rem; border-radius: 6px; font-weight: 600; margin: 1rem 0; }
-.status.ok { background: #dafbe1; color: #116329; border: 1px solid #4ac26b; }
-.status.bad { background: #ffebe9; color: #82071e; border: 1px solid #ff8182; }
-table { border-collapse: collapse; width: 100%; font-size: .86rem; margin: .5rem 0 1rem; }
-th, td { border: 1px solid #d0d7de; padding: .25rem .45rem; text-align: left;
-         vertical-align: top; }
-th { background: #f6f8fa; }
-td.mono, .mono { font-family: ui-monospace, monospace; font-size: .8rem; word-break: break-all; }
-td.accepted { background: #dafbe1; } td.rejected { background: #ffebe9; }
-td.refused, td.timed-out, td.failed { background: #fff8c5; }
-td.cell { text-align: center; width: 2rem; }
-.plots { display: flex; flex-wrap: wrap; gap: 1rem; }
-.plot { flex: 1 1 480px; min-width: 320px; }
-.plot svg { width: 100%; height: auto; }
-.filters { display: flex; gap: 1rem; align-items: center; margin: .5rem 0; flex-wrap: wrap; }
-tr.hidden { display: none; }
-td.nowrap { white-space: nowrap; }
-"""
-
-SCRIPT = """
-(function () {
-  const rows = Array.from(document.querySelectorAll('#timeline tbody tr'));
-  const site = document.getElementById('filter-site');
-  const event = document.getElementById('filter-event');
-  const round = document.getElementById('filter-round');
-  const count = document.getElementById('timeline-count');
-  function apply() {
-    let shown = 0;
-    for (const row of rows) {
-      const keep = (!site.value || row.dataset.site === site.value ||
-                    row.dataset.log === site.value) &&
-                   (!event.value || row.dataset.event === event.value) &&
-                   (!round.value || row.dataset.round === round.value.trim());
-      row.classList.toggle('hidden', !keep);
-      if (keep) shown += 1;
-    }
-    count.textContent = shown + ' of ' + rows.length + ' entries shown';
-  }
-  site.addEventListener('change', apply);
-  event.addEventListener('change', apply);
-  round.addEventListener('input', apply);
-  apply();
-})();
-"""
-
 
 def _cell(value: object, css: str = "") -> str:
     attribute = f' class="{css}"' if css else ""
@@ -306,26 +196,28 @@ def _site_budgets(site_logs: dict[str, list[dict[str, Any]]]) -> dict[str, float
     return budgets
 
 
-def _task_section(
-    run: TaskRun,
-    site_logs: dict[str, list[dict[str, Any]]],
-    coordinator_entries: list[dict[str, Any]],
-) -> str:
-    started, finished = run.started, run.finished or {}
-    budgets = _site_budgets(site_logs)
-    outcome = (
+def _outcome(run: TaskRun) -> str:
+    """How the run ended, in one line."""
+    finished = run.finished or {}
+    return (
         f"finished: {finished.get('rounds_completed')} rounds aggregated, final adapter from "
         f"round {finished.get('final_adapter_round')}, accuracy "
         f"{real_number(finished.get('accuracy')) or 0.0:.3f}"
         if run.finished
         else (f"FAILED ({run.failed.get('error')})" if run.failed else "not finished")
     )
+
+
+def _facts_table(run: TaskRun) -> str:
+    """What the run was and how it ended; the hashes tie the page to its config, base
+    model and final adapter."""
+    started, finished = run.started, run.finished or {}
     facts = [
         ("run", started.get("run")),
         ("task", run.task),
         ("planned rounds", started.get("planned_rounds")),
         ("aggregator", started.get("aggregator")),
-        ("outcome", outcome),
+        ("outcome", _outcome(run)),
         ("config hash", started.get("config_sha256")),
         ("base model hash", started.get("base_model_sha256")),
         ("final adapter hash", finished.get("final_adapter_sha256")),
@@ -334,8 +226,12 @@ def _task_section(
         f"<tr><th>{escape(name)}</th>" + _cell(value, "mono" if "hash" in name else "") + "</tr>"
         for name, value in facts
     )
+    return f"<table>{fact_rows}</table>"
+
+
+def _participation_grid(run: TaskRun, sites: list[str]) -> str:
+    """One row per site, one mark per round: what became of the site's update."""
     rounds = run.rounds
-    sites = sorted(set(run.sites) | set(run.participation))
     grid_rows = []
     for site in sites:
         cells = []
@@ -345,6 +241,24 @@ def _task_section(
             cells.append(f'<td class="cell {css}" title="{escape(status or "absent")}">{mark}</td>')
         grid_rows.append(f"<tr><th>{escape(site)}</th>{''.join(cells)}</tr>")
     header = "".join(f"<th>{r}</th>" for r in rounds)
+    return (
+        "<h3>Participation per round</h3>"
+        '<p class="muted">✓ accepted, ✗ rejected, R refused, T timed out, F failed.</p>'
+        f'<table class="participation"><thead><tr><th>site</th>{header}</tr></thead><tbody>'
+        + "".join(grid_rows)
+        + "</tbody></table>"
+    )
+
+
+def _sites_table(
+    run: TaskRun,
+    sites: list[str],
+    budgets: dict[str, float],
+    site_logs: dict[str, list[dict[str, Any]]],
+    coordinator_entries: list[dict[str, Any]],
+) -> str:
+    """Per site: its updates by outcome, its ε against its budget, its audit key, and
+    whether its own log agrees with the coordinator's."""
     site_rows = []
     for site in sites:
         marks = list(run.participation[site].values())
@@ -364,27 +278,39 @@ def _task_section(
             + reconciliation
             + "</tr>"
         )
-    rollbacks = "".join(
-        f"<li>round {escape(str(r.get('round')))}: {escape(str(r.get('reason')))}</li>"
-        for r in run.rollbacks
-    )
     return (
-        f'<section class="task" id="task-{escape(run.task)}"><h2>Task {escape(run.task)}</h2>'
-        f"<table>{fact_rows}</table>"
-        '<div class="plots">'
-        f'<div class="plot accuracy-plot">{accuracy_plot(run)}</div>'
-        f'<div class="plot epsilon-plot">{epsilon_plot(run, budgets)}</div></div>'
         "<h3>Sites: ε and participation</h3>"
         "<table><thead><tr><th>site</th><th>kind</th><th>accepted</th><th>rejected</th>"
         "<th>refused</th><th>timed out / failed</th><th>ε (last reported)</th>"
         "<th>ε budget</th><th>audit key</th><th>reconciliation</th></tr></thead><tbody>"
         + "".join(site_rows)
         + "</tbody></table>"
-        "<h3>Participation per round</h3>"
-        '<p class="muted">✓ accepted, ✗ rejected, R refused, T timed out, F failed.</p>'
-        f'<table class="participation"><thead><tr><th>site</th>{header}</tr></thead><tbody>'
-        + "".join(grid_rows)
-        + "</tbody></table>"
+    )
+
+
+def _task_section(
+    run: TaskRun,
+    site_logs: dict[str, list[dict[str, Any]]],
+    coordinator_entries: list[dict[str, Any]],
+) -> str:
+    budgets = _site_budgets(site_logs)
+    sites = sorted(set(run.sites) | set(run.participation))
+    # The tables before the plots: reading run.epsilon for every site adds the sites
+    # that reported no ε to it, so the ε plot's legend lists every site.
+    grid = _participation_grid(run, sites)
+    site_table = _sites_table(run, sites, budgets, site_logs, coordinator_entries)
+    rollbacks = "".join(
+        f"<li>round {escape(str(r.get('round')))}: {escape(str(r.get('reason')))}</li>"
+        for r in run.rollbacks
+    )
+    return (
+        f'<section class="task" id="task-{escape(run.task)}"><h2>Task {escape(run.task)}</h2>'
+        + _facts_table(run)
+        + '<div class="plots">'
+        f'<div class="plot accuracy-plot">{accuracy_plot(run)}</div>'
+        f'<div class="plot epsilon-plot">{epsilon_plot(run, budgets)}</div></div>'
+        + site_table
+        + grid
         + (f"<h3>Rollbacks</h3><ul>{rollbacks}</ul>" if rollbacks else "")
         + "</section>"
     )

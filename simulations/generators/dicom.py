@@ -282,6 +282,50 @@ def write_hospital(
     class is "no finding"; every other class gets the bright blob. Same seed, same
     bytes.
     """
+    weights = _checked_weights(patients, classes, class_weights, image_size)
+    _check_fractions(
+        multi_frame_fraction=multi_frame_fraction, monochrome1_fraction=monochrome1_fraction
+    )
+    spec = _modality(modality)
+
+    # The order of the draws from rng is part of "same seed, same bytes".
+    rng = np.random.default_rng(seed)
+    institution = institution or _INSTITUTIONS[int(rng.integers(len(_INSTITUTIONS)))]
+    roster = _roster(rng, patients, classes, weights)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str]] = []
+    index = 0
+    for p, patient in enumerate(roster):
+        study_uid, series_uid = _uid(seed, "study", p), _uid(seed, "series", p)
+        for instance in range(patient.images):
+            stored, monochrome1 = _draw_image(
+                rng,
+                spec,
+                image_size,
+                lesion=patient.label != classes[0],
+                multi_frame_fraction=multi_frame_fraction,
+                monochrome1_fraction=monochrome1_fraction,
+            )
+            ds = _base_dataset(spec, spec.sop_class, _uid(seed, "image", index))
+            _add_patient(ds, patient, institution)
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.SeriesNumber = 1
+            ds.InstanceNumber = instance + 1
+            ds.AccessionNumber = f"ACC{seed % 1000:03d}{p:06d}"
+            _add_pixels(ds, spec, stored, monochrome1)
+            rows.append((_save(ds, directory, index), patient.label))
+            index += 1
+
+    _write_labels(directory, rows, append=False)
+    return index
+
+
+def _checked_weights(
+    patients: int, classes: list[str], class_weights: list[float], image_size: int
+) -> npt.NDArray[np.float64]:
+    """The class weights as an array, once the hospital's shape is known to be usable."""
     if patients < 1:
         raise ValueError("patients must be at least 1")
     if len(classes) < 2 or len(classes) != len(class_weights):
@@ -291,19 +335,24 @@ def write_hospital(
         raise ValueError("class_weights must be non-negative and not all zero")
     if image_size < 8:
         raise ValueError("image_size must be at least 8")
-    for name, fraction in (
-        ("multi_frame_fraction", multi_frame_fraction),
-        ("monochrome1_fraction", monochrome1_fraction),
-    ):
+    return weights
+
+
+def _check_fractions(**fractions: float) -> None:
+    """Each fraction (named as its argument) must lie in [0, 1]."""
+    for name, fraction in fractions.items():
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1")
-    spec = _modality(modality)
 
-    rng = np.random.default_rng(seed)
-    institution = institution or _INSTITUTIONS[int(rng.integers(len(_INSTITUTIONS)))]
+
+def _roster(
+    rng: np.random.Generator, patients: int, classes: list[str], weights: npt.NDArray[np.float64]
+) -> list[_Patient]:
+    """The hospital's patients: distinct record numbers, a label each (drawn with
+    ``weights``), made-up names and dates, and 1-3 images each."""
     identifiers = rng.choice(9_000_000, size=patients, replace=False) + 1_000_000
     labels = rng.choice(len(classes), size=patients, p=weights / weights.sum())
-    roster = [
+    return [
         _Patient(
             name=f"{_LAST_NAMES[int(rng.integers(len(_LAST_NAMES)))]}^"
             f"{_FIRST_NAMES[int(rng.integers(len(_FIRST_NAMES)))]}",
@@ -317,36 +366,33 @@ def write_hospital(
         for p in range(patients)
     ]
 
-    directory.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str]] = []
-    index = 0
-    for p, patient in enumerate(roster):
-        study_uid, series_uid = _uid(seed, "study", p), _uid(seed, "series", p)
-        for instance in range(patient.images):
-            frames = 3 if rng.random() < multi_frame_fraction else 1
-            monochrome1 = bool(rng.random() < monochrome1_fraction)
-            display = _frames(rng, image_size, spec, patient.label != classes[0], frames)
-            if monochrome1:  # stored inverted: 1 - f, so it looks the same once inverted
-                display = 1.0 - display
 
-            ds = _base_dataset(spec, spec.sop_class, _uid(seed, "image", index))
-            _add_patient(ds, patient, institution)
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.SeriesNumber = 1
-            ds.InstanceNumber = instance + 1
-            ds.AccessionNumber = f"ACC{seed % 1000:03d}{p:06d}"
-            _add_pixels(ds, spec, spec.to_stored(display), monochrome1)
+def _draw_image(
+    rng: np.random.Generator,
+    spec: _Modality,
+    size: int,
+    *,
+    lesion: bool,
+    multi_frame_fraction: float,
+    monochrome1_fraction: float,
+) -> tuple[npt.NDArray[np.integer], bool]:
+    """One image's stored pixel values [F, S, S] (3 frames or 1), and whether it is
+    MONOCHROME1."""
+    frames = 3 if rng.random() < multi_frame_fraction else 1
+    monochrome1 = bool(rng.random() < monochrome1_fraction)
+    display = _frames(rng, size, spec, lesion, frames)
+    if monochrome1:  # stored inverted: 1 - f, so it looks the same once inverted
+        display = 1.0 - display
+    return spec.to_stored(display), monochrome1
 
-            relative = _relative_path(index)
-            target = directory / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(target, enforce_file_format=True)
-            rows.append((relative, patient.label))
-            index += 1
 
-    _write_labels(directory, rows, append=False)
-    return index
+def _save(ds: Dataset, directory: Path, index: int) -> str:
+    """Write image number ``index`` under ``directory``; its path relative to it."""
+    relative = _relative_path(index)
+    target = directory / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return relative
 
 
 # ----------------------------------------------------------------- corrupt files ---

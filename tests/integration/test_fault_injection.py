@@ -24,6 +24,7 @@ from common.audit.log import read_entries
 from common.audit.reconcile import reconcile
 from common.audit.review import verify_path
 from common.cli import cli
+from server.introductions import FIRST_WAIT
 
 pytestmark = pytest.mark.slow
 
@@ -247,3 +248,43 @@ def test_a_straggler_is_audited_as_timed_out(straggler_run: Run) -> None:
 
 def _site_log(run: Run, site: str) -> Path:
     return run.directory / "audit" / "sites" / f"{site}.jsonl"
+
+
+@pytest.fixture(scope="module")
+def late_introduction_run(root: Path) -> Run:
+    """A site that answers the coordinator's introduction after the run's first wait for
+    it (server/introductions.py's FIRST_WAIT): busy, or on a loaded machine."""
+    late = {
+        "id": "bank-late",
+        "kind": "bank",
+        "customers": 120,
+        "behaviour": {"kind": "slow-introduction", "delay": FIRST_WAIT + 5},
+    }
+    return _simulate(root, "late", [*HONEST, late], round_timeout=120)
+
+
+def test_a_site_slow_to_introduce_itself_is_introduced_when_it_answers(
+    late_introduction_run: Run,
+) -> None:
+    run = late_introduction_run
+    task = run.summary["tasks"][TASK]
+    assert task["rounds_completed"] == 2
+    assert task["excluded_updates"] == {"refused": 0, "rejected": 0, "failed": 0, "timed-out": 0}
+    assert {row["site"] for row in run.rows if row["status"] == "accepted"} == {
+        "bank-a",
+        "bank-b",
+        "bank-late",
+    }
+    entries = _coordinator_entries(run)
+    joined = [e["data"]["site"] for e in entries if e["event"] == "site-joined"]
+    assert sorted(joined) == ["bank-a", "bank-b", "bank-late"]
+    # It answered after the run's start was recorded; its audit key is in the log all
+    # the same, so its own log is vouched for (in a deployment with a site registry it
+    # takes no round before it shows that key: server/identity.py).
+    events = [(e["event"], e["data"].get("site")) for e in entries]
+    assert events.index(("site-joined", "bank-late")) > events.index(("run-started", None))
+    reports = verify_path(run.directory)
+    assert all(r.verification.ok for r in reports)
+    late = reconcile(entries, read_entries(_site_log(run, "bank-late")))
+    assert late.ok and late.matched == 2
+    assert "audit trail: 4 signed logs verified intact" in run.output

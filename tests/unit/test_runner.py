@@ -14,7 +14,7 @@ from tests.conftest import SMALL_SCENARIO
 
 
 def test_prepare_applies_overrides_and_lists_behaviours(
-    site_workspace: Path, tmp_path: Path
+    untrained_workspace: Path, tmp_path: Path
 ) -> None:
     document = {
         **SMALL_SCENARIO,
@@ -24,7 +24,9 @@ def test_prepare_applies_overrides_and_lists_behaviours(
         ],
     }
     scenario = Scenario.model_validate(document)
-    prepared = prepare(scenario, tmp_path / "run", site_workspace, rounds=3, aggregator="median")
+    prepared = prepare(
+        scenario, tmp_path / "run", untrained_workspace, rounds=3, aggregator="median"
+    )
     for task, federation in prepared.federations.items():
         assert federation.rounds == 3
         assert federation.aggregator == "median"
@@ -40,17 +42,21 @@ def test_prepare_applies_overrides_and_lists_behaviours(
 
 
 def test_prepare_keeps_the_scenario_settings_without_overrides(
-    site_workspace: Path, tmp_path: Path
+    untrained_workspace: Path, tmp_path: Path
 ) -> None:
-    prepared = prepare(Scenario.model_validate(SMALL_SCENARIO), tmp_path / "run", site_workspace)
+    prepared = prepare(
+        Scenario.model_validate(SMALL_SCENARIO), tmp_path / "run", untrained_workspace
+    )
     assert prepared.federations["dicom-classification"].rounds == 2
     assert prepared.federations["tabular-classification"].aggregator == "fedavg"
 
 
 def test_prepare_pins_the_run_coordinator_key_in_every_site(
-    site_workspace: Path, tmp_path: Path
+    untrained_workspace: Path, tmp_path: Path
 ) -> None:
-    prepared = prepare(Scenario.model_validate(SMALL_SCENARIO), tmp_path / "run", site_workspace)
+    prepared = prepare(
+        Scenario.model_validate(SMALL_SCENARIO), tmp_path / "run", untrained_workspace
+    )
     key = tmp_path / "run" / "keys" / "coordinator.pub"
     assert key.is_file()
     for paths in prepared.site_configs.values():

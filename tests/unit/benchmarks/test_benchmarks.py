@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -50,6 +49,7 @@ def test_a_section_sees_the_memory_it_allocates() -> None:
     assert large.seconds > 0
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch (15 s)
 def test_isolated_runs_in_another_process_and_reports_failures() -> None:
     assert isolated(_allocate_and_sum, 1) == 1024 * 1024
     with pytest.raises(RuntimeError, match="ValueError: broken on purpose"):
@@ -113,7 +113,7 @@ def test_the_update_is_two_bytes_a_trained_value_plus_headers() -> None:
     values = sum(p.numel() for p in trained)
     sent = traffic.update_bytes(model, request)  # float16 by default
     assert 2 * values < sent < 2 * values + 256 * len(trained)
-    as_float32 = traffic.update_bytes(model, dataclasses.replace(request, update_dtype="float32"))
+    as_float32 = traffic.update_bytes(model, request.model_copy(update={"update_dtype": "float32"}))
     assert 4 * values < as_float32 < 4 * values + 256 * len(trained)
 
 
@@ -167,10 +167,10 @@ def test_round_times_come_from_the_coordinator_audit_log(tmp_path: Path) -> None
 
 
 def test_pooled_data_keeps_every_record_and_person(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     sites = [
-        Site(load_site_config(write_site_config(small_scenario, site_workspace, s, tmp_path)))
+        Site(load_site_config(write_site_config(small_scenario, untrained_workspace, s, tmp_path)))
         for s in ("bank-a", "bank-b")
     ]
     parts = [site.load_data().train for site in sites]

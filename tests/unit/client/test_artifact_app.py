@@ -24,13 +24,13 @@ from common.artifact import (
 )
 from common.protocol import (
     ARTIFACT_CHECK,
-    ARTIFACT_CHECK_METRICS,
     ARTIFACT_INSTALL,
     ARTIFACT_RECORD,
     ARTIFACT_REFUSED,
     SITE_ID_KEY,
     SITE_MISCONFIGURED,
 )
+from common.replies import ARTIFACT_CHECK_METRICS
 from simulations.scenario import Scenario
 from tests.artifacts import BuiltArtifact, build_test_artifact
 from tests.conftest import write_site_config

@@ -123,10 +123,10 @@ def test_a_round_recorded_before_a_crash_is_charged_after_restart(
 
 
 def test_a_damaged_ledger_after_restart_makes_the_site_refuse(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     """A crash must never turn into a fresh budget: damage is a refusal, logged."""
-    config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    config_path = write_site_config(small_scenario, untrained_workspace, "bank-a", tmp_path)
     site = Site(load_site_config(config_path))
     dataset = site.load_data().dataset
     ledger = site.open_ledger(dataset)

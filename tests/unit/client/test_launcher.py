@@ -74,9 +74,9 @@ def _task(config: Path, content: bytes) -> tuple[Message, Any, Any, Any]:
 
 
 def test_an_unpinned_bundle_gets_an_error_reply_and_an_audit_entry(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _site(tmp_path, small_scenario, site_workspace, [DIGEST])
+    config = _site(tmp_path, small_scenario, untrained_workspace, [DIGEST])
 
     def never() -> None:
         raise AssertionError("no client code may run for an unpinned bundle")
@@ -98,9 +98,9 @@ def test_an_unpinned_bundle_gets_an_error_reply_and_an_audit_entry(
 
 
 def test_a_pinned_bundle_runs_the_installed_client_app(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _site(tmp_path, small_scenario, site_workspace, [DIGEST])
+    config = _site(tmp_path, small_scenario, untrained_workspace, [DIGEST])
     seen: list[Message] = []
 
     def installed(message: Message, context: Any) -> Message:
@@ -134,8 +134,11 @@ def test_the_flower_attributes_the_site_superexec_sets_still_exist() -> None:
     """fedlora-superexec points Flower's ClientApp command at fedlora-clientapp and
     narrows the task types it takes: a Flower upgrade that moves either must fail here."""
     from flwr.supercore import constant
+    from flwr.supercore.superexec import run_superexec
     from flwr.supercore.superexec.executor import subprocess_executor
     from flwr.supercore.superexec.plugin import base_exec_plugin
+
+    assert callable(run_superexec.get_executor)  # replaced by the in-process executor
 
     assert constant.TASK_TYPE_TO_COMMAND[constant.TaskType.CLIENT_APP] == "flwr-clientapp"
     assert subprocess_executor.TASK_TYPE_TO_COMMAND is constant.TASK_TYPE_TO_COMMAND

@@ -96,6 +96,7 @@ def test_a_new_ledger_is_empty_and_nothing_is_written_until_a_record(tmp_path: P
 # ------------------------------------------------------- (c) replay by Opacus ---
 
 
+@pytest.mark.slow  # full accountant replays (PRV: 4-6 s)
 @pytest.mark.parametrize("accountant", sorted(ACCOUNTANTS))
 def test_ledger_epsilon_equals_a_fresh_opacus_accountant_replaying_the_file(
     tmp_path: Path, accountant: str

@@ -45,6 +45,7 @@ def test_calibration_from_scratch_agrees_with_opacus() -> None:
     assert epsilon_spent([(sigma, 0.1, 80)], DELTA, "rdp") <= 4.0
 
 
+@pytest.mark.slow  # two PRV calibration searches (5-13 s)
 def test_calibration_counts_what_was_already_spent() -> None:
     history = [(1.0, 0.1, 50)]
     fresh = calibrate_noise(
@@ -68,6 +69,7 @@ def test_a_budget_that_fits_the_noise_floor_gets_the_floor(accountant: str) -> N
     assert sigma == MIN_SIGMA
 
 
+@pytest.mark.slow  # PRV accounting in a calibration search (5-15 s)
 def test_prv_calibration_is_the_smallest_noise_that_fits() -> None:
     """Skipping the PRV probe at the floor must not change the answer: the σ found fits
     the target and a slightly smaller one does not."""

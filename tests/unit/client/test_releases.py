@@ -61,9 +61,9 @@ def _config(tmp_path: Path, scenario: Any, workspace: Path, **site: Any) -> Path
 
 
 def test_record_pins_enters_each_change_once(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path
 ) -> None:
-    audit = SiteAudit(load_site_config(_config(tmp_path, small_scenario, site_workspace)))
+    audit = SiteAudit(load_site_config(_config(tmp_path, small_scenario, untrained_workspace)))
     assert record_pins(audit, [A]) is not None
     assert record_pins(audit, [A]) is None
     assert record_pins(audit, [A, B]) is not None
@@ -72,12 +72,15 @@ def test_record_pins_enters_each_change_once(
 
 
 def test_site_release_shows_the_line_that_pins_a_release(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = Ed25519PrivateKey.generate()
     write_public_key(tmp_path / "coordinator.pub", key.public_key())
     config = _config(
-        tmp_path, small_scenario, site_workspace, coordinator_key=str(tmp_path / "coordinator.pub")
+        tmp_path,
+        small_scenario,
+        untrained_workspace,
+        coordinator_key=str(tmp_path / "coordinator.pub"),
     )
     release = make_release(b"bundle", key)
     path = write_release(tmp_path / "release", release, key)
@@ -96,11 +99,14 @@ def test_site_release_shows_the_line_that_pins_a_release(
 
 
 def test_site_release_refuses_a_release_another_key_signed(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_public_key(tmp_path / "coordinator.pub", Ed25519PrivateKey.generate().public_key())
     config = _config(
-        tmp_path, small_scenario, site_workspace, coordinator_key=str(tmp_path / "coordinator.pub")
+        tmp_path,
+        small_scenario,
+        untrained_workspace,
+        coordinator_key=str(tmp_path / "coordinator.pub"),
     )
     other = Ed25519PrivateKey.generate()
     path = write_release(tmp_path / "release", make_release(b"bundle", other), other)
@@ -110,9 +116,9 @@ def test_site_release_refuses_a_release_another_key_signed(
 
 
 def test_site_release_without_a_pinned_coordinator_key(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(tmp_path, small_scenario, site_workspace)
+    config = _config(tmp_path, small_scenario, untrained_workspace)
     document = tomllib.loads(config.read_text())
     document["site"].pop("coordinator_key", None)
     config.write_text(tomli_w.dumps(document))
@@ -122,9 +128,9 @@ def test_site_release_without_a_pinned_coordinator_key(
 
 
 def test_client_releases_must_be_hashes(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path
 ) -> None:
-    config = _config(tmp_path, small_scenario, site_workspace)
+    config = _config(tmp_path, small_scenario, untrained_workspace)
     document = tomllib.loads(config.read_text())
     document["policy"]["client_releases"] = ["v0.1.0"]
     config.write_text(tomli_w.dumps(document))
@@ -133,11 +139,11 @@ def test_client_releases_must_be_hashes(
 
 
 def test_site_run_refuses_to_start_with_no_release_pinned(
-    tmp_path: Path, small_scenario: Any, site_workspace: Path
+    tmp_path: Path, small_scenario: Any, untrained_workspace: Path
 ) -> None:
     from client.daemon import check_ready
 
-    config = _config(tmp_path, small_scenario, site_workspace)
+    config = _config(tmp_path, small_scenario, untrained_workspace)
     pinned = [p for p in check_ready(load_site_config(config)) if "client_releases" in p]
     assert pinned == []
     document = tomllib.loads(config.read_text())

@@ -29,13 +29,12 @@ from common.protocol import (
     AUDIT_HEAD_HASH,
     AUDIT_HEAD_SEQ,
     AUDIT_KEY,
-    EVALUATE_METRICS,
     REFUSED_BY_POLICY,
     SITE_ID_KEY,
     SITE_MISCONFIGURED,
-    TRAIN_METRICS,
     RoundRequest,
 )
+from common.replies import EVALUATE_METRICS, TRAIN_METRICS
 from common.signing import fingerprint, load_public_key
 from common.tasks import TASKS, model_fingerprint
 from server.run import full_model_bytes
@@ -49,6 +48,7 @@ def _site(scenario, workspace, tmp_path, site_id="hospital-a", **privacy) -> Sit
     )
 
 
+@pytest.mark.slow  # trains a DP round of the pretrained imaging model (10+ s)
 def test_train_returns_an_adapter_within_budget(small_scenario, site_workspace, tmp_path) -> None:
     site = _site(small_scenario, site_workspace, tmp_path, epsilon=6.0)
     request = round_request(site)
@@ -81,6 +81,7 @@ def _charge(ledger: PrivacyLedger, site: Site, request: RoundRequest, run: str) 
     return plan.training.noise_multiplier
 
 
+@pytest.mark.slow  # trains several DP rounds
 def test_noise_is_calibrated_once_per_run_for_all_planned_rounds(
     small_scenario, site_workspace, tmp_path
 ) -> None:
@@ -93,11 +94,14 @@ def test_noise_is_calibrated_once_per_run_for_all_planned_rounds(
     assert sigmas[0] == sigmas[1] == sigmas[2]
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 5.0
     assert epsilons[2] > 4.9  # the plan uses the budget, not a fraction of it
-    # A fourth round was never planned: the run cannot overspend what it asked for.
+    # A fourth round was never planned: the run cannot overspend what it asked for (a
+    # request past total_rounds never parses; the planner refuses such a round anyway).
+    fourth = round_request(site, 3).model_copy(update={"server_round": 4})
     with pytest.raises(PolicyError, match=r"over the site's budget|planned to reach"):
-        site.plan_round(round_request(site, 4), site.load_data().train.persons, ledger, "run-1")
+        site.plan_round(fourth, site.load_data().train.persons, ledger, "run-1")
 
 
+@pytest.mark.slow  # trains rounds over two runs and a restart (15 s)
 def test_budget_accumulates_across_runs_and_restarts(
     small_scenario, site_workspace, tmp_path
 ) -> None:
@@ -118,9 +122,9 @@ def test_budget_accumulates_across_runs_and_restarts(
 
 
 def test_a_round_over_budget_is_refused_and_logged(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    site = _site(small_scenario, site_workspace, tmp_path, epsilon=0.5)
+    site = _site(small_scenario, untrained_workspace, tmp_path, epsilon=0.5)
     request = round_request(site, dp={"noise_multiplier": 0.3})
     with pytest.raises(PolicyError, match=r"over the site's budget of 0\.50"):
         site.train(request, initial_adapter(site, request), run="run-1")
@@ -131,20 +135,22 @@ def test_a_round_over_budget_is_refused_and_logged(
     assert site.open_ledger(site.load_data().dataset).state.entries == []
 
 
-def test_foreign_task_and_base_model_are_refused(small_scenario, site_workspace, tmp_path) -> None:
-    site = _site(small_scenario, site_workspace, tmp_path)
+def test_foreign_task_and_base_model_are_refused(
+    small_scenario, untrained_workspace, tmp_path
+) -> None:
+    site = _site(small_scenario, untrained_workspace, tmp_path)
     request = round_request(site)
     adapter = initial_adapter(site, request)
-    wrong_task = RoundRequest(**{**request.__dict__, "task": "tabular-classification"})
+    wrong_task = request.model_copy(update={"task": "tabular-classification"})
     with pytest.raises(PolicyError, match="serves task 'dicom-classification'"):
         site.train(wrong_task, adapter, run="run-1")
-    wrong_base = RoundRequest(**{**request.__dict__, "base_model_sha256": "0" * 64})
+    wrong_base = request.model_copy(update={"base_model_sha256": "0" * 64})
     with pytest.raises(PolicyError, match="base model"):
         site.train(wrong_base, adapter, run="run-1")
 
 
-def test_too_few_people_is_refused(small_scenario, site_workspace, tmp_path) -> None:
-    path = write_site_config(small_scenario, site_workspace, "hospital-a", tmp_path)
+def test_too_few_people_is_refused(small_scenario, untrained_workspace, tmp_path) -> None:
+    path = write_site_config(small_scenario, untrained_workspace, "hospital-a", tmp_path)
     text = path.read_text().replace("min_cohort = 20", "min_cohort = 500")
     path.write_text(text)
     site = Site(load_site_config(path))
@@ -156,9 +162,9 @@ def test_too_few_people_is_refused(small_scenario, site_workspace, tmp_path) -> 
 
 
 def test_a_global_adapter_of_the_wrong_shape_is_rejected(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    site = _site(small_scenario, site_workspace, tmp_path)
+    site = _site(small_scenario, untrained_workspace, tmp_path)
     request = round_request(site)
     adapter = initial_adapter(site, request)
     name = next(iter(adapter))
@@ -173,6 +179,7 @@ def test_a_global_adapter_of_the_wrong_shape_is_rejected(
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
+@pytest.mark.slow  # trains through the ClientApp
 def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     small_scenario, site_workspace, tmp_path
 ) -> None:
@@ -214,10 +221,13 @@ def test_client_app_sends_only_the_adapter_and_keeps_its_accountant(
     )
 
 
+@pytest.mark.slow  # calibrates (PRV) and trains through the ClientApp
 def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=3.0)
+    config_path = write_site_config(
+        small_scenario, untrained_workspace, "bank-a", tmp_path, epsilon=3.0
+    )
     site = Site(load_site_config(config_path))
     app, context = build_client_app(), node_context(config_path)
 
@@ -276,9 +286,11 @@ def test_the_site_audits_joining_training_and_refusing_with_its_own_key(
 
 
 def test_client_app_turns_a_refusal_into_an_error_reply(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=0.2)
+    config_path = write_site_config(
+        small_scenario, untrained_workspace, "bank-a", tmp_path, epsilon=0.2
+    )
     site = Site(load_site_config(config_path))
     request = round_request(site, dp={"noise_multiplier": 0.5})
     reply = build_client_app()(
@@ -289,8 +301,10 @@ def test_client_app_turns_a_refusal_into_an_error_reply(
     assert "bank-a refuses round 1" in (reply.error.reason or "")
 
 
-def test_client_app_evaluates_on_held_out_people(small_scenario, site_workspace, tmp_path) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
+def test_client_app_evaluates_on_held_out_people(
+    small_scenario, untrained_workspace, tmp_path
+) -> None:
+    config_path = write_site_config(small_scenario, untrained_workspace, "bank-b", tmp_path)
     site = Site(load_site_config(config_path))
     reply = build_client_app()(
         site_message(site, round_request(site), MessageType.EVALUATE), node_context(config_path)
@@ -306,9 +320,9 @@ def test_tasks_registry_serves_every_kind_of_site_data() -> None:
 
 
 def test_a_task_that_does_not_fit_the_data_is_refused(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    path = write_site_config(small_scenario, untrained_workspace, "bank-a", tmp_path)
     config = load_site_config(path)
     config = config.model_copy(
         update={"site": config.site.model_copy(update={"task": "text-classification"})}
@@ -318,9 +332,9 @@ def test_a_task_that_does_not_fit_the_data_is_refused(
 
 
 def test_local_errors_leave_the_site_without_paths(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    config_path = write_site_config(small_scenario, untrained_workspace, "bank-a", tmp_path)
     site = Site(load_site_config(config_path))
     request = round_request(site)
     broken = tmp_path / "broken.toml"
@@ -333,11 +347,11 @@ def test_local_errors_leave_the_site_without_paths(
 
 
 def test_the_noise_does_not_depend_on_anything_the_server_sends(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     """Same request, same data, same global adapter: different noise, so the coordinator
     cannot regenerate it from the round's seed."""
-    site = _site(small_scenario, site_workspace, tmp_path, epsilon=50.0)
+    site = _site(small_scenario, untrained_workspace, tmp_path, epsilon=50.0)
     request = round_request(site, dp={"noise_multiplier": 1.0})
     adapter = initial_adapter(site, request)
     first = site.train(request, adapter, run="run-a").adapter
@@ -346,13 +360,13 @@ def test_the_noise_does_not_depend_on_anything_the_server_sends(
 
 
 def test_changed_data_needs_an_operator_to_start_a_new_budget(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     from click.testing import CliRunner
 
     from common.cli import cli
 
-    config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
+    config_path = write_site_config(small_scenario, untrained_workspace, "bank-b", tmp_path)
     site = Site(load_site_config(config_path))
     dataset = site.load_data().dataset
     site.open_ledger(dataset).record_round("run-1", 1, (1.0, 0.1, 10))
@@ -375,9 +389,9 @@ def test_changed_data_needs_an_operator_to_start_a_new_budget(
 
 
 def test_a_delta_not_below_one_over_people_is_refused(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    site = _site(small_scenario, site_workspace, tmp_path, delta=0.009)
+    site = _site(small_scenario, untrained_workspace, tmp_path, delta=0.009)
     with pytest.raises(PolicyError, match="is not below 1/"):
         site.plan_round(
             round_request(site), 200, site.open_ledger(site.load_data().dataset), "run-1"
@@ -426,10 +440,11 @@ def _server_initial(
     return initial, frozen
 
 
+@pytest.mark.slow  # calibrates (PRV) and trains a DP round (3 s)
 def test_an_ffa_round_trains_b_only_and_keeps_the_run_seeded_a(
-    small_scenario, site_workspace, tmp_path, monkeypatch
+    small_scenario, untrained_workspace, tmp_path, monkeypatch
 ) -> None:
-    site = _site(small_scenario, site_workspace, tmp_path, site_id="bank-a")
+    site = _site(small_scenario, untrained_workspace, tmp_path, site_id="bank-a")
     federation = _ffa_federation(site)
     request = _ffa_request(federation)
     initial, frozen = _server_initial(federation)
@@ -489,10 +504,11 @@ def test_an_ffa_round_trains_b_only_and_keeps_the_run_seeded_a(
     assert with_other_a.loss != pytest.approx(ffa_eval.loss, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow  # calibrates (PRV) and trains a DP round first (3 s)
 def test_an_ffa_request_with_lora_a_in_the_adapter_is_refused(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    site = _site(small_scenario, site_workspace, tmp_path, site_id="bank-a")
+    site = _site(small_scenario, untrained_workspace, tmp_path, site_id="bank-a")
     federation = _ffa_federation(site)
     request = _ffa_request(federation)
     initial, _frozen = _server_initial(federation)
@@ -508,8 +524,9 @@ def test_an_ffa_request_with_lora_a_in_the_adapter_is_refused(
         site.evaluate(plain, without_lora_a(initial), run="ffa-run")
 
 
-def test_the_client_app_runs_an_ffa_round(small_scenario, site_workspace, tmp_path) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
+@pytest.mark.slow  # calibrates (PRV) and trains through the ClientApp (3 s)
+def test_the_client_app_runs_an_ffa_round(small_scenario, untrained_workspace, tmp_path) -> None:
+    config_path = write_site_config(small_scenario, untrained_workspace, "bank-b", tmp_path)
     site = Site(load_site_config(config_path))
     federation = _ffa_federation(site)
     request = _ffa_request(federation)
@@ -533,9 +550,9 @@ def test_the_client_app_runs_an_ffa_round(small_scenario, site_workspace, tmp_pa
 
 
 def test_classes_that_do_not_fit_the_model_are_a_problem_before_any_round(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path)
+    path = write_site_config(small_scenario, untrained_workspace, "bank-a", tmp_path)
     text = path.read_text()
     path.write_text(text.replace('    "default",\n]', '    "default",\n    "late",\n]', 1))
     report = check_report(path)

@@ -46,9 +46,9 @@ def _assert_pathless_audit_error(reply: Message, tmp_path: Path) -> None:
 
 
 def test_a_group_readable_audit_key_is_an_audit_error_without_a_path(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, SITE_ID, tmp_path)
+    config_path = write_site_config(small_scenario, untrained_workspace, SITE_ID, tmp_path)
     site = Site(load_site_config(config_path))
     site.audit.key_fingerprint  # noqa: B018 (creates the default key, mode 0600)
     key_path = site.config.site.audit_key_path
@@ -76,10 +76,10 @@ def _config_with_signing_key(scenario, workspace, directory: Path, key: Path) ->
 
 
 def test_a_configured_signing_key_that_does_not_exist_is_not_created(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     key = tmp_path / "keys" / "site-signing.pem"
-    config_path = _config_with_signing_key(small_scenario, site_workspace, tmp_path, key)
+    config_path = _config_with_signing_key(small_scenario, untrained_workspace, tmp_path, key)
     site = Site(load_site_config(config_path))
     assert site.config.site.signing_key == key.resolve()
     app, context = build_client_app(), node_context(config_path)
@@ -99,7 +99,7 @@ def test_a_configured_signing_key_that_does_not_exist_is_not_created(
 
 
 def test_a_configured_signing_key_that_exists_signs_the_log(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -108,7 +108,7 @@ def test_a_configured_signing_key_that_exists_signs_the_log(
     key = tmp_path / "keys" / "site-signing.pem"
     private = Ed25519PrivateKey.generate()
     write_private_key(key, private)
-    config_path = _config_with_signing_key(small_scenario, site_workspace, tmp_path, key)
+    config_path = _config_with_signing_key(small_scenario, untrained_workspace, tmp_path, key)
     site = Site(load_site_config(config_path))
 
     site.joined("run-1")
@@ -150,9 +150,9 @@ def test_an_unreadable_ledger_index_is_a_ledger_error_without_a_path(tmp_path: P
 
 
 def test_a_refusal_over_an_unreadable_ledger_is_audited_without_a_path(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, SITE_ID, tmp_path)
+    config_path = write_site_config(small_scenario, untrained_workspace, SITE_ID, tmp_path)
     site = Site(load_site_config(config_path))
     dataset = site.load_data().dataset
     (site.config.site.state_dir / LEDGER_DIR / f"{dataset}.json").mkdir(parents=True)
@@ -171,13 +171,16 @@ def test_a_refusal_over_an_unreadable_ledger_is_audited_without_a_path(
 # ----------------------------------------- a round withheld at record time ---
 
 
+@pytest.mark.slow  # calibrates (PRV) and trains a DP round
 def test_a_round_withheld_when_it_is_recorded_is_audited_as_a_budget_refusal(
-    small_scenario, site_workspace, tmp_path, monkeypatch
+    small_scenario, untrained_workspace, tmp_path, monkeypatch
 ) -> None:
     """Another process of the site charges a large round while this one trains: the
     ledger refuses to record this round (its update must not leave), and the site's
     audit log says so."""
-    config_path = write_site_config(small_scenario, site_workspace, SITE_ID, tmp_path, epsilon=6.0)
+    config_path = write_site_config(
+        small_scenario, untrained_workspace, SITE_ID, tmp_path, epsilon=6.0
+    )
     site = Site(load_site_config(config_path))
     original = PrivacyLedger.record_round
     concurrent: list[PrivacyLedger] = []
@@ -215,10 +218,13 @@ def test_a_round_withheld_when_it_is_recorded_is_audited_as_a_budget_refusal(
     assert verify_log(site.audit.path, load_public_key(site.config.site.audit_key_path)).ok
 
 
+@pytest.mark.slow  # calibrates (PRV) and trains a DP round
 def test_a_ledger_error_at_record_time_is_audited_with_its_round(
-    small_scenario, site_workspace, tmp_path, monkeypatch
+    small_scenario, untrained_workspace, tmp_path, monkeypatch
 ) -> None:
-    config_path = write_site_config(small_scenario, site_workspace, SITE_ID, tmp_path, epsilon=6.0)
+    config_path = write_site_config(
+        small_scenario, untrained_workspace, SITE_ID, tmp_path, epsilon=6.0
+    )
     site = Site(load_site_config(config_path))
 
     def refuse(self, run, server_round, history_entry, limit=None):

@@ -17,12 +17,13 @@ def _run(args: list[str]) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+@pytest.mark.slow  # the privacy plan calibrates noise with PRV (3 s)
 def test_check_reports_counts_labels_and_rejections(
-    small_scenario, site_workspace, tmp_path
+    small_scenario, untrained_workspace, tmp_path
 ) -> None:
     from common.cli import cli
 
-    path = write_site_config(small_scenario, site_workspace, "hospital-a", tmp_path)
+    path = write_site_config(small_scenario, untrained_workspace, "hospital-a", tmp_path)
     result = CliRunner().invoke(cli, ["site", "check", str(path), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -33,14 +34,17 @@ def test_check_reports_counts_labels_and_rejections(
     assert set(report["labels"]) == {"normal", "lesion"}
 
 
-def test_check_fails_when_the_cohort_is_too_small(small_scenario, site_workspace, tmp_path) -> None:
+@pytest.mark.slow  # the privacy plan calibrates noise with PRV (3 s)
+def test_check_fails_when_the_cohort_is_too_small(
+    small_scenario, untrained_workspace, tmp_path
+) -> None:
     from common.cli import cli
 
-    path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path)
+    path = write_site_config(small_scenario, untrained_workspace, "bank-b", tmp_path)
     path.write_text(path.read_text().replace("min_cohort = 20", "min_cohort = 5000"))
     result = CliRunner().invoke(cli, ["site", "check", str(path)])
     assert result.exit_code == 1
-    assert "fewer than k = 5000" in result.stdout
+    assert "fewer than its minimum cohort of 5000" in " ".join(result.stdout.split())
 
 
 def test_invalid_config_is_one_clear_message(tmp_path) -> None:
@@ -54,10 +58,10 @@ def test_invalid_config_is_one_clear_message(tmp_path) -> None:
     assert "site.kind" in message and "privacy: required" in message
 
 
-def test_check_shows_the_privacy_plan(small_scenario, site_workspace, tmp_path) -> None:
+def test_check_shows_the_privacy_plan(small_scenario, untrained_workspace, tmp_path) -> None:
     from common.cli import cli
 
-    path = write_site_config(small_scenario, site_workspace, "bank-a", tmp_path, epsilon=3.0)
+    path = write_site_config(small_scenario, untrained_workspace, "bank-a", tmp_path, epsilon=3.0)
     args = ["site", "check", str(path), "--json", "--rounds", "4", "--batch-size", "16"]
     result = CliRunner().invoke(cli, [*args, "--epsilon-per-run", "2"])
     assert result.exit_code == 0, result.output
@@ -73,12 +77,12 @@ def test_check_shows_the_privacy_plan(small_scenario, site_workspace, tmp_path) 
     assert "asks for ε=5.00 but only 3.00" in json.loads(refused.stdout)["problems"][0]
 
 
-def test_budget_lists_the_ledger(small_scenario, site_workspace, tmp_path) -> None:
+def test_budget_lists_the_ledger(small_scenario, untrained_workspace, tmp_path) -> None:
     from client.site import Site
     from common.cli import cli
     from common.config import load_site_config
 
-    path = write_site_config(small_scenario, site_workspace, "bank-b", tmp_path, epsilon=9.0)
+    path = write_site_config(small_scenario, untrained_workspace, "bank-b", tmp_path, epsilon=9.0)
     empty = CliRunner().invoke(cli, ["site", "budget", str(path), "--json"])
     assert json.loads(empty.stdout) == {"site": "bank-b", "datasets": []}
     site = Site(load_site_config(path))

@@ -42,8 +42,8 @@ def test_plan_matches_opacus_poisson_loader() -> None:
     assert plan.steps(100) == 14
 
 
-def test_only_lora_and_head_change(small_scenario, site_workspace, tmp_path) -> None:
-    site = _hospital(small_scenario, site_workspace, tmp_path)
+def test_only_lora_and_head_change(small_scenario, untrained_workspace, tmp_path) -> None:
+    site = _hospital(small_scenario, untrained_workspace, tmp_path)
     data = site.load_data()
     model = site.task.wrap_with_lora(
         site.task.load_base_model(site.config.site.base_model), LoraSettings(r=4)
@@ -56,8 +56,8 @@ def test_only_lora_and_head_change(small_scenario, site_workspace, tmp_path) -> 
     assert any("lora_B" in n for n in changed)
 
 
-def test_history_is_extended_with_this_round(small_scenario, site_workspace, tmp_path) -> None:
-    site = _hospital(small_scenario, site_workspace, tmp_path)
+def test_history_is_extended_with_this_round(small_scenario, untrained_workspace, tmp_path) -> None:
+    site = _hospital(small_scenario, untrained_workspace, tmp_path)
     data = site.load_data()
     model = site.task.wrap_with_lora(
         site.task.load_base_model(site.config.site.base_model), LoraSettings(r=4)
@@ -107,6 +107,7 @@ def test_class_weights_scale_each_record_loss() -> None:
     assert losses.tolist() == pytest.approx([np.log(2), 3 * np.log(2)])
 
 
+@pytest.mark.slow  # needs the pretrained imaging backbone (site_workspace)
 def test_dp_training_learns_the_imaging_signal(small_scenario, site_workspace, tmp_path) -> None:
     site = _hospital(small_scenario, site_workspace, tmp_path)
     data = site.load_data()

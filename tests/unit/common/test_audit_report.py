@@ -404,6 +404,8 @@ def _visible_timeline(page: Any) -> list[tuple[str, int]]:
     return sorted((log, seq) for log, seq in rows)
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_shows_the_intact_banner_and_both_plots(
     browser: Any,  # noqa: F811
     honest: Report,
@@ -431,6 +433,8 @@ def test_browser_shows_the_intact_banner_and_both_plots(
         assert opened.requests == []
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_participation_grid_marks_rejected_and_refused(
     browser: Any,  # noqa: F811
     honest: Report,
@@ -456,6 +460,8 @@ def test_browser_participation_grid_marks_rejected_and_refused(
         assert opened.errors == []
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_timeline_filters_by_site_event_and_round(
     browser: Any,  # noqa: F811
     honest: Report,
@@ -510,6 +516,8 @@ def test_browser_timeline_filters_by_site_event_and_round(
         assert opened.errors == []
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_page_fits_1280px_and_screenshots(
     browser: Any,  # noqa: F811
     honest: Report,
@@ -536,6 +544,8 @@ def test_browser_page_fits_1280px_and_screenshots(
     assert colors is not None and len(colors) > 50, "the screenshot is (nearly) blank"
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_shows_a_red_banner_for_a_tampered_log(
     browser: Any,  # noqa: F811
     tampered: Tampered,
@@ -552,6 +562,8 @@ def test_browser_shows_a_red_banner_for_a_tampered_log(
         assert opened.errors == []
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_runs_no_markup_from_the_logs(
     browser: Any,  # noqa: F811
     hostile: Report,

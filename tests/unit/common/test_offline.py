@@ -154,6 +154,7 @@ def test_the_systemd_units_set_the_same_switches(unit: Path) -> None:
 # ---------------------------------------------------- fresh fedlora processes ---
 
 
+@pytest.mark.slow  # a fresh interpreter importing both Flower apps (6 s)
 def test_importing_the_flower_apps_switches_everything_off(tmp_path: Path) -> None:
     """Flower loads ``client.app:app`` / ``server.app:app`` by name; in a process with
     nothing set, importing them is enough for flwr (which reads its switch at import),
@@ -205,6 +206,7 @@ def test_onnxruntime_through_fedlora_leaves_no_telemetry_store(
     assert not (home / ORT_STORE).exists()
 
 
+@pytest.mark.slow  # a fresh interpreter running onnxruntime's quantizer (5 s)
 def test_quantizing_through_fedlora_leaves_no_telemetry_store(
     tmp_path: Path, matmul_model: Path
 ) -> None:

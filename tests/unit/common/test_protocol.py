@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from pydantic import ValidationError
 
 from common.config import DPSettings, FederationConfig, LoraSettings
 from common.errors import UpdateError
@@ -75,7 +75,7 @@ def test_noise_multiplier_none_means_site_calibrated() -> None:
     assert request.noise_multiplier == SITE_CALIBRATED
 
 
-@pytest.mark.parametrize("sigma", [0.0, 0.8, 2.5])
+@pytest.mark.parametrize("sigma", [0.1, 0.8, 2.5])
 def test_explicit_noise_multiplier_is_kept(sigma: float) -> None:
     federation = _federation(dp=DPSettings(noise_multiplier=sigma))
     request = RoundRequest.for_round(federation, SHA, 1, ("q_proj",))
@@ -157,7 +157,7 @@ def test_record_round_trip(sigma: float | None) -> None:
     request = RoundRequest.for_round(federation, SHA, 4, TABULAR.default_lora_targets)
     again = RoundRequest.from_record(request.to_record())
     assert again == request
-    assert dataclasses.asdict(again) == dataclasses.asdict(request)
+    assert again.model_dump() == request.model_dump()
     assert isinstance(again.lora_targets, list)
 
 
@@ -189,7 +189,7 @@ def test_missing_key_is_named(key: str) -> None:
 
 def test_underscored_keys_are_not_accepted() -> None:
     request = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",))
-    record = ConfigRecord(dict(dataclasses.asdict(request)))
+    record = ConfigRecord(dict(request.model_dump()))
     with pytest.raises(UpdateError, match="lacks 'base-model-sha256'"):
         RoundRequest.from_record(record)
 
@@ -222,6 +222,23 @@ def test_a_site_rejects_values_no_honest_coordinator_sends(
     record = RoundRequest.for_round(_federation(), SHA, 3, TABULAR.default_lora_targets).to_record()
     record[key] = value
     with pytest.raises(UpdateError, match=message):
+        RoundRequest.from_record(record)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.05, 1001.0])
+def test_a_federation_cannot_ask_for_a_noise_level_every_site_refuses(sigma: float) -> None:
+    with pytest.raises(ValidationError, match="noise_multiplier"):
+        DPSettings(noise_multiplier=sigma)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("batch-size", True), ("seed", 1.5), ("lora-targets", "q_proj"), ("freeze-lora-a", 1)],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(key: str, value: object) -> None:
+    record = RoundRequest.for_round(_federation(), SHA, 1, ("q_proj",)).to_record()
+    record[key] = value  # type: ignore[assignment]
+    with pytest.raises(UpdateError, match=key.replace("-", "_")):
         RoundRequest.from_record(record)
 
 

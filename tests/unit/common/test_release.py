@@ -67,6 +67,7 @@ def test_a_damaged_release_names_its_problem(tmp_path: Path, damage: object, mes
         load_release(path, key.public_key())
 
 
+@pytest.mark.slow  # hashes the whole checkout, virtualenv included, twice
 def test_the_release_bundle_is_the_one_flwr_run_builds() -> None:
     """The hash a coordinator publishes is the hash of what its `flwr run` submits
     (Flower's build_fab_from_disk, which walks the whole checkout, virtualenv too)."""

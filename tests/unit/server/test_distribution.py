@@ -9,7 +9,7 @@ import pytest
 
 from common.artifact import ARTIFACT_FILES, MODEL_INT8, SitePrivacy, file_entries
 from common.errors import UpdateError
-from common.protocol import ARTIFACT_CHECK_METRICS
+from common.replies import ARTIFACT_CHECK_METRICS
 from common.signing import fingerprint
 from server.distribution import (
     aggregate_checks,

@@ -8,7 +8,6 @@ did not answer), so these tests need a Flower task identity (``flower_task_ident
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -52,7 +51,7 @@ SHAPES = {A_NAME: (4, 16), B_NAME: (64, 4), "head.weight": (2, 64), "head.bias":
 big enough that honest replies fit the default payload limit with room to spare."""
 # The fake sites reply in float32; update precision has its own tests.
 FEDERATION = FederationConfig(
-    task="tabular-classification", base_model=Path("/m"), rounds=3, update_precision="float32"
+    task="tabular-classification", base_model=Path("/m"), rounds=8, update_precision="float32"
 )
 TIMEOUT = 600.0
 SIGNING_KEY = Ed25519PrivateKey.generate()
@@ -120,6 +119,9 @@ class FakeGrid:
         self.introduced: list[int] = []
         self.listings = 0
         self._polls = 0
+        self._outbox: dict[str, Message] = {}
+        self._delivered: list[Message] = []
+        self._pushed = 0
 
     def get_node_ids(self) -> list[int]:
         # Flower's sampling waits (forever) for min_available_nodes: fail instead of hanging.
@@ -130,6 +132,23 @@ class FakeGrid:
     def get_nodes(self) -> list[NodeInfo]:
         self.listings += 1
         return [NodeInfo(node_id=node, name=self.registered.get(node)) for node in self.nodes]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Introductions are pushed, and answered at once by the nodes that answer."""
+        ids = []
+        for message in messages:
+            self._pushed += 1
+            message_id = f"query-{id(self)}-{self._pushed}"
+            message.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do
+            ids.append(message_id)
+            for answer in self.send_and_receive([message], timeout=0):
+                self._outbox[message_id] = answer
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = [self._outbox.pop(m) for m in list(message_ids) if m in self._outbox]
+        self._delivered.extend(replies)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
         answers = []
@@ -155,13 +174,16 @@ def _configure(
     names: Mapping[int, str] | None = None,
     flower_arrays: ArrayRecord | None = None,
 ) -> dict[int, Message]:
-    """configure_train on a fake grid: the instructions by node. ``flower_arrays`` is
-    what Flower's loop would hand over (the strategy must send its own adapter)."""
+    """The round loop's introductions, then configure_train, on a fake grid: the
+    instructions by node. ``flower_arrays`` is what a loop would hand over (the strategy
+    must send its own adapter)."""
+    grid = FakeGrid(nodes, names)
+    strategy.admit(grid)  # type: ignore[arg-type]
     messages = strategy.configure_train(
         server_round,
         flower_arrays or arrays_to_record(_adapter(99)),
         ConfigRecord(),
-        FakeGrid(nodes, names),  # type: ignore[arg-type]
+        grid,  # type: ignore[arg-type]
     )
     return {m.metadata.dst_node_id: m for m in messages}
 
@@ -648,6 +670,7 @@ def test_configure_train_sends_the_round_request(tmp_path: Path) -> None:
     Flower's loop hands over); replies built from them are aggregated as usual."""
     strategy = _strategy(tmp_path, min_sites=3)
     grid = FakeGrid([11, 12, 13])
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop, before the hook
     messages = list(
         strategy.configure_train(
             3,
@@ -674,12 +697,15 @@ def test_configure_train_sends_the_round_request(tmp_path: Path) -> None:
     _assert_close(record_to_arrays(arrays), _reference(updates, [1, 1, 1]))
     assert sorted(strategy.recorder.sites) == ["node-11", "node-12", "node-13"]
 
-    # Each node is asked once: one that did not answer must not stall every round by the
-    # introduction timeout. Its name can still come with its replies.
+    # A node is not asked again while its question is in flight (no round waits for an
+    # answer; server/introductions.py asks again after the introduction timeout). Its
+    # name can still come with its replies.
     grid = FakeGrid([11, 12, 13])
+    strategy.admit(grid)  # type: ignore[arg-type]
     strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     assert grid.introduced == []
     newcomer = FakeGrid([11, 12, 13, 14], {14: "bank-d"})
+    strategy.admit(newcomer)  # type: ignore[arg-type]
     strategy.configure_train(5, ArrayRecord(), ConfigRecord(), newcomer)  # type: ignore[arg-type]
     assert newcomer.introduced == [14]
     assert strategy.known_sites[14] == "bank-d"
@@ -1098,7 +1124,7 @@ def test_float16_updates_aggregate_into_a_float32_global_and_are_hashed_as_sent(
     tmp_path: Path,
 ) -> None:
     strategy = _strategy(tmp_path)
-    half = dataclasses.replace(_request(2), update_dtype="float16")
+    half = _request(2).model_copy(update={"update_dtype": "float16"})
     strategy.request_for_round = lambda _round: half  # type: ignore[method-assign]
     names = {101: "bank-1", 102: "bank-2", 103: "bank-3"}
     instructions = _configure(strategy, 2, names)

@@ -44,6 +44,7 @@ def _told(site: str, audit_key: str | None = None) -> dict[str, str]:
 
 
 def _instructed(strategy: FedLoraStrategy, server_round: int, grid: FakeGrid) -> list[int]:
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     return sorted(m.metadata.dst_node_id for m in messages)
 
@@ -86,6 +87,7 @@ def test_an_impostor_is_rejected_and_the_registered_site_takes_the_rounds(
     # The next round: the impostor is neither asked again nor sent the round, and its
     # rejection is not recorded twice; the registered sites train as usual.
     grid = FakeGrid([11, 12, 13], details=details, registered=registered)
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     messages = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     instructions = {m.metadata.dst_node_id: m for m in messages}
     assert sorted(instructions) == sorted([real, 13])
@@ -164,6 +166,9 @@ def test_a_silent_site_with_a_registered_audit_key_waits_until_it_shows_it(
     """Not introducing itself must not skip the check: the node is held back (and asked
     again) each round until its introduction shows the registered key."""
     strategy = _strategy(tmp_path, min_sites=1, audit_keys={"hospital-a": KEY_A})
+    # These rounds take no time; a real one outlasts the introduction timeout, after
+    # which an unanswered question is asked again (server/introductions.py).
+    strategy.introductions.retry_after = 0.0
     details = {12: _told("bank-a")}  # node 11 (hospital-a) does not answer
     registered = {11: "hospital-a", 12: "bank-a"}
     grid = FakeGrid([11, 12], details=details, registered=registered)
@@ -210,6 +215,7 @@ def test_replies_are_held_to_the_registered_names(tmp_path: Path) -> None:
     registered = {11: "hospital-a", 12: "hospital-b"}
     details = {node: _told(name) for node, name in registered.items()}
     grid = FakeGrid([11, 12], details=details, registered=registered)
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     instructions = {m.metadata.dst_node_id: m for m in messages}
     _, replies = _honest_round(instructions, {11: 40, 12: 60}, {11: "hospital-a", 12: "bank-a"})
@@ -242,6 +248,7 @@ def test_in_a_simulation_names_stay_first_come_first_served(tmp_path: Path) -> N
     asked the round, and its reply is rejected with the reason, as before."""
     strategy = _strategy(tmp_path, min_sites=1, audit_keys={})
     grid = FakeGrid([11, 12], details={11: _told("bank-a"), 12: _told("bank-a")})
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     instructions = {m.metadata.dst_node_id: m for m in messages}
     assert sorted(instructions) == [11, 12]

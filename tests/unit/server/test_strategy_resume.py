@@ -123,11 +123,13 @@ def _honest_replies(instructions: Iterable[Message], seed: int) -> list[Message]
 
 def _round(strategy: FedLoraStrategy, flower_round: int, accuracy: float, seed: int = 0) -> None:
     """One whole round as Flower's loop drives it (numbered as the loop counts)."""
+    grid = _grid(NODES)
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     instructions = strategy.configure_train(
         flower_round,
         ArrayRecord(),
         ConfigRecord(),
-        _grid(NODES),  # type: ignore[arg-type]
+        grid,  # type: ignore[arg-type]
     )
     arrays, _ = strategy.aggregate_train(flower_round, _honest_replies(instructions, seed))
     assert arrays is not None, strategy.recorder.exclusions
@@ -295,12 +297,14 @@ def test_resumed_hooks_number_rounds_after_the_completed_one(tmp_path: Path) -> 
     assert run_round == 4
 
     # Flower's loop counts from 1 again in the resumed process.
+    grid = _grid(NODES)
+    after.admit(grid)  # type: ignore[arg-type]  # the round loop
     instructions = list(
         after.configure_train(
             1,
             ArrayRecord(),
             ConfigRecord(),
-            _grid(NODES),  # type: ignore[arg-type]
+            grid,  # type: ignore[arg-type]
         )
     )
     assert requests.rounds == [run_round]
@@ -401,6 +405,7 @@ def test_nodes_of_another_task_are_left_out(tmp_path: Path) -> None:
         },
     )  # node 3 does not answer: unknown
 
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     instructions = list(
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     )
@@ -425,6 +430,7 @@ def test_a_node_left_out_is_not_timed_out(tmp_path: Path) -> None:
     """The other task's node was never asked, so its silence is no exclusion."""
     strategy = _strategy(tmp_path)
     grid = _grid([1, 2, 3], {1: _site("bank-1"), 2: _site("bank-2"), 3: _site("h-3", "x")})
+    strategy.admit(grid)  # type: ignore[arg-type]  # the round loop
     instructions = list(
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
     )

@@ -19,9 +19,9 @@ from common.protocol import (
     BAD_GLOBAL_ADAPTER,
     REFUSED_BY_POLICY,
     SITE_MISCONFIGURED,
-    TRAIN_METRICS,
     RoundRequest,
 )
+from common.replies import TrainMetrics
 from server.strategy_utils import (
     MAX_REASON_CHARS,
     FailedReply,
@@ -386,7 +386,7 @@ def test_the_check_is_not_run_for_errors_bad_metrics_or_identity_problems() -> N
         reply(8, metrics={"num-examples": 5}, arrays=_adapter(1), site="bank-q"),
         reply(1, metrics=train_metrics(50), arrays=_adapter(2), site="bank-z"),
     ]
-    good, bad = parse_replies(replies, known, check, TRAIN_METRICS)
+    good, bad = parse_replies(replies, known, check, TrainMetrics)
     assert good == []
     assert [(f.node_id, f.status) for f in bad] == [(7, "failed"), (8, "rejected"), (1, "rejected")]
     assert check.calls == []

@@ -51,7 +51,7 @@ def _request(**changes: object) -> RoundRequest:
         update_precision="float32",  # the fake updates below; float16 has its own tests
     )
     request = RoundRequest.for_round(federation, "0" * 64, 1, ("q_proj", "v_proj"))
-    return dataclasses.replace(request, **changes)  # type: ignore[arg-type]
+    return request.model_copy(update=changes)
 
 
 def _reference() -> dict[str, np.ndarray]:
@@ -203,11 +203,11 @@ def test_adam_bound_matches_a_hand_computation_and_ignores_clip_and_noise() -> N
     assert derived_norm_bound(request, 7, 1.0, 1000) == pytest.approx(35.0, rel=1e-12)
     for clip in (0.01, 1.0, 100.0):
         for sigma in (0.0, 0.5, 10.0):
-            changed = dataclasses.replace(request, max_grad_norm=clip)
+            changed = request.model_copy(update={"max_grad_norm": clip})
             assert derived_norm_bound(changed, 7, sigma, 1000) == pytest.approx(35.0, rel=1e-12)
     # ... while the SGD bound does depend on C.
     sgd = _request(optimizer="sgd")
-    assert derived_norm_bound(dataclasses.replace(sgd, max_grad_norm=2.0), 7, 1.0, 1000) > (
+    assert derived_norm_bound(sgd.model_copy(update={"max_grad_norm": 2.0}), 7, 1.0, 1000) > (
         derived_norm_bound(sgd, 7, 1.0, 1000)
     )
 
@@ -248,7 +248,7 @@ def test_bound_is_monotone_in_every_input(optimizer: str) -> None:
         # Bigger batches average the noise away: the bound shrinks.
         request = _request(batch_size=16)
         assert derived_norm_bound(request, 10, 1.0, 5000) > derived_norm_bound(
-            dataclasses.replace(request, batch_size=256), 10, 1.0, 5000
+            request.model_copy(update={"batch_size": 256}), 10, 1.0, 5000
         )
 
 
