@@ -14,12 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from common.adapters import (
-    AdapterArrays,
-    adapter_sha256,
-    lora_a_dtype,
-    seeded_lora_a,
-)
+from common.adapters import AdapterArrays, AdapterLayout, adapter_sha256
 from common.audit.review import COORDINATOR_PRIVATE_KEY, COORDINATOR_PUBLIC_KEY
 from common.config import FederationConfig
 from common.errors import ConfigError
@@ -208,12 +203,9 @@ def _initial_adapter(
     """The round-0 adapter and the part of it the sites keep frozen: with FFA-LoRA, LoRA's
     A seeded from the run's seed (so every site derives the same one), else nothing."""
     initial = adapter_arrays(model)
-    frozen: AdapterArrays = {}
-    if aggregation.freezes_lora_a:
-        frozen = seeded_lora_a(
-            {k: v.shape for k, v in initial.items()}, federation.seed, dtype=lora_a_dtype(initial)
-        )
-        initial.update(frozen)
+    layout = AdapterLayout(freeze_lora_a=aggregation.freezes_lora_a, seed=federation.seed)
+    frozen = layout.frozen(initial)
+    initial.update(frozen)
     return initial, frozen
 
 

@@ -96,7 +96,7 @@ class FedLoraStrategy(FedAvg):
         )
         self.request_for_round = request_for_round
         self.frozen = dict(frozen)
-        self.trained = {k: v for k, v in initial.items() if k not in self.frozen}
+        self.trained = self._trained_part(initial)
         """The global adapter's trained tensors: what travels each round."""
         self.schema = AdapterSchema.of(self.trained)
         self.aggregator = aggregator
@@ -131,6 +131,10 @@ class FedLoraStrategy(FedAvg):
         self._request: RoundRequest | None = None
         self._sent_adapter: AdapterArrays = self.trained
         self._sent_to: set[int] = set()
+
+    def _trained_part(self, arrays: AdapterArrays) -> AdapterArrays:
+        """The tensors of a whole adapter that train and travel (not the frozen ones)."""
+        return {name: value for name, value in arrays.items() if name not in self.frozen}
 
     def current_arrays(self) -> ArrayRecord:
         """The trained tensors of the current global adapter, as they travel."""
@@ -187,10 +191,10 @@ class FedLoraStrategy(FedAvg):
                 state.best.round,
                 state.best.accuracy,
                 state.best.loss,
-                {k: v for k, v in arrays.items() if k not in self.frozen},
+                self._trained_part(arrays),
             )
         # Everything is read and checked: only now does the strategy change.
-        self.trained = {k: v for k, v in current.items() if k not in self.frozen}
+        self.trained = self._trained_part(current)
         self.best = best
         self.adapter_round = state.adapter_round
         self.rounds_aggregated = state.rounds_aggregated

@@ -692,11 +692,12 @@ def test_nothing_phoned_home(
         "fedlora-server-superexec",
         "fedlora-superexec",
         "flwr-serverapp",
-        "fedlora-clientapp",
     }
     assert every_kind <= watched_programs, watched_programs
-    # The sites never ran Flower's own ClientApp process (the bundle's code).
+    # The sites never ran Flower's own ClientApp process (the bundle's code), nor a
+    # process per task: every task ran inside the site's long-lived fedlora-superexec.
     assert "flwr-clientapp" not in watched_programs, watched_programs
+    assert "fedlora-clientapp" not in watched_programs, watched_programs
     recorded = watched["sockets"].read_text() if watched["sockets"].exists() else ""
     assert recorded == "", recorded
     assert not (watched["home"] / ".cache" / "Microsoft").exists()
