@@ -23,7 +23,6 @@ import numpy.typing as npt
 import torch
 
 from common.adapters import AdapterSchema, PackedAdapter, lora_pairs
-from common.errors import UpdateError
 from common.registry import Registry
 
 Arrays = Mapping[str, npt.NDArray[np.floating]]
@@ -52,126 +51,56 @@ PARTIAL_SUM_UPDATES = 32
 """fedavg sums at most this many updates in float32 before folding them into float64."""
 
 
-class StreamingMean:
-    """fedavg's state: the weighted sum of the updates folded in so far, one at a time.
-
-    Memory does not grow with the number of updates: one running sum (float32 partial
-    sums of at most ``partial_sum_updates`` updates folded into a float64 total, so
-    rounding is that of a 32-term float32 sum, far below the DP noise in any update;
-    float64 throughout for float64 updates) and one buffer to convert an update in.
-    Each update is one contiguous vector in the schema's order, added with one fused
-    multiply-add on every core. ``add`` takes such a vector, as validation hands it over
-    (``validate_update(..., fold=mean.add)``: the update is then converted once, for its
-    norm and its sum); ``add_update`` takes tensors (packed ones as they are).
-    """
-
-    def __init__(
-        self, schema: AdapterSchema, partial_sum_updates: int = PARTIAL_SUM_UPDATES
-    ) -> None:
-        self.schema = schema
-        """Names and shapes; the dtypes are the updates' (the first one's fixes the mean's)."""
-        self.names = [name for name, _, _ in schema.entries]
-        self.gathered = np.dtype(schema.entries[0][2] if schema.entries else np.float32)
-        """What tensors are gathered in (``add_update``): the first tensor's dtype."""
-        self.elements = sum(math.prod(shape) for _, shape, _ in schema.entries)
-        self.partial_sum_updates = partial_sum_updates
-        self.count = 0
-        self.weight_sum = 0.0
-        self._dtype: np.dtype[Any] | None = None
-        self._scale = 1.0
-        self._in_partial = 0
-        self._running = self._total = self._values = torch.zeros(0)
-        self._staging: npt.NDArray[np.floating] | None = None
-
-    def add(self, vector: npt.NDArray[np.floating], weight: float) -> None:
-        """Fold in one update, given as one vector in the schema's order."""
-        weight = _checked_weight(weight)
-        if vector.shape != (self.elements,):
-            raise UpdateError(f"a packed adapter has {self.elements} values, not {vector.size}")
-        if self._dtype is None:
-            self._start(vector.dtype, weight)
-        source = torch.from_numpy(vector if vector.flags.writeable else vector.copy())
-        if source.dtype != self._running.dtype:
-            source = self._values.copy_(source)
-        self._running.add_(source, alpha=weight / self._scale)
-        self.weight_sum += weight
-        self.count += 1
-        self._in_partial += 1
-        if self._in_partial == self.partial_sum_updates:
-            self._total.add_(self._running)
-            self._running.zero_()
-            self._in_partial = 0
-
-    def add_update(self, update: Arrays, weight: float) -> None:
-        """Fold in one update given tensor by tensor: the schema's tensors, no others."""
-        _checked_weight(weight)
-        if len(update) != len(self.names) or set(update) != set(self.names):
-            raise ValueError("every update must carry the same tensors")
-        self.add(self._flat(update), weight)
-
-    def mean(self) -> Aggregate:
-        """The weighted mean of every update folded in, in (at least) float32."""
-        if self._dtype is None:
-            raise ValueError("nothing to aggregate")
-        if self.weight_sum <= 0:
-            raise ValueError("weights must have a positive sum")
-        total = self._total + self._running
-        mean = (total * (self._scale / self.weight_sum)).numpy()
-        dtype = aggregate_dtype(self._dtype)
-        return dict(self.schema.with_dtype(dtype.name).unpack(mean.astype(dtype)))
-
-    def _start(self, dtype: np.dtype[Any], weight: float) -> None:
-        self._dtype = dtype
-        exact = torch.float64 if dtype == np.float64 else torch.float32
-        self._running = torch.zeros(self.elements, dtype=exact)
-        self._total = torch.zeros(self.elements, dtype=torch.float64)
-        self._values = torch.empty_like(self._running)
-        self._scale = weight if weight > 0 else 1.0  # relative weights: one update stays exact
-
-    def _flat(self, update: Arrays) -> npt.NDArray[np.floating]:
-        """The update as one vector in the schema's order: free for a packed update."""
-        packed = isinstance(update, PackedAdapter) and update.flat.dtype == self.gathered
-        if packed and list(update) == self.names:
-            return update.flat  # type: ignore[attr-defined]
-        if self._staging is None:
-            self._staging = np.empty(self.elements, self.gathered)
-        try:
-            np.concatenate([update[name] for name in self.names], axis=None, out=self._staging)
-        except ValueError:
-            size = sum(np.size(update[name]) for name in self.names)
-            raise UpdateError(f"a packed adapter has {self.elements} values, not {size}") from None
-        return self._staging
-
-
-def _checked_weight(weight: float) -> float:
-    weight = float(weight)
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError("weights must be finite and non-negative")
-    return weight
-
-
 def fedavg(
     updates: Iterable[Arrays],
     weights: Iterable[float],
     partial_sum_updates: int = PARTIAL_SUM_UPDATES,
 ) -> Aggregate:
     """Weighted mean of every tensor (weights: examples per site), cast back to the
-    updates' dtype (at least float32).
+    updates' dtype.
 
-    Streaming: one pass over ``updates`` (a generator is fine) into a ``StreamingMean``,
-    so memory does not grow with the number of sites.
+    Streaming: one pass over ``updates`` (a generator is fine), holding one running sum,
+    so memory does not grow with the number of sites. Each update is handled as one
+    contiguous vector (packed updates, see ``AdapterSchema.pack``, are used as they are)
+    with one fused multiply-add, on every core; float32 partial sums of at most
+    ``partial_sum_updates`` updates are folded into a float64 total, so rounding is that
+    of a 32-term float32 sum, far below the DP noise in any update.
     """
-    mean: StreamingMean | None = None
+    schema: AdapterSchema | None = None
+    running: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    scale, weight_sum, in_partial = 1.0, 0.0, 0
     for update, weight in _paired(updates, weights):
-        _checked_weight(weight)
-        if mean is None:
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError("weights must be finite and non-negative")
+        if schema is None:
             if not update:
                 raise ValueError("every update must carry the same tensors")
-            mean = StreamingMean(AdapterSchema.of(update), partial_sum_updates)
-        mean.add_update(update, weight)
-    if mean is None:
+            schema = AdapterSchema.of(update)
+            exact = schema.entries[0][2] == "float64"
+            running = torch.zeros(schema.elements, dtype=torch.float64 if exact else torch.float32)
+            total = torch.zeros(schema.elements, dtype=torch.float64)
+            scale = weight if weight > 0 else 1.0  # relative weights: one update stays exact
+        elif set(update) != {name for name, _, _ in schema.entries}:
+            raise ValueError("every update must carry the same tensors")
+        assert running is not None and total is not None
+        flat = _flat(update, schema)
+        running.add_(torch.from_numpy(flat).to(running.dtype), alpha=weight / scale)
+        weight_sum += weight
+        in_partial += 1
+        if in_partial == partial_sum_updates:
+            total.add_(running)
+            running.zero_()
+            in_partial = 0
+    if schema is None or running is None or total is None:
         raise ValueError("nothing to aggregate")
-    return mean.mean()
+    if weight_sum <= 0:
+        raise ValueError("weights must have a positive sum")
+    total.add_(running)
+    mean = (total * (scale / weight_sum)).numpy()
+    dtype = aggregate_dtype(np.dtype(schema.entries[0][2]))
+    return dict(schema.with_dtype(dtype.name).unpack(mean.astype(dtype)))
 
 
 def aggregate_dtype(update_dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -186,6 +115,17 @@ def _paired(updates: Iterable[Arrays], weights: Iterable[float]) -> Iterator[tup
         if update is sentinel or weight is sentinel:
             raise ValueError("one weight per update is required")
         yield update, weight  # type: ignore[misc]
+
+
+def _flat(update: Arrays, schema: AdapterSchema) -> npt.NDArray[np.floating]:
+    """The update as one vector in the schema's order: free for a packed update."""
+    if (
+        isinstance(update, PackedAdapter)
+        and update.flat.dtype == np.dtype(schema.entries[0][2])
+        and list(update) == [name for name, _, _ in schema.entries]
+    ):
+        return update.flat
+    return schema.pack(update).flat
 
 
 def _coordinatewise(
@@ -296,11 +236,6 @@ class AggregatorSpec:
     """Takes the run's trim fraction (ignored by the aggregators that do not trim)."""
     freezes_lora_a: bool = False
     summary: str = ""
-    streaming: Callable[[AdapterSchema], StreamingMean] | None = None
-    """For an aggregator that can take the updates one at a time, as validation accepts
-    them (``validate_update(..., fold=mean.add)``): its running state for an adapter of
-    this schema, whose ``mean()`` is what ``build`` would give over the same updates.
-    None for the robust aggregators, which need every update at once."""
 
 
 def _fixed(aggregator: Aggregator) -> Callable[[float], Aggregator]:
@@ -310,19 +245,13 @@ def _fixed(aggregator: Aggregator) -> Callable[[float], Aggregator]:
 AGGREGATORS: Registry[AggregatorSpec] = Registry(
     "aggregator",
     [
-        (
-            "fedavg",
-            AggregatorSpec(
-                _fixed(fedavg), summary="weighted mean of A and B", streaming=StreamingMean
-            ),
-        ),
+        ("fedavg", AggregatorSpec(_fixed(fedavg), summary="weighted mean of A and B")),
         (
             "fedavg-ffa",
             AggregatorSpec(
                 _fixed(fedavg),
                 freezes_lora_a=True,
                 summary="FFA-LoRA: A frozen at the run's seed, weighted mean of B (exact)",
-                streaming=StreamingMean,
             ),
         ),
         (

@@ -49,7 +49,6 @@ def test_a_section_sees_the_memory_it_allocates() -> None:
     assert large.seconds > 0
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch (15 s)
 def test_isolated_runs_in_another_process_and_reports_failures() -> None:
     assert isolated(_allocate_and_sum, 1) == 1024 * 1024
     with pytest.raises(RuntimeError, match="ValueError: broken on purpose"):
@@ -167,10 +166,10 @@ def test_round_times_come_from_the_coordinator_audit_log(tmp_path: Path) -> None
 
 
 def test_pooled_data_keeps_every_record_and_person(
-    small_scenario, untrained_workspace, tmp_path
+    small_scenario, site_workspace, tmp_path
 ) -> None:
     sites = [
-        Site(load_site_config(write_site_config(small_scenario, untrained_workspace, s, tmp_path)))
+        Site(load_site_config(write_site_config(small_scenario, site_workspace, s, tmp_path)))
         for s in ("bank-a", "bank-b")
     ]
     parts = [site.load_data().train for site in sites]
@@ -217,13 +216,20 @@ def test_federate_trains_private_and_non_private_rounds(
 def test_framework_overhead_brings_the_runs_it_compares() -> None:
     args = parse_arguments(["--quick", "--only", "framework_overhead", "traffic"])
     assert args.quick
-    assert chosen_entries(args.only) == ["traffic", "utility", "end_to_end", "framework_overhead"]
+    assert chosen_entries(args.only) == [
+        "traffic",
+        "utility",
+        "end_to_end",
+        "framework_overhead",
+    ]
     assert chosen_entries(None) == list(ENTRIES)
     with pytest.raises(SystemExit):
         parse_arguments(["--only", "nonsense"])
 
 
-def test_framework_ratios_set_flower_rounds_against_local_training(tmp_path: Path) -> None:
+def test_framework_ratios_set_flower_rounds_against_local_training(
+    tmp_path: Path,
+) -> None:
     key = Ed25519PrivateKey.generate()
     log = AuditLog(coordinator_log_path(tmp_path, "tabular-classification"), "coordinator", key)
     for server_round in (1, 2, 3, 4):

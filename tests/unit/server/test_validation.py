@@ -219,7 +219,9 @@ def test_bound_is_monotone_in_every_input(optimizer: str) -> None:
     def bound(**changes: float) -> float:
         values = {**base, **changes}
         request = _request(
-            optimizer=optimizer, learning_rate=values["lr"], max_grad_norm=values["clip"]
+            optimizer=optimizer,
+            learning_rate=values["lr"],
+            max_grad_norm=values["clip"],
         )
         return derived_norm_bound(
             request, int(values["steps"]), values["sigma"], int(values["trainable"])
@@ -383,7 +385,11 @@ def test_derived_adam_bound_covers_honest_dp_adam(trainable: int, sigma: float, 
     lr, batch, clip = 0.01, 32, 1.0
     request = _request(optimizer="adam", batch_size=batch, learning_rate=lr, max_grad_norm=clip)
     direction = np.full(trainable, 1 / math.sqrt(trainable))
-    first, second, params = np.zeros(trainable), np.zeros(trainable), np.zeros(trainable)
+    first, second, params = (
+        np.zeros(trainable),
+        np.zeros(trainable),
+        np.zeros(trainable),
+    )
     for step in range(1, steps + 1):
         gradient = (batch * clip * direction + rng.normal(0.0, sigma * clip, trainable)) / batch
         first = 0.9 * first + 0.1 * gradient
@@ -612,7 +618,11 @@ def test_derived_norm_bound_is_applied_per_reply() -> None:
     calibrated = _request(noise_multiplier=SITE_CALIBRATED)
     small_sigma = bound_for(calibrated, STEPS, 0.1)
     with _rejects(f"exceeds the bound of {small_sigma:.4g}"):
-        _validate(_moved(0.99 * bound), metrics=_metrics(noise_multiplier=0.1), request=calibrated)
+        _validate(
+            _moved(0.99 * bound),
+            metrics=_metrics(noise_multiplier=0.1),
+            request=calibrated,
+        )
 
 
 def test_off_disables_the_norm_check() -> None:
