@@ -550,8 +550,11 @@ def test_a_supernode_killed_in_round_one_rejoins_a_later_round(
     setup: dict[str, Any], running: FedloraDeployment
 ) -> None:
     run_dir = setup["root"] / "run-b"
+    # The round timeout bounds how long round 1 waits for the killed node; it must also
+    # leave a healthy site's round room on a loaded 2-core machine (rounds of 20-50 s),
+    # or a round with no reply in time is a failed round, not the rejoin under test.
     federation = _federation(
-        setup, IMAGING, "killed-node", rounds=6, min_sites=1, round_timeout=40.0
+        setup, IMAGING, "killed-node", rounds=4, min_sites=1, round_timeout=80.0
     )
     before = len(_site_log(setup, "hospital-a"))
     log = (setup["root"] / "run-b.out").open("w")
@@ -585,7 +588,7 @@ def test_a_supernode_killed_in_round_one_rejoins_a_later_round(
     assert first and first[0]["status"] != "accepted", rows
     assert any(r["status"] == "accepted" and int(r["round"]) > 1 for r in rows), rows
     result = json.loads((run_dir / "tasks" / f"{IMAGING}.json").read_text())
-    assert result["rounds_completed"] == 6
+    assert result["rounds_completed"] == 4, _metrics(run_dir)
 
 
 def test_a_superlink_killed_mid_run_comes_back_and_the_run_resumes(
