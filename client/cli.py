@@ -18,6 +18,7 @@ from client.daemon import (
     check_ready,
     run_supernode,
 )
+from client.data.dicom import privacy_unit
 from client.ledger import ledgers_of, run_summaries
 from client.preflight import preflight
 from client.privacy import epsilon_spent
@@ -26,17 +27,20 @@ from client.releases import record_pins, refused_bundles
 from client.site import LoadedData, Site
 from common import pki
 from common.config import (
+    DicomDataConfig,
     DPSettings,
     FederationConfig,
+    SiteConfig,
     SiteConnection,
     load_federation_config,
     load_site_config,
     validate_model,
 )
-from common.errors import ConfigError, PolicyError
+from common.errors import ConfigError, FedloraError, PolicyError
 from common.protocol import RoundRequest
 from common.superexec import ensure_secret
 from common.tasks import TASKS
+from common.tasks.base import saved_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,6 +109,8 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
             "train": loaded.train.persons,
             "holdout": loaded.holdout.persons,
         }
+        if isinstance(config.data, DicomDataConfig):
+            report["privacy_unit"] = privacy_unit(config.data.person_key)
         if request is not None and loaded.train.persons > 0:
             try:
                 report["privacy_plan"] = privacy_plan(runtime, loaded, request)
@@ -121,6 +127,19 @@ def check_report(config_path: Path, request: RoundRequest | None = None) -> dict
     return report
 
 
+def _lora_targets(config: SiteConfig) -> tuple[str, ...]:
+    """The targets a run would train on this site's base model (they differ by image
+    architecture); the task's defaults when the base cannot be read, which the
+    pre-flight then reports."""
+    spec = TASKS.get(config.site.task)
+    if spec.lora_targets_for is None:
+        return spec.default_lora_targets
+    try:
+        return spec.lora_targets(saved_config(config.site.base_model))
+    except FedloraError:
+        return spec.default_lora_targets
+
+
 def _print_report(report: dict[str, Any], console: Console) -> None:
     status = "[green]ready[/green]" if report["ok"] else "[red]cannot take part[/red]"
     console.print(f"site [bold]{report['site']}[/bold] ({report['kind']}): {status}")
@@ -131,6 +150,8 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
         console.print(
             f"people: {people['total']} ({people['train']} train, {people['holdout']} held out)"
         )
+    if "privacy_unit" in report:
+        console.print(f"privacy unit: {report['privacy_unit']}")
     for change, count in report.get("adjusted", {}).items():
         console.print(f"[yellow]kept, but {change}:[/yellow] {count} records")
     labels = Table(title="records per label")
@@ -240,9 +261,7 @@ def check(
             local_epochs=local_epochs,
             dp=DPSettings(epsilon_per_run=epsilon_per_run),
         )
-    request = RoundRequest.for_round(
-        settings, "", 1, TASKS.get(config.site.task).default_lora_targets
-    )
+    request = RoundRequest.for_round(settings, "", 1, _lora_targets(config))
     report = check_report(site_config, request)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -4,7 +4,7 @@ A site's cleaning depends on its own data (the window of its scanners, the media
 spreads of its tables), so when a site installs an artifact it writes its cleaning next
 to it as ``preprocessing.json``. That file is site-private: it is never sent and is not
 part of the signed artifact. An imaging artifact without one falls back to the model's
-input size and each file's own window.
+input shape (side and channels, with the demo normalisation) and each file's own window.
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ from common.artifact import MODEL_INT8, Manifest
 from common.config import DicomDataConfig, TextDataConfig
 from common.errors import DataError
 from common.inference import OnnxClassifier, softmax
+from common.tasks.image_input import ImageInput
 from common.tasks.text import load_tokenizer, tokenizer_fingerprint
 
 PREPROCESSING_FILE = "preprocessing.json"
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
 
 
-def dicom_preprocessing(config: DicomDataConfig) -> dict[str, Any]:
+def dicom_preprocessing(config: DicomDataConfig, image: ImageInput) -> dict[str, Any]:
+    """The site's window and the base model's input (side, channels, mean, std)."""
     return {
         "format": "dicom",
         "classes": list(config.classes),
-        "image_size": config.image_size,
+        **image.to_dict(),
         "window_center": config.window_center,
         "window_width": config.window_width,
     }
@@ -76,8 +78,15 @@ def load_preprocessing(
     if override is not None:
         raise DataError(f"preprocessing file {override} does not exist")
     pixels = manifest.inputs.get("pixel_values")
-    if pixels is not None:
-        return {"format": "dicom", "classes": None, "image_size": int(pixels.shape[-1])}
+    if pixels is not None:  # [n, C, S, S]
+        shape = pixels.shape
+        channels = int(shape[1]) if len(shape) == 4 else 1
+        return {
+            "format": "dicom",
+            "classes": None,
+            "image_size": int(shape[-1]),
+            "channels": channels,
+        }
     raise DataError(
         "tabular and text prediction need a site's cleaning (its fitted table cleaning, or "
         f"its tokenizer and length limits): install the artifact at a site (it writes "
@@ -95,14 +104,20 @@ class Records:
 
 
 def dicom_records(preprocessing: dict[str, Any], path: Path) -> Records:
-    """One file, or every file under a folder; an unusable file is reported and skipped."""
+    """One file, or every file under a folder; an unusable file is reported and skipped.
+
+    The model's input is the recorded one (an older record with only ``image_size`` is
+    a 1-channel input normalised with mean 0.5 and std 0.5, as the demo bases were)."""
     if preprocessing.get("format") != "dicom":
         raise DataError("this artifact was not trained on DICOM images (use --csv)")
+    try:
+        image = ImageInput.from_dict(preprocessing)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"the preprocessing names no usable image input ({exc})") from None
     config = DicomDataConfig(
         format="dicom",
         path=path,
         classes=preprocessing.get("classes") or ["class-0", "class-1"],
-        image_size=int(preprocessing["image_size"]),
         window_center=preprocessing.get("window_center"),
         window_width=preprocessing.get("window_width"),
     )
@@ -121,13 +136,13 @@ def dicom_records(preprocessing: dict[str, Any], path: Path) -> Records:
     for file in files:
         name = file.relative_to(root).as_posix()
         try:
-            images.append(preprocess_file(file, config))
+            images.append(preprocess_file(file, config, image))
         except UnusableImageError as exc:
             skipped.append(Rejection(name, exc.reason))
             continue
         names.append(name)
-    side = config.image_size
-    pixels = np.stack(images) if images else np.zeros((0, 1, side, side), dtype=np.float32)
+    shape = (0, image.channels, image.size, image.size)
+    pixels = np.stack(images) if images else np.zeros(shape, dtype=np.float32)
     return Records(names, {"pixel_values": pixels}, skipped)
 
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Literal
 
 from client.planner import delta_problem
 from client.policy import check_request
-from common.config import SiteConfig
+from common.config import DicomDataConfig, SiteConfig
 from common.errors import ConfigError, DataError, FedloraError, PolicyError
+from common.tasks.image_input import image_input
 
 if TYPE_CHECKING:
     from client.data.source import LoadedData
@@ -61,6 +62,26 @@ def classes_problem(config: SiteConfig, outputs: int) -> ConfigError | None:
     return ConfigError(
         f"site {config.site.id}: data.classes names {classes} classes but the base "
         f"model has {outputs} outputs (num_labels / id2label in its config.json)"
+    )
+
+
+def image_size_problem(config: SiteConfig) -> ConfigError | None:
+    """A DICOM site's loader follows the base model's input size; a ``data.image_size``
+    left in the config that says otherwise would mislead the operator. When the base
+    model's input cannot be read, loading the data reports it (not repeated here)."""
+    data = config.data
+    if not isinstance(data, DicomDataConfig) or data.image_size is None:
+        return None
+    try:
+        side = image_input(config.site.base_model).size
+    except ConfigError:
+        return None
+    if side == data.image_size:
+        return None
+    return ConfigError(
+        f"site {config.site.id}: data.image_size = {data.image_size} but the base model "
+        f"takes {side} x {side} images: remove data.image_size, the loader follows the "
+        "base model"
     )
 
 
@@ -112,6 +133,7 @@ def preflight(site: Site, purpose: Purpose, request: RoundRequest | None = None)
             )
         else:
             _add(result, _outputs_problem(site))
+            _add(result, image_size_problem(config))
     try:
         data = result.data = site.data.load()
     except (DataError, ConfigError, OSError) as exc:  # ConfigError: a text tokenizer

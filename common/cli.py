@@ -65,6 +65,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     Roles:
       simulate      run a multi-site federation on this machine (researchers)
       pki           the deployment's CA, TLS certificate and keys (coordinator, sites)
+      model         make or import a base model, and inspect one (coordinator)
       coordinator   run the SuperLink, launch and resume runs (coordinator)
       site          check a site, watch its budget, run its daemon (site operators)
       audit         verify, reconcile and review the signed audit trail (auditors)

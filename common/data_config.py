@@ -16,10 +16,18 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from common.strict_model import StrictModel
 
 DataKind = Literal["dicom", "table", "text"]
+PersonKey = Literal["patient", "study", "series", "file"]
+"""Which DICOM identifier names the person an image belongs to: the privacy unit."""
 
 
 class DicomDataConfig(StrictModel):
-    """A directory of DICOM files, labelled by a CSV or by one sub-folder per class."""
+    """A directory of DICOM files, labelled by a CSV or by one sub-folder per class.
+
+    Images are resized and normalised as the site's base model expects (its
+    config.json / preprocessor_config.json), so the model, not this table, fixes the
+    input size; ``image_size`` stays only so that older site files still validate, and
+    the site's pre-flight reports it when it disagrees with the model.
+    """
 
     format: Literal["dicom"]
     path: Path = Field(description="Directory holding the DICOM files.")
@@ -30,7 +38,20 @@ class DicomDataConfig(StrictModel):
         "'folders': one sub-folder per class.",
     )
     labels_file: str = Field(default="labels.csv", description="Used when labels = 'csv'.")
-    image_size: int = Field(default=32, ge=8, le=1024, description="Side after resizing.")
+    image_size: int | None = Field(
+        default=None,
+        ge=8,
+        le=1024,
+        description="Deprecated: the loader follows the base model's input size; a value "
+        "that differs from it is reported by the site's pre-flight.",
+    )
+    person_key: PersonKey = Field(
+        default="patient",
+        description="Who a record belongs to (the privacy unit): 'patient' (PatientID, "
+        "qualified by IssuerOfPatientID), 'study' (StudyInstanceUID), 'series' "
+        "(SeriesInstanceUID) or 'file' (one person per image). For de-identified exports "
+        "without PatientID use 'study' or 'file'; ε is then per study or per image.",
+    )
     window_center: float | None = Field(
         default=None, description="Overrides the file's Window Center (after rescale)."
     )

@@ -1,4 +1,5 @@
-"""``fedlora simulate``: a whole federation on one machine, with synthetic sites."""
+"""``fedlora simulate``: a whole federation on one machine, with synthetic sites or a
+researcher's own data."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from rich.progress import (
     Progress,
     TaskID,
 )
+from rich.table import Table
 
 from server.aggregation import AGGREGATORS
 from server.run_report import print_summary, round_progress, write_plots
+from simulations.partition import NO_LABEL, SplitReport
 from simulations.report import build_summary
 from simulations.runner import prepare, run_task
 from simulations.scenario import builtin_scenarios, load_scenario
@@ -73,6 +76,35 @@ def _rich_logging(console: Console, verbose: bool) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def split_table(report: SplitReport) -> Table:
+    """A split's people and records per site and per class (counts, no identifiers)."""
+    how = "IID" if report.mode == "iid" else f"Dirichlet label skew, alpha = {report.alpha:g}"
+    title = f"split {report.prefix!r} ({how}; {'made' if report.resplit else 'reused'})"
+    table = Table(title=title)
+    table.add_column("site")
+    table.add_column("people", justify="right")
+    table.add_column("records", justify="right")
+    classes = list(report.shares[0].people_per_class) if report.shares else []
+    unlabelled = any(share.records_per_class.get(NO_LABEL) for share in report.shares)
+    for name in classes:
+        table.add_column(f"{name}: people / records", justify="right")
+    if unlabelled:
+        table.add_column(f"records {NO_LABEL}", justify="right")
+    for share in report.shares:
+        cells = [
+            f"{share.people_per_class[name]} / {share.records_per_class.get(name, 0)}"
+            for name in classes
+        ]
+        if unlabelled:
+            cells.append(str(share.records_per_class.get(NO_LABEL, 0)))
+        table.add_row(share.id, str(share.people), str(share.records), *cells)
+    notes = [f"{count} {reason}, left out" for reason, count in report.left_out.items()]
+    if report.record_is_person:
+        notes.append("the source names no person: each record is counted as one person")
+    table.caption = "; ".join(notes) or None
+    return table
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("scenario", default="default", metavar="[SCENARIO]")
 @click.option(
@@ -89,8 +121,9 @@ def _rich_logging(console: Console, verbose: bool) -> Iterator[None]:
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where the synthetic sites live; reused when the scenario is unchanged, so each "
-    "site's privacy state persists across runs (default: runs/data/<scenario>).",
+    help="Where the synthetic and split sites live; reused when the scenario is unchanged, "
+    "so each site's privacy state persists across runs (default: runs/data/<scenario>). "
+    "Existing sites keep their data and state where their configs say.",
 )
 @click.option(
     "--aggregator",
@@ -110,7 +143,9 @@ def simulate(
 
     SCENARIO is a scenario TOML file or the name of a built-in one; the default has three
     hospitals (DICOM imaging) and two banks (tabular). Synthetic data is generated the
-    first time, then reused. The run directory receives summary.json, metrics.csv,
+    first time, then reused. A scenario may also name existing site configs (your own
+    data, used as it is) or split one real dataset by person across simulated sites
+    ([[splits]], IID or Dirichlet label skew). The run directory receives summary.json, metrics.csv,
     plots/, adapters/<task>/, checkpoints/, the sites/<site>.toml used, the signed audit
     trail (audit/) and, per task, the signed int8 artifact (artifacts/<task>/) that every
     site of the task checked and installed.
@@ -126,14 +161,20 @@ def simulate(
     with _rich_logging(console, verbose):
         started = time.monotonic()
         with round_progress(console) as progress:
-            sites_bar = progress.add_task("preparing sites", total=len(loaded.sites))
+            sites_bar = progress.add_task("preparing sites", total=len(loaded.all_sites()))
 
             def site_ready(site: str, generated: bool) -> None:
-                verb = "generated" if generated else "reused"
+                verb = "written" if generated else "reused"
                 progress.update(sites_bar, advance=1, description=f"sites ({site} {verb})")
 
             prepared = prepare(
-                loaded, run_dir, data_root, rounds=rounds, on_site=site_ready, aggregator=aggregator
+                loaded,
+                run_dir,
+                data_root,
+                rounds=rounds,
+                on_site=site_ready,
+                aggregator=aggregator,
+                on_split=lambda report: console.print(split_table(report)),
             )
             bars = {
                 task: progress.add_task(f"{task}", total=federation.rounds)

@@ -1,5 +1,6 @@
-"""Local multi-site simulation: synthetic sites, demo base models, one Flower
-Simulation Engine federation per task, and a run directory at the end.
+"""Local multi-site simulation: synthetic sites (or a researcher's own, see
+:mod:`simulations.own_data`), demo base models, one Flower Simulation Engine
+federation per task, and a run directory at the end.
 
 The simulation drives the same ServerApp and ClientApp code as a deployment; only the
 way each virtual SuperNode finds its site config differs (by partition id here).
@@ -30,14 +31,12 @@ from client.audit import SITE_AUDIT_LOG
 from common.audit.log import head_path
 from common.audit.review import AUDIT_DIR, COORDINATOR_PUBLIC_KEY, SITE_LOGS_DIR
 from common.config import FederationConfig, load_site_config
+from common.model_init import build_default_imaging_base
 from common.tasks import TASKS
 from common.tasks.text import build_word_tokenizer
 from server.app import build_server_app
 from server.run import coordinator_key, publish_public_key
 from simulations.faults import fault_mods
-from simulations.generators.dicom import (
-    public_pretext_images,
-)
 from simulations.generators.tabular import bank_schema
 from simulations.generators.text import (
     TEXT_CLASSES,
@@ -45,14 +44,21 @@ from simulations.generators.text import (
     public_vocabulary,
     radiology_report,
 )
-from simulations.scenario import AnySite, Scenario, SiteBehaviour
+from simulations.own_data import own_base_model, prepare_own_sites, write_run_copy
+from simulations.partition import SplitReport
+from simulations.scenario import (
+    ExistingSiteSpec,
+    GeneratedSite,
+    Scenario,
+    SiteBehaviour,
+    SplitSite,
+)
 from simulations.site_kinds import IMAGING_CLASSES, SITE_KINDS
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 BASE_MODEL_VERSION = 3  # bump when the demo base models change
-PRETEXT_CLASSES = 3  # public pretext task: 0, 1 or 2 blobs
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class PartitionSites:
         return Path(self.site_configs[int(context.node_config["partition-id"])])
 
 
-def _generation_marker(spec: AnySite, scenario: Scenario) -> dict[str, Any]:
+def _generation_marker(spec: GeneratedSite, scenario: Scenario) -> dict[str, Any]:
     return {
         "generator": GENERATOR_VERSION,
         "seed": scenario.seed,
@@ -74,11 +80,11 @@ def _generation_marker(spec: AnySite, scenario: Scenario) -> dict[str, Any]:
     }
 
 
-def _site_seed(scenario: Scenario, spec: AnySite) -> int:
+def _site_seed(scenario: Scenario, spec: GeneratedSite) -> int:
     return scenario.seed * 1000 + [s.id for s in scenario.sites].index(spec.id)
 
 
-def generate_site_data(spec: AnySite, scenario: Scenario, site_dir: Path) -> bool:
+def generate_site_data(spec: GeneratedSite, scenario: Scenario, site_dir: Path) -> bool:
     """Write the site's synthetic data unless identical data is already there.
 
     Returns True when data was (re)generated. The site's ``state/`` folder is kept.
@@ -101,8 +107,8 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     """The frozen base model every site of ``task`` shares, saved for from_pretrained.
 
     The imaging backbone is pretrained on public synthetic images first (see
-    :func:`pretrain_imaging_backbone`), as a real site's base would be a pretrained
-    model; its classification head is then replaced by a fresh one for the task.
+    :func:`common.model_init.build_default_imaging_base`), as a real site's base would
+    be a pretrained model; its classification head is then replaced by a fresh one.
     """
     directory = models_dir / task
     spec = TASKS.get(task)
@@ -121,20 +127,17 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     shutil.rmtree(temporary, ignore_errors=True)
     torch.manual_seed(scenario.seed)
     if spec.data_kind == "dicom":
-        config = spec.demo_config(
+        # `fedlora model init dicom-classification` builds the same base (the demo ViT
+        # pretrained on public synthetic images, then a zero head); config.json names
+        # no classes here, so the demo fingerprint stays what it has been.
+        build_default_imaging_base(
+            temporary,
+            IMAGING_CLASSES,
             image_size=scenario.image_size,
-            num_labels=PRETEXT_CLASSES,
+            seed=scenario.seed,
+            label_names=False,
             **scenario.imaging_backbone.model_dump(),
         )
-        model = spec.model_class(config)
-        pretrain_imaging_backbone(model, scenario.image_size, seed=scenario.seed)
-        # A fresh head for the task, zero-initialised: before federated training the
-        # model predicts one class, whatever the backbone already knows.
-        model.classifier = torch.nn.Linear(config.hidden_size, len(IMAGING_CLASSES))
-        torch.nn.init.zeros_(model.classifier.weight)
-        torch.nn.init.zeros_(model.classifier.bias)
-        model.config.num_labels = len(IMAGING_CLASSES)
-        model.save_pretrained(temporary)
     elif spec.data_kind == "text":
         backbone = scenario.text_backbone
         # The tokenizer is saved with the model, as in any downloaded checkpoint.
@@ -168,33 +171,6 @@ def build_base_model(task: str, scenario: Scenario, models_dir: Path) -> Path:
     (temporary / marker_path.name).write_text(json.dumps(marker))
     temporary.replace(directory)
     return directory
-
-
-def pretrain_imaging_backbone(
-    model: torch.nn.Module, image_size: int, seed: int, images: int = 3000, epochs: int = 3
-) -> float:
-    """Non-private pretraining on public synthetic images (blob counting); returns the
-    pretext accuracy on held-out public images. No site data is involved."""
-    inputs, labels = public_pretext_images(images, seed=seed + 1, image_size=image_size)
-    test_inputs, test_labels = public_pretext_images(500, seed=seed + 2, image_size=image_size)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(images, generator=generator)
-        for start in range(0, images, 64):
-            batch = order[start : start + 64]
-            logits = model(pixel_values=torch.from_numpy(inputs[batch])).logits
-            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[batch]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        predicted = model(pixel_values=torch.from_numpy(test_inputs)).logits.argmax(-1)
-    accuracy = float((predicted.numpy() == test_labels).mean())
-    logger.info("imaging base model: public pretext accuracy %.3f", accuracy)
-    return accuracy
 
 
 def pretrain_text_backbone(
@@ -241,7 +217,7 @@ def pretrain_text_backbone(
 
 
 def site_config_document(
-    spec: AnySite,
+    spec: GeneratedSite,
     task: str,
     site_dir: Path,
     base_model: Path,
@@ -282,19 +258,29 @@ def prepare(
     rounds: int | None = None,
     on_site: Callable[[str, bool], None] | None = None,
     aggregator: str | None = None,
+    on_split: Callable[[SplitReport], None] | None = None,
 ) -> PreparedRun:
-    """Generate or reuse data and models; write site and federation configs into run_dir."""
+    """Generate or reuse data and models; write site and federation configs into run_dir.
+
+    Sites of a researcher's own data (existing site configs, splits of one dataset) are
+    used as their configs say, with the base model those name (see
+    :mod:`simulations.own_data`); only generated sites get the demo base models.
+    """
     (run_dir / "sites").mkdir(parents=True, exist_ok=True)
     (run_dir / "federation").mkdir(parents=True, exist_ok=True)
     # The run's coordinator key exists before the sites are configured, so each site
     # can pin its public half and accept only artifacts it signed.
     publish_public_key(run_dir, coordinator_key(run_dir, None))
     pinned_key = run_dir / COORDINATOR_PUBLIC_KEY
+    own_configs = prepare_own_sites(scenario, data_dir, on_site=on_site, on_split=on_split)
     federations: dict[str, FederationConfig] = {}
     site_configs: dict[str, list[Path]] = {}
     behaviours: dict[str, list[SiteBehaviour | None]] = {}
     for task, settings in scenario.tasks.items():
-        base_model = build_base_model(task, scenario, data_dir / "models")
+        if scenario.has_own_data(task):
+            base_model = own_base_model(task, scenario.own_sites_of(task))
+        else:
+            base_model = build_base_model(task, scenario, data_dir / "models")
         values = settings.model_dump()
         if rounds is not None:
             values["rounds"] = rounds
@@ -306,27 +292,22 @@ def prepare(
         federations[task] = federation
         document = federation.model_dump(mode="json", exclude_none=True)
         (run_dir / "federation" / f"{task}.toml").write_text(tomli_w.dumps(document))
-        site_configs[task] = []
         behaviours[task] = [spec.behaviour for spec in scenario.sites_of(task)]
+        site_configs[task] = []
         for spec in scenario.sites_of(task):
-            site_dir = data_dir / "sites" / spec.id
-            generated = generate_site_data(spec, scenario, site_dir)
-            if on_site is not None:
-                on_site(spec.id, generated)
             path = run_dir / "sites" / f"{spec.id}.toml"
-            path.write_text(
-                tomli_w.dumps(
-                    site_config_document(
-                        spec,
-                        task,
-                        site_dir,
-                        base_model,
-                        scenario,
-                        pinned_key,
-                    )
+            if isinstance(spec, ExistingSiteSpec | SplitSite):
+                write_run_copy(own_configs[spec.id], path, pinned_key)
+            else:
+                site_dir = data_dir / "sites" / spec.id
+                generated = generate_site_data(spec, scenario, site_dir)
+                if on_site is not None:
+                    on_site(spec.id, generated)
+                document = site_config_document(
+                    spec, task, site_dir, base_model, scenario, pinned_key
                 )
-            )
-            load_site_config(path)  # what we wrote must validate like an operator's file
+                path.write_text(tomli_w.dumps(document))
+                load_site_config(path)  # what we wrote must validate like an operator's file
             site_configs[task].append(path)
     return PreparedRun(federations, site_configs, behaviours)
 

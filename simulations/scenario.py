@@ -1,5 +1,7 @@
-"""Scenarios: which synthetic sites exist, how much data each holds, how skewed it is,
-and how each task's federation is run. Built-in scenarios live next to this file.
+"""Scenarios: which sites exist (generated synthetic ones, existing site configs of a
+researcher's own data, or one real dataset split across simulated sites), how much data
+each generated site holds, how skewed it is, and how each task's federation is run.
+Built-in scenarios live next to this file.
 """
 
 from __future__ import annotations
@@ -8,53 +10,43 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from common.config import (
     DataKind,
     FederationSettings,
     SiteKind,
     StrictModel,
+    format_validation_error,
     read_toml,
-    validate_model,
 )
 from common.errors import ConfigError
 from common.identifiers import SiteId
 from common.tasks import TASKS
+from simulations.behaviour import BehaviourKind, SiteBehaviour
+from simulations.own_sites import (
+    SCENARIO_DIR,
+    ExistingSiteSpec,
+    OwnSite,
+    SplitSite,
+    SplitSpec,
+)
 
-BehaviourKind = Literal[
-    "nan",
-    "inf",
-    "wrong-shape",
-    "missing-keys",
-    "scaled",
-    "oversized",
-    "error",
-    "crash",
-    "slow",
-    "slow-introduction",
+__all__ = [
+    "AnySite",
+    "BankSpec",
+    "BehaviourKind",
+    "ExistingSiteSpec",
+    "GeneratedSite",
+    "HospitalSpec",
+    "Scenario",
+    "SiteBehaviour",
+    "SplitSite",
+    "SplitSpec",
+    "TextSiteSpec",
+    "builtin_scenarios",
+    "load_scenario",
 ]
-
-
-class SiteBehaviour(StrictModel):
-    """How a simulated site misbehaves in training rounds (fault injection).
-
-    The site trains honestly, then its reply is corrupted: ``nan``/``inf`` values,
-    a ``wrong-shape`` tensor, ``missing-keys``, an update ``scaled`` by ``factor``, an
-    ``oversized`` payload, an ``error`` reply (without training), a ``crash`` (the
-    site's process dies after ``crash_after_steps`` optimiser steps) or a ``slow``
-    reply (``delay`` seconds late: a straggler). Evaluation stays honest. A
-    ``slow-introduction`` site is honest in every round but answers the coordinator's
-    introduction ``delay`` seconds late (a site busy or on a loaded machine).
-    """
-
-    kind: BehaviourKind
-    factor: float = Field(default=1000.0, description="scaled: the update's multiplier.")
-    delay: float = Field(
-        default=0.0, ge=0, description="slow, slow-introduction: seconds before replying."
-    )
-    crash_after_steps: int = Field(default=1, ge=1, description="crash: steps before dying.")
-    from_round: int = Field(default=1, ge=1, description="First round that misbehaves.")
 
 
 class HospitalSpec(StrictModel):
@@ -108,24 +100,33 @@ class TextSiteSpec(StrictModel):
 
 
 def _site_tag(value: Any) -> str | None:
-    """``data = "text"`` makes a text site; otherwise ``kind`` decides."""
+    """``config = …`` is an existing site; ``data = "text"`` makes a text site;
+    otherwise ``kind`` decides."""
     if isinstance(value, dict):
+        if "config" in value:
+            return "existing"
         return "text" if value.get("data") == "text" else value.get("kind")
+    if isinstance(value, ExistingSiteSpec):
+        return "existing"
     return "text" if isinstance(value, TextSiteSpec) else getattr(value, "kind", None)
 
 
 SiteSpec = Annotated[
     Annotated[HospitalSpec, Tag("hospital")]
     | Annotated[BankSpec, Tag("bank")]
-    | Annotated[TextSiteSpec, Tag("text")],
+    | Annotated[TextSiteSpec, Tag("text")]
+    | Annotated[ExistingSiteSpec, Tag("existing")],
     Discriminator(
         _site_tag,
         custom_error_type="site_kind",
         custom_error_message="kind must be 'hospital' or 'bank' (add data = \"text\" for a "
-        "site of texts)",
+        'site of texts), or give config = "site.toml" for an existing site',
     ),
 ]
-AnySite = HospitalSpec | BankSpec | TextSiteSpec
+GeneratedSite = HospitalSpec | BankSpec | TextSiteSpec
+"""A site whose synthetic data the simulation writes."""
+AnySite = GeneratedSite | OwnSite
+"""Any site of a scenario: generated, existing, or one part of a split."""
 
 
 def site_data_kind(site: AnySite) -> DataKind:
@@ -179,20 +180,26 @@ class Scenario(StrictModel):
     imaging_backbone: ImagingBackbone = Field(default_factory=ImagingBackbone)
     text_backbone: TextBackbone = Field(default_factory=TextBackbone)
     tasks: dict[str, TaskRunSpec]
-    sites: list[SiteSpec] = Field(min_length=1)
+    sites: list[SiteSpec] = Field(default_factory=list)
+    splits: list[SplitSpec] = Field(
+        default_factory=list, description="Real datasets split by person across sites."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
-        ids = [site.id for site in self.sites]
+        if not self.sites and not self.splits:
+            raise ValueError("a scenario needs at least one entry in [[sites]] or [[splits]]")
+        ids = [site.id for site in self.all_sites()]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"site ids must be unique; repeated: {duplicates}")
         for task in self.tasks:
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; known: {TASKS.names()}")
-        for kind in {site_data_kind(site) for site in self.sites}:
+        for kind in {site_data_kind(site) for site in self.generated_sites()}:
             if not any(TASKS.get(task).data_kind == kind for task in self.tasks):
                 raise ValueError(f"sites with {kind} data have no task in [tasks]")
+        self._check_own_sites()
         if self.image_size % self.imaging_backbone.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of "
@@ -200,12 +207,55 @@ class Scenario(StrictModel):
             )
         return self
 
+    def _check_own_sites(self) -> None:
+        """Own-data sites serve a task of [tasks], and never beside generated ones: those
+        train on the demo base model, own data on the base its site configs name."""
+        for site in self.own_sites():
+            if site.task not in self.tasks:
+                raise ValueError(
+                    f"site {site.id!r} serves task {site.task!r} (its config's site.task), "
+                    f"which is not in the scenario's [tasks] ({', '.join(self.tasks)})"
+                )
+        for task in self.tasks:
+            own = [site.id for site in self.own_sites_of(task)]
+            generated = [site.id for site in self.generated_sites() if self.task_for(site) == task]
+            if own and generated:
+                raise ValueError(
+                    f"task {task!r} mixes generated sites ({', '.join(generated)}) with sites "
+                    f"of your own data ({', '.join(own)}): generated sites train on the demo "
+                    "base model, yours on the base model their configs name. Run them in "
+                    "separate scenarios, or give the generated sites' data as existing site "
+                    'configs (config = "site.toml") naming your base model'
+                )
+
+    def generated_sites(self) -> list[GeneratedSite]:
+        return [site for site in self.sites if not isinstance(site, ExistingSiteSpec)]
+
+    def own_sites(self) -> list[OwnSite]:
+        """Existing sites, then every split's sites, in scenario order."""
+        existing: list[OwnSite] = [s for s in self.sites if isinstance(s, ExistingSiteSpec)]
+        return existing + [part for split in self.splits for part in split.parts()]
+
+    def own_sites_of(self, task: str) -> list[OwnSite]:
+        return [site for site in self.own_sites() if site.task == task]
+
+    def all_sites(self) -> list[AnySite]:
+        """Every site: the [[sites]] entries in order, then the sites of each split."""
+        splits = [part for split in self.splits for part in split.parts()]
+        return [*self.sites, *splits]
+
+    def has_own_data(self, task: str) -> bool:
+        """True when ``task``'s sites are a researcher's own (existing or split)."""
+        return bool(self.own_sites_of(task))
+
     def task_for(self, site: AnySite) -> str:
+        if isinstance(site, ExistingSiteSpec | SplitSite):
+            return site.task
         kind = site_data_kind(site)
         return next(task for task in self.tasks if TASKS.get(task).data_kind == kind)
 
     def sites_of(self, task: str) -> list[AnySite]:
-        return [site for site in self.sites if self.task_for(site) == task]
+        return [site for site in self.all_sites() if self.task_for(site) == task]
 
 
 def builtin_scenarios() -> list[str]:
@@ -213,6 +263,17 @@ def builtin_scenarios() -> list[str]:
     return sorted(
         p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
     )
+
+
+def _validated(path: Path, source: str) -> Scenario:
+    """Validate the scenario at ``path``; its relative paths (existing site configs,
+    split sources) are taken from the file's own folder."""
+    try:
+        return Scenario.model_validate(
+            read_toml(path), context={SCENARIO_DIR: path.resolve().parent}
+        )
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 def load_scenario(name_or_path: str) -> Scenario:
@@ -226,5 +287,5 @@ def load_scenario(name_or_path: str) -> Scenario:
             )
         resource = resources.files("simulations") / "scenarios" / f"{name_or_path}.toml"
         with resources.as_file(resource) as builtin:
-            return validate_model(Scenario, read_toml(builtin), f"scenario {name_or_path!r}")
-    return validate_model(Scenario, read_toml(path), str(path))
+            return _validated(builtin, f"scenario {name_or_path!r}")
+    return _validated(path, str(path))

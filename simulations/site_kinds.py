@@ -44,13 +44,14 @@ def _write_hospital(spec: HospitalSpec, _scenario: Scenario, data_dir: Path, see
         write_corrupt_examples(data_dir, seed=seed)
 
 
-def _hospital_data(_spec: HospitalSpec, site_dir: Path, scenario: Scenario) -> dict[str, Any]:
+def _hospital_data(_spec: HospitalSpec, site_dir: Path, _scenario: Scenario) -> dict[str, Any]:
+    """No ``image_size``: the site's loader resizes to the base model's input size (the
+    demo base is built at ``scenario.image_size``), as a real site's would."""
     return {
         "format": "dicom",
         "path": str(site_dir / "data"),
         "classes": IMAGING_CLASSES,
         "labels": "csv",
-        "image_size": scenario.image_size,
     }
 
 

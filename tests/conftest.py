@@ -13,6 +13,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from client.site import SALT_FILE
+from common import model_init
 from simulations import runner
 from simulations.runner import build_base_model, generate_site_data, site_config_document
 from simulations.scenario import Scenario
@@ -56,7 +57,7 @@ def site_workspace(tmp_path_factory: pytest.TempPathFactory, small_scenario: Sce
     root = tmp_path_factory.mktemp("workspace")
     for task in small_scenario.tasks:
         build_base_model(task, small_scenario, root / "models")
-    for spec in small_scenario.sites:
+    for spec in small_scenario.generated_sites():
         generate_site_data(spec, small_scenario, root / "sites" / spec.id)
     return root
 
@@ -70,11 +71,11 @@ def untrained_workspace(tmp_path_factory: pytest.TempPathFactory, small_scenario
     (and is slow)."""
     root = tmp_path_factory.mktemp("untrained-workspace")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "pretrain_imaging_backbone", lambda *args, **kwargs: 0.0)
+        patch.setattr(model_init, "pretrain_imaging_backbone", lambda *args, **kwargs: 0.0)
         patch.setattr(runner, "pretrain_text_backbone", lambda *args, **kwargs: 0.0)
         for task in small_scenario.tasks:
             build_base_model(task, small_scenario, root / "models")
-    for spec in small_scenario.sites:
+    for spec in small_scenario.generated_sites():
         generate_site_data(spec, small_scenario, root / "sites" / spec.id)
     return root
 
@@ -103,7 +104,7 @@ def write_site_config(
     scenario: Scenario, workspace: Path, site_id: str, directory: Path, **privacy: float
 ) -> Path:
     """A site TOML for one of the workspace's sites, with its own fresh state folder."""
-    spec = next(s for s in scenario.sites if s.id == site_id)
+    spec = next(s for s in scenario.generated_sites() if s.id == site_id)
     task = scenario.task_for(spec)
     document = site_config_document(
         spec, task, workspace / "sites" / site_id, workspace / "models" / task, scenario

@@ -1,27 +1,47 @@
-"""Load a hospital's DICOM images into model-ready arrays.
+"""Load a hospital's DICOM images into the base model's input arrays.
 
 Each image is cleaned the same way, in this order, by :func:`preprocess_dataset`
 (which ``predict`` reuses, so training and inference see identical inputs):
 
-1. Decode the pixel data. Multi-frame files (Number of Frames > 1) are reduced to
-   their **middle frame** (0-based index ``frames // 2``): the model takes one 2-D
-   image, and the middle of a short cine/stack is the frame most likely to show the
-   region the study was taken for. Only that frame is decoded.
-2. Modality LUT: Rescale Slope / Rescale Intercept (or a Modality LUT Sequence), so
-   values are in physical units (e.g. Hounsfield units for CT).
-3. Window: ``window_center``/``window_width`` from the site config if set, else the
-   file's first Window Center / Window Width, else the image's own min-max. Values are
-   clipped to ``[center - width/2, center + width/2]`` and scaled to [0, 1].
-4. MONOCHROME1 is inverted after windowing, so 1 is always bright.
-5. Resize to ``image_size`` x ``image_size`` (box average when shrinking, antialiased
+1. Check the header, then decode. Geometry, colour space, that a decoder exists and
+   (native pixel data) that the data holds every frame are checked before anything is
+   decoded; a frame over 64 Mi pixels is refused. pydicom decodes every transfer syntax
+   its installed plugins can (native little/big endian, deflated, RLE, JPEG Baseline,
+   Extended and Lossless, JPEG-LS, JPEG 2000); a file without File Meta Information is
+   read in the encoding pydicom found. Multi-frame files (Number of Frames > 1) are
+   reduced to their **middle frame** (0-based index ``frames // 2``): the model takes one
+   2-D image, and the middle of a short cine/stack is the frame most likely to show the
+   region the study was taken for. Only that frame is decoded. YBR colour comes out of
+   pydicom as RGB.
+2. Grayscale (MONOCHROME1/2), with pydicom's LUT functions:
+   a. Modality LUT (``apply_modality_lut``): Rescale Slope / Intercept or a Modality LUT
+      Sequence, so values are in physical units (e.g. Hounsfield units for CT).
+   b. VOI (``apply_voi_lut``), to [0, 1]: the site config's ``window_center`` /
+      ``window_width`` if set (applied exactly: ``[center - width/2, center + width/2]``,
+      LINEAR_EXACT), else the file's first VOI LUT (VOI LUT Sequence, scaled by its
+      output bit depth), else its first Window Center/Width with its VOI LUT Function
+      (LINEAR by default, LINEAR_EXACT, SIGMOID), else the image's own min-max. A file
+      VOI pydicom refuses falls through to the next.
+   c. MONOCHROME1 is inverted, so 1 is always bright.
+   Colour (RGB, YBR_*, PALETTE COLOR through ``apply_color_lut``): scaled to [0, 1] by
+   its bit depth (the palette's entry depth); no modality or VOI LUT, as PS3.3 C.11 says.
+3. Channels follow the base model: colour becomes ITU-R BT.601 luma
+   (0.299 R + 0.587 G + 0.114 B) for a 1-channel model and stays RGB for a 3-channel
+   one; grayscale is replicated to 3 channels for a 3-channel model.
+4. Resize to the model's ``size`` x ``size`` (box average when shrinking, antialiased
    bilinear otherwise). Non-square images are stretched, not padded.
-6. Normalise with mean 0.5 / std 0.5, giving values in [-1, 1].
+5. Normalise per channel, ``(x - mean) / std``, with the model's mean and std
+   (:func:`common.tasks.image_input.image_input`; the demo bases: 0.5 and 0.5, [-1, 1]).
 
 A file that cannot be used becomes a :class:`~client.data.Rejection` with a short
-reason; it never stops the load and is never dropped silently. Patient IDs are read
-as raw bytes, salted and hashed here, and only the hash is kept: no patient name or
-identifier is stored, logged, or written into a rejection reason. Files are read from
-memory so pydicom's own warnings cannot name them either.
+reason; it never stops the load and is never dropped silently. What pydicom and its
+plugins log or warn while a file is read is captured (client.data.dicom_capture): it
+never reaches the console, and becomes the reason when the file fails.
+
+Each record belongs to one person, chosen by ``data.person_key`` (see
+:func:`person_identifier`); the identifier is read as raw bytes, salted and hashed
+here, and only the hash is kept: no patient name or identifier is stored, logged, or
+written into a rejection reason. Files are read from memory so no message names them.
 """
 
 from __future__ import annotations
@@ -30,75 +50,95 @@ import csv
 import io
 import logging
 import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import get_args
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
-import torch
-import torch.nn.functional as functional
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.processing import apply_modality_lut
-from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID
 
 from client.data import Rejection, SiteData, person_key
+from client.data.dicom_capture import UnusableImageError, captured, reason
+from client.data.dicom_pixels import NO_PIXEL_DATA, NO_TRANSFER_SYNTAX, TRUNCATED, image_array
 from common.config import DicomDataConfig
+from common.data_config import PersonKey
 from common.errors import DataError
+from common.tasks.image_input import ImageInput
 
 __all__ = [
+    "NO_PIXEL_DATA",
+    "NO_TRANSFER_SYNTAX",
+    "TRUNCATED",
     "UnusableImageError",
     "load_dicom_dataset",
+    "missing_key_reason",
+    "person_identifier",
     "preprocess_dataset",
     "preprocess_file",
+    "privacy_unit",
     "read_dicom",
 ]
 
 logger = logging.getLogger(__name__)
 
-_PATIENT_ID_TAG = 0x00100020
 _MAX_LABEL_SHOWN = 40
+_SOP_CLASS_UID = 0x00080016
+_PATIENT_ID, _ISSUER_OF_PATIENT_ID = 0x00100020, 0x00100021
+_KEY_TAGS: dict[str, tuple[int, str]] = {
+    "patient": (_PATIENT_ID, "PatientID"),
+    "study": (0x0020000D, "StudyInstanceUID"),
+    "series": (0x0020000E, "SeriesInstanceUID"),
+    "file": (0x00080018, "SOPInstanceUID"),
+}
+_MEDIA_SOP_INSTANCE_UID = 0x00020003
+_KEY_ADVICE = {
+    "patient": ' (de-identified? set data.person_key = "study" or "file")',
+    "study": ' (set data.person_key = "series" or "file")',
+    "series": ' (set data.person_key = "file")',
+    "file": " (not a complete DICOM instance)",
+}
+_UNITS = {
+    "patient": "one person per patient (PatientID, qualified by IssuerOfPatientID when "
+    "present): ε is per patient",
+    "study": "one person per study (StudyInstanceUID): a patient with several studies "
+    "counts as several people, so ε is per study, not per patient",
+    "series": "one person per series (SeriesInstanceUID): a patient with several series "
+    "counts as several people, so ε is per series, not per patient",
+    "file": "one person per image (SOPInstanceUID): a patient with several images counts "
+    "as several people, so ε is per image, not per patient",
+}
 
 # Rejection reasons that do not depend on the file (the others are built inline).
 NOT_DICOM = "not a DICOM file"
 UNREADABLE = "unreadable DICOM file (corrupt header)"
 UNREADABLE_IO = "file cannot be read (permission or I/O error)"
-TRUNCATED = "truncated DICOM file (pixel data shorter than the image needs)"
-NO_PIXEL_DATA = "no Pixel Data"
-NO_TRANSFER_SYNTAX = "no Transfer Syntax UID in the file meta information"
-MISSING_PATIENT_ID = "missing PatientID"
 FILE_NOT_FOUND = "file listed in the labels file does not exist"
 OUTSIDE_DIRECTORY = "path in the labels file points outside the data directory"
 DUPLICATE = "listed more than once in the labels file"
 
 
-class UnusableImageError(DataError):
-    """One image cannot be used. ``reason`` is short and free of patient data.
-
-    The loader turns it into a rejection; ``predict`` lets it surface as an error.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 # ------------------------------------------------------------------ single image ---
 
 
-@contextmanager
-def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
-    """Collect pydicom's warnings instead of printing them (they may quote values)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
+def _parse(data: bytes) -> Dataset:
+    """The dataset in ``data``; a file without the DICM preamble (older archives write
+    bare datasets) is read with ``force`` and kept only if it names its SOP Class."""
+    try:
+        return pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        pass
+    with captured() as capture:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception:  # forced parsing of a non-DICOM file fails in many ways
+            raise UnusableImageError(NOT_DICOM) from None
+        if _SOP_CLASS_UID not in ds:
+            capture.messages.clear()
+            raise UnusableImageError(NOT_DICOM)
+    return ds
 
 
 def read_dicom(path: Path) -> Dataset:
@@ -107,163 +147,86 @@ def read_dicom(path: Path) -> Dataset:
         data = path.read_bytes()
     except OSError as exc:
         raise UnusableImageError(UNREADABLE_IO) from exc
-    with _quiet_pydicom() as caught:
+    with captured() as capture:
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-        except InvalidDicomError as exc:
-            raise UnusableImageError(NOT_DICOM) from exc
+            ds = _parse(data)
+        except UnusableImageError:
+            raise
         except Exception as exc:  # any parser failure is one bad file, not a crash
-            raise UnusableImageError(UNREADABLE) from exc
-    if any("end of file" in str(warning.message).lower() for warning in caught):
-        raise UnusableImageError(TRUNCATED)
+            raise UnusableImageError(reason(UNREADABLE, capture, exc)) from exc
+        if capture.first("end of file"):
+            raise UnusableImageError(TRUNCATED)
     return ds
 
 
-def _frame_count(ds: Dataset) -> int:
-    try:
-        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _check_image_type(ds: Dataset) -> None:
-    samples = ds.get("SamplesPerPixel", 1)
-    if samples != 1:
-        raise UnusableImageError(
-            f"unsupported image: SamplesPerPixel = {samples} "
-            "(only single-channel grayscale is supported)"
-        )
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnusableImageError(
-            f"unsupported photometric interpretation {photometric[:16]!r} "
-            "(only MONOCHROME1 and MONOCHROME2 are supported)"
-        )
-
-
-def _transfer_syntax(ds: Dataset) -> UID:
-    file_meta = getattr(ds, "file_meta", None)
-    value = None if file_meta is None else file_meta.get("TransferSyntaxUID")
-    if not value:
-        raise UnusableImageError(NO_TRANSFER_SYNTAX)
-    return UID(str(value))
-
-
-def _decode_frame(ds: Dataset) -> npt.NDArray[np.generic]:
-    """The stored values of the (middle) frame, as a 2-D array."""
-    if "PixelData" not in ds:
-        raise UnusableImageError(NO_PIXEL_DATA)
-    _check_image_type(ds)
-    syntax = _transfer_syntax(ds)
-    frames = _frame_count(ds)
-    if syntax.is_compressed:
-        try:
-            decoder = get_decoder(syntax)
-        except NotImplementedError as exc:
-            raise UnusableImageError(f"transfer syntax {syntax.name} is not supported") from exc
-        if not decoder.is_available:
-            raise UnusableImageError(
-                f"compressed transfer syntax {syntax.name} needs a pixel-data plugin "
-                "(e.g. pylibjpeg)"
-            )
-    else:
-        try:
-            rows, columns = int(ds.Rows), int(ds.Columns)
-            bits = int(ds.BitsAllocated)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise UnusableImageError("missing or invalid Rows, Columns or BitsAllocated") from exc
-        if len(ds.PixelData) * 8 < rows * columns * frames * bits:
-            raise UnusableImageError(TRUNCATED)
-    with _quiet_pydicom():
-        try:
-            array = pixel_array(ds, index=frames // 2 if frames > 1 else None)
-        except Exception as exc:  # a decoder's failure is one bad file, not a crash
-            raise UnusableImageError(f"pixel data could not be decoded ({syntax.name})") from exc
-    if array.ndim != 2 or min(array.shape) < 1:
-        raise UnusableImageError(f"unsupported pixel array shape {tuple(array.shape)}")
-    return array
-
-
-def _file_window(ds: Dataset) -> tuple[float, float] | None:
-    """The file's first Window Center/Width, or None if absent or unusable."""
-    try:
-        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is None or width is None:
-            return None
-        first_center = float(center[0] if isinstance(center, MultiValue) else center)
-        first_width = float(width[0] if isinstance(width, MultiValue) else width)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if not (np.isfinite(first_center) and np.isfinite(first_width)) or first_width <= 0:
-        return None
-    return first_center, first_width
-
-
-def _window(
-    values: npt.NDArray[np.float64], ds: Dataset, config: DicomDataConfig
-) -> npt.NDArray[np.float64]:
-    """Clip to the window and scale to [0, 1]."""
-    window: tuple[float, float] | None
-    if config.window_center is not None and config.window_width is not None:
-        window = (config.window_center, config.window_width)
-    else:
-        window = _file_window(ds)
-    if window is None:
-        low, high = float(values.min()), float(values.max())
-    else:
-        low, high = window[0] - window[1] / 2, window[0] + window[1] / 2
-    if high <= low:  # a constant image without a window carries no contrast
-        return np.zeros_like(values)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
-
-
-def _resize(image: npt.NDArray[np.float64], size: int) -> npt.NDArray[np.float32]:
-    if image.shape == (size, size):
-        return image.astype(np.float32)
-    tensor = torch.from_numpy(image.astype(np.float32))[None, None]
-    if image.shape[0] >= size and image.shape[1] >= size:
-        resized = functional.interpolate(tensor, size=(size, size), mode="area")
-    else:
-        resized = functional.interpolate(
-            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    return np.asarray(resized[0, 0].clamp_(0.0, 1.0).numpy(), dtype=np.float32)
-
-
-def preprocess_dataset(ds: Dataset, config: DicomDataConfig) -> npt.NDArray[np.float32]:
-    """Clean one DICOM dataset into a ``[1, S, S]`` float32 array in [-1, 1].
+def preprocess_dataset(
+    ds: Dataset, config: DicomDataConfig, image: ImageInput
+) -> npt.NDArray[np.float32]:
+    """Clean one DICOM dataset into the model's float32 ``[channels, size, size]`` input
+    (the steps of the module docstring).
 
     Raises :class:`UnusableImageError` when the image cannot be used. Pure: ``ds`` is not
     modified.
     """
-    stored = _decode_frame(ds)
-    with _quiet_pydicom():
-        try:
-            physical = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        except Exception as exc:
-            raise UnusableImageError("invalid Rescale Slope/Intercept or Modality LUT") from exc
-    if not np.all(np.isfinite(physical)):
-        raise UnusableImageError("pixel values are not finite after rescaling")
-    scaled = _window(physical, ds, config)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    resized = _resize(scaled, config.image_size)
-    normalised: npt.NDArray[np.float32] = ((resized - 0.5) / 0.5)[None, :, :]
-    return normalised
+    with captured():
+        return image_array(ds, config, image)
 
 
-def preprocess_file(path: Path, config: DicomDataConfig) -> npt.NDArray[np.float32]:
+def preprocess_file(
+    path: Path, config: DicomDataConfig, image: ImageInput
+) -> npt.NDArray[np.float32]:
     """Read and clean one file (for ``predict``); raises :class:`UnusableImageError`."""
-    return preprocess_dataset(read_dicom(path), config)
+    with captured():
+        return preprocess_dataset(read_dicom(path), config, image)
 
 
-def _patient_identifier(ds: Dataset) -> str | None:
-    """The raw PatientID without letting pydicom convert (and possibly log) it."""
-    if _PATIENT_ID_TAG not in ds:
+# ---------------------------------------------------------------------- persons ---
+
+
+def _raw_text(ds: Dataset | None, tag: int) -> str | None:
+    """An element's raw value as text, without letting pydicom convert (and possibly
+    log) it: pydicom's warnings about a malformed value would quote that value."""
+    if ds is None or tag not in ds:
         return None
-    value = ds.get_item(_PATIENT_ID_TAG).value
+    value = ds.get_item(tag).value
     text = value.decode("latin-1") if isinstance(value, bytes) else str(value or "")
     return text.strip(" \t\r\n\x00") or None
+
+
+def person_identifier(ds: Dataset, person_key: PersonKey) -> str | None:
+    """The raw identifier of the person ``ds`` belongs to under ``person_key``, or None
+    when the file does not carry it.
+
+    - ``"patient"``: PatientID, qualified by IssuerOfPatientID when present (two
+      issuers' patient "123" are two people): ``"ISSUER\\ID"``; neither value can hold a
+      backslash, DICOM's value delimiter, so different pairs never give one string.
+    - ``"study"``: StudyInstanceUID; ``"series"``: SeriesInstanceUID.
+    - ``"file"``: SOPInstanceUID (else the file meta's Media Storage SOP Instance UID):
+      one person per image, and two copies of one image are one.
+
+    The value is raw: hash it (client.data.person_key) before it leaves the caller.
+    """
+    if person_key not in _KEY_TAGS:
+        raise ValueError(f"unknown person key {person_key!r}; choose from {get_args(PersonKey)}")
+    tag = _KEY_TAGS[person_key][0]
+    identifier = _raw_text(ds, tag)
+    if person_key == "file" and identifier is None:
+        identifier = _raw_text(getattr(ds, "file_meta", None), _MEDIA_SOP_INSTANCE_UID)
+    if person_key == "patient" and identifier is not None:
+        issuer = _raw_text(ds, _ISSUER_OF_PATIENT_ID)
+        if issuer is not None:
+            identifier = f"{issuer}\\{identifier}"
+    return identifier
+
+
+def missing_key_reason(person_key: PersonKey) -> str:
+    """The rejection reason of a file without the chosen person key, with what to do."""
+    return f"missing {_KEY_TAGS[person_key][1]}{_KEY_ADVICE[person_key]}"
+
+
+def privacy_unit(person_key: PersonKey) -> str:
+    """What ``data.person_key`` means for the privacy unit (``fedlora site check``)."""
+    return _UNITS[person_key]
 
 
 # ------------------------------------------------------------------------ labels ---
@@ -354,8 +317,9 @@ def _folder_entries(config: DicomDataConfig, root: Path) -> list[_Entry]:
 # ----------------------------------------------------------------------- loading ---
 
 
-def load_dicom_dataset(config: DicomDataConfig, salt: bytes) -> SiteData:
-    """Load every labelled image under ``config.path``; bad files become rejections.
+def load_dicom_dataset(config: DicomDataConfig, salt: bytes, image: ImageInput) -> SiteData:
+    """Load every labelled image under ``config.path`` as ``image`` inputs (the base
+    model's); bad files become rejections. Records are grouped by ``config.person_key``.
 
     Raises :class:`DataError` when the directory, the labels or the class folders are
     missing, or when no image at all can be used.
@@ -377,19 +341,22 @@ def load_dicom_dataset(config: DicomDataConfig, salt: bytes) -> SiteData:
     keys: list[str] = []
     for entry in entries:
         try:
-            ds = read_dicom(entry.path)
-            identifier = _patient_identifier(ds)
-            if identifier is None:
-                raise UnusableImageError(MISSING_PATIENT_ID)
-            image = preprocess_dataset(ds, config)
+            with captured():  # one file's messages, from reading to the last LUT
+                ds = read_dicom(entry.path)
+                # The image first: a file that is no usable image (a report, a broken
+                # file) says so, rather than asking for another person key.
+                values = preprocess_dataset(ds, config, image)
+                identifier = person_identifier(ds, config.person_key)
+                if identifier is None:
+                    raise UnusableImageError(missing_key_reason(config.person_key))
         except UnusableImageError as exc:
             rejected.append(Rejection(entry.record, exc.reason))
             continue
         except Exception as exc:  # never let one odd file stop the site
-            reason = f"unexpected error while reading ({type(exc).__name__})"
-            rejected.append(Rejection(entry.record, reason))
+            why = f"unexpected error while reading ({type(exc).__name__})"
+            rejected.append(Rejection(entry.record, why))
             continue
-        images.append(image)
+        images.append(values)
         labels.append(entry.label)
         keys.append(person_key(identifier, salt))
     rejected.sort(key=lambda rejection: rejection.record)
@@ -398,7 +365,7 @@ def load_dicom_dataset(config: DicomDataConfig, salt: bytes) -> SiteData:
         reasons: dict[str, int] = {}
         for rejection in rejected:
             reasons[rejection.reason] = reasons.get(rejection.reason, 0) + 1
-        summary = "; ".join(f"{count} x {reason}" for reason, count in sorted(reasons.items()))
+        summary = "; ".join(f"{count} x {why}" for why, count in sorted(reasons.items()))
         raise DataError(
             f"no usable DICOM images in {root}: all {len(rejected)} records were rejected"
             + (f" ({summary})" if summary else "")

@@ -26,6 +26,7 @@ from common.config import (
     data_kind,
 )
 from common.registry import Registry
+from common.tasks.image_input import image_input
 from common.tasks.text import load_tokenizer
 
 
@@ -47,11 +48,18 @@ class DataKindSpec:
     preprocessing: Callable[[Any, Path], dict[str, Any] | None]
     """(data config, base model directory) -> the cleaning, when the config fixes it."""
     reads_base_model: bool = False
-    """Whether loading uses the base model's files (a text site's tokenizer)."""
+    """Whether loading uses the base model's files (a text site's tokenizer, an image
+    site's input size, channels and normalisation)."""
 
 
-def _load_dicom(config: DicomDataConfig, salt: bytes, _base: Path) -> Loaded:
-    return Loaded(load_dicom_dataset(config, salt), dicom_preprocessing(config))
+def _load_dicom(config: DicomDataConfig, salt: bytes, base: Path) -> Loaded:
+    """Images are sized and normalised as the base model takes them."""
+    image = image_input(base)
+    return Loaded(load_dicom_dataset(config, salt, image), dicom_preprocessing(config, image))
+
+
+def _dicom_cleaning(config: DicomDataConfig, base: Path) -> dict[str, Any]:
+    return dicom_preprocessing(config, image_input(base))
 
 
 def _load_table(config: TabularDataConfig, salt: bytes, _base: Path) -> Loaded:
@@ -67,7 +75,10 @@ def _load_text(config: TextDataConfig, salt: bytes, base: Path) -> Loaded:
 DATA_KINDS: Registry[DataKindSpec] = Registry(
     "data kind",
     [
-        ("dicom", DataKindSpec("dicom", _load_dicom, lambda c, _b: dicom_preprocessing(c))),
+        (
+            "dicom",
+            DataKindSpec("dicom", _load_dicom, _dicom_cleaning, reads_base_model=True),
+        ),
         ("table", DataKindSpec("table", _load_table, lambda _c, _b: None)),
         (
             "text",

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from common.config import DataKind, LoraSettings
 from common.errors import ConfigError
@@ -49,6 +49,12 @@ class TaskSpec:
     """Inputs whose second axis is free (token sequences): exported with a dynamic length."""
     lora_targets_for: Callable[[PretrainedConfig], tuple[str, ...]] | None = None
     """Default LoRA targets by architecture, when one task serves several."""
+    check_lora_targets: Callable[[PretrainedConfig, Sequence[str]], None] | None = None
+    """Refuses LoRA targets whose per-sample gradients Opacus would get wrong for an
+    architecture (raises ConfigError), whoever chose them."""
+    model_class_for: Callable[[PretrainedConfig], type[PreTrainedModel]] | None = None
+    """The model class of a config, when one task serves several architectures (read
+    from config.json before any weight is); ``model_class`` is then the demo's class."""
     tolerated_keys: tuple[str, ...] = ()
     """Weight-name prefixes a base checkpoint may lack or carry extra: a causal LM's
     ``lm_head`` and the new classification head of a text task. The head is trained and
@@ -61,12 +67,19 @@ class TaskSpec:
     def _tolerated(self, key: str) -> bool:
         return any(key.startswith(prefix) for prefix in self.tolerated_keys)
 
+    def class_for(self, config: PretrainedConfig) -> type[PreTrainedModel]:
+        """The class a model of this task with ``config`` is built and loaded as."""
+        if self.model_class_for is not None:
+            return self.model_class_for(config)
+        return self.model_class
+
     def new_model(self, config: PretrainedConfig) -> PreTrainedModel:
         """A randomly initialised model of this task for ``config``."""
-        if hasattr(self.model_class, "from_config"):  # a transformers Auto class
-            built: PreTrainedModel = self.model_class.from_config(config)
+        model_class = self.class_for(config)
+        if hasattr(model_class, "from_config"):  # a transformers Auto class
+            built: PreTrainedModel = model_class.from_config(config)
             return built
-        return self.model_class(config)
+        return model_class(config)
 
     def lora_targets(self, config: PretrainedConfig) -> tuple[str, ...]:
         if self.lora_targets_for is not None:
@@ -80,8 +93,11 @@ class TaskSpec:
                 f"base model directory {directory} has no config.json "
                 f"(expected a model saved with save_pretrained for task {self.name!r})"
             )
+        model_class = self.model_class
+        if self.model_class_for is not None:  # chosen from config.json, before any weight
+            model_class = self.model_class_for(saved_config(directory))
         # float32 whatever the checkpoint's dtype: DP-SGD's clipping and noise need it.
-        loaded: tuple[PreTrainedModel, dict[str, list[str]]] = self.model_class.from_pretrained(  # type: ignore[assignment]
+        loaded: tuple[PreTrainedModel, dict[str, list[str]]] = model_class.from_pretrained(  # type: ignore[assignment]
             directory, local_files_only=True, output_loading_info=True, dtype=torch.float32
         )
         model, info = loaded
@@ -115,6 +131,8 @@ class TaskSpec:
     def wrap_with_lora(self, model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
         """Freeze the base, add LoRA on the targets and make the head trainable."""
         targets = list(lora.target_modules or self.lora_targets(model.config))
+        if self.check_lora_targets is not None:
+            self.check_lora_targets(model.config, targets)
         config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
@@ -132,6 +150,27 @@ class TaskSpec:
                 f"LoRA targets {targets} do not fit the {self.name} model: {exc}"
             ) from None
         return peft_model
+
+
+def name_classes(config: PretrainedConfig, classes: Sequence[str]) -> None:
+    """Name a classifier's outputs after the task's classes (config.json's id2label,
+    which also sets num_labels): ``fedlora model inspect`` and a reader of config.json
+    see which output is which, in the order of the sites' ``data.classes``."""
+    config.id2label = dict(enumerate(classes))
+    config.label2id = {name: index for index, name in enumerate(classes)}
+
+
+def saved_config(directory: Path) -> PretrainedConfig:
+    """config.json of a saved transformers model, read without its weights."""
+    if not (directory / "config.json").is_file():
+        raise ConfigError(
+            f"{directory} has no config.json (not a model saved with save_pretrained)"
+        )
+    try:
+        config: PretrainedConfig = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"config.json in {directory} cannot be read: {exc}") from None
+    return config
 
 
 def model_outputs(config_file: Path) -> int:

@@ -38,7 +38,18 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["CORRUPT_KINDS", "LABELS_FILE", "write_corrupt_examples", "write_hospital"]
+# public_pretext_images (the default imaging backbone's public pretraining set) lives in
+# common.tasks.imaging_pretext, where fedlora model init can use it too; it is
+# re-exported here for the simulation.
+from common.tasks.imaging_pretext import public_pretext_images
+
+__all__ = [
+    "CORRUPT_KINDS",
+    "LABELS_FILE",
+    "public_pretext_images",
+    "write_corrupt_examples",
+    "write_hospital",
+]
 
 LABELS_FILE: Final = "labels.csv"
 
@@ -48,6 +59,7 @@ CORRUPT_KINDS: Final[tuple[str, ...]] = (
     "no-pixel-data",
     "compressed",
     "rgb",
+    "no-patient-id",
 )
 """Kinds :func:`write_corrupt_examples` can write, in the order it writes them."""
 
@@ -456,6 +468,9 @@ def _corrupt_bytes(kind: str, seed: int, size: int) -> bytes:
             rgb = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3))
             ds.PixelData = rgb.astype(np.uint8).tobytes()
             return _serialise(ds)
+        case "no-patient-id":  # e.g. an export de-identified by removing the PatientID
+            del ds.PatientID
+            return _serialise(ds)
     raise ValueError(f"unknown corrupt kind {kind!r}; choose from {', '.join(CORRUPT_KINDS)}")
 
 
@@ -493,32 +508,3 @@ def write_corrupt_examples(
             rows.append((relative, label_pool[int(rng.integers(len(label_pool)))]))
     _write_labels(directory, rows, append=True)
     return written
-
-
-# ------------------------------------------------------------- public pretext ---
-
-
-def public_pretext_images(
-    count: int, *, seed: int, image_size: int = 32, source_size: int = 64
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """A public, hospital-free image set for pretraining the demo base model.
-
-    Body-like images with 0, 1 or 2 bright blobs of varied contrast; the label is the
-    number of blobs. It stands in for the public data a real imaging foundation model is
-    pretrained on: it teaches the backbone what a bright focal structure looks like,
-    without ever seeing a site's images or its labels. Arrays are in the loader's output
-    space (model-ready, [-1, 1], shape [N, 1, S, S]).
-    """
-    rng = np.random.default_rng(seed)
-    images = np.empty((count, 1, image_size, image_size), dtype=np.float32)
-    labels = rng.integers(0, 3, size=count).astype(np.int64)
-    for index, blobs in enumerate(labels):
-        clean = _anatomy(rng, source_size, outside=0.0)
-        for _ in range(int(blobs)):
-            clean = clean + _lesion(rng, source_size) * rng.uniform(0.4, 1.2)
-        noisy = np.clip(clean + rng.normal(0.0, _NOISE_SD, clean.shape), 0.0, 1.0)
-        pooled = noisy.reshape(
-            image_size, source_size // image_size, image_size, source_size // image_size
-        ).mean(axis=(1, 3))
-        images[index, 0] = (pooled - 0.5) / 0.5
-    return images, labels

@@ -53,7 +53,7 @@ def _scenario(architecture: str) -> Scenario:
 def test_each_architecture_trains_a_round_under_dp(tmp_path: Path, architecture: str) -> None:
     scenario = _scenario(architecture)
     build_base_model(TASK, scenario, tmp_path / "models")
-    generate_site_data(scenario.sites[0], scenario, tmp_path / "sites" / "hospital-t")
+    generate_site_data(scenario.generated_sites()[0], scenario, tmp_path / "sites" / "hospital-t")
     config = write_site_config(scenario, tmp_path, "hospital-t", tmp_path, epsilon=4.0)
     site = Site(load_site_config(config))
     data = site.load_data().all

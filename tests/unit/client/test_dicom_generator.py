@@ -17,6 +17,7 @@ import torch.nn.functional as functional
 
 from client.data.dicom import load_dicom_dataset
 from common.config import DicomDataConfig
+from common.tasks.image_input import ImageInput
 from simulations.generators.dicom import CORRUPT_KINDS, write_corrupt_examples, write_hospital
 
 CLASSES = ["normal", "lesion"]
@@ -159,8 +160,8 @@ def test_learnable_by_a_simple_feature_after_loading(tmp_path: Path) -> None:
     for modality in ("CT", "MR", "CR"):
         directory = tmp_path / modality
         _hospital(directory, patients=60, modality=modality, seed=21)
-        config = DicomDataConfig(format="dicom", path=directory, classes=CLASSES, image_size=32)
-        data = load_dicom_dataset(config, b"salt")
+        config = DicomDataConfig(format="dicom", path=directory, classes=CLASSES)
+        data = load_dicom_dataset(config, b"salt", ImageInput(32, 1, (0.5,), (0.5,)))
         pixels = torch.from_numpy(data.features["pixel_values"])
         feature = functional.avg_pool2d(pixels, 3, stride=1).amax(dim=(1, 2, 3)).numpy()
         labels = data.labels

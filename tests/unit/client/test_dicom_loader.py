@@ -25,7 +25,8 @@ from client.data.dicom import (
 )
 from common.config import DicomDataConfig
 from common.errors import DataError
-from simulations.generators.dicom import write_corrupt_examples, write_hospital
+from common.tasks.image_input import ImageInput
+from simulations.generators.dicom import CORRUPT_KINDS, write_corrupt_examples, write_hospital
 
 CLASSES = ["normal", "lesion"]
 SALT = b"test-salt"
@@ -33,6 +34,15 @@ SALT = b"test-salt"
 
 def _config(path: Path, **overrides: Any) -> DicomDataConfig:
     return DicomDataConfig(format="dicom", path=path, classes=CLASSES, **overrides)
+
+
+def _image(size: int = 32) -> ImageInput:
+    """The demo bases' input: one channel, mean 0.5, std 0.5."""
+    return ImageInput(size, 1, (0.5,), (0.5,))
+
+
+def _load(config: DicomDataConfig, size: int = 32, salt: bytes = SALT) -> SiteData:
+    return load_dicom_dataset(config, salt, _image(size))
 
 
 def _hospital(directory: Path, patients: int = 12, seed: int = 1, **kwargs: Any) -> int:
@@ -107,14 +117,24 @@ def _ramp(rows: int = 8, columns: int = 8) -> npt.NDArray[np.uint16]:
 
 
 def _expected(physical: npt.NDArray[np.floating], center: float, width: float) -> Any:
+    """The site's window: LINEAR_EXACT, exactly [center - width/2, center + width/2]."""
     windowed = np.clip((physical - (center - width / 2)) / width, 0.0, 1.0)
+    return (windowed - 0.5) / 0.5
+
+
+def _expected_linear(physical: npt.NDArray[np.floating], center: float, width: float) -> Any:
+    """A file's window, VOI LUT Function LINEAR (PS3.3 C.11.2.1.2.1): center - 0.5 and
+    width - 1, values at or below the bottom edge are 0."""
+    center, width = center - 0.5, width - 1
+    windowed = np.clip((physical - center) / width + 0.5, 0.0, 1.0)
+    windowed = np.where(physical <= center - width / 2, 0.0, windowed)
     return (windowed - 0.5) / 0.5
 
 
 def _single(directory: Path, **config: Any) -> SiteData:
     _write_labels(directory, [("a.dcm", "normal")])
-    config.setdefault("image_size", 8)
-    return load_dicom_dataset(_config(directory, **config), SALT)
+    size = config.pop("size", 8)
+    return _load(_config(directory, **config), size)
 
 
 def _identifiers(directory: Path) -> dict[str, tuple[str, str]]:
@@ -133,7 +153,7 @@ def _identifiers(directory: Path) -> dict[str, tuple[str, str]]:
 
 def test_generated_hospital_loads_with_shapes_labels_and_person_keys(tmp_path: Path) -> None:
     written = _hospital(tmp_path, patients=15)
-    data = load_dicom_dataset(_config(tmp_path, image_size=16), SALT)
+    data = _load(_config(tmp_path), 16)
 
     pixels = data.features["pixel_values"]
     assert data.accepted == written
@@ -159,7 +179,7 @@ def test_generated_hospital_loads_with_shapes_labels_and_person_keys(tmp_path: P
 def test_no_raw_patient_identifiers_in_site_data(tmp_path: Path) -> None:
     _hospital(tmp_path, patients=10)
     write_corrupt_examples(tmp_path, seed=1)
-    data = load_dicom_dataset(_config(tmp_path), SALT)
+    data = _load(_config(tmp_path))
 
     text = repr(data) + "".join(
         repr(getattr(data, field.name)) for field in dataclasses.fields(data)
@@ -175,17 +195,17 @@ def test_no_raw_patient_identifiers_in_site_data(tmp_path: Path) -> None:
 
 def test_different_salt_gives_different_keys(tmp_path: Path) -> None:
     _hospital(tmp_path, patients=4)
-    first = load_dicom_dataset(_config(tmp_path), b"salt-a")
-    second = load_dicom_dataset(_config(tmp_path), b"salt-b")
+    first = _load(_config(tmp_path), salt=b"salt-a")
+    second = _load(_config(tmp_path), salt=b"salt-b")
     assert set(first.person_keys).isdisjoint(second.person_keys)
 
 
 def test_record_order_does_not_depend_on_labels_file_order(tmp_path: Path) -> None:
     _hospital(tmp_path, patients=8)
-    before = load_dicom_dataset(_config(tmp_path), SALT)
+    before = _load(_config(tmp_path))
     rows = [(row["path"], row["label"]) for row in reversed(_labels(tmp_path))]
     _write_labels(tmp_path, rows)
-    after = load_dicom_dataset(_config(tmp_path), SALT)
+    after = _load(_config(tmp_path))
     assert after.person_keys == before.person_keys
     assert after.labels.tolist() == before.labels.tolist()
     np.testing.assert_array_equal(after.features["pixel_values"], before.features["pixel_values"])
@@ -197,7 +217,7 @@ def test_monochrome1_files_look_like_their_monochrome2_twins(tmp_path: Path, mod
     _hospital(tmp_path / "m2", patients=5, modality=modality, monochrome1_fraction=0.0)
     _hospital(tmp_path / "m1", patients=5, modality=modality, monochrome1_fraction=1.0)
     plain, inverted = (
-        np.asarray(load_dicom_dataset(_config(tmp_path / name), SALT).features["pixel_values"])
+        np.asarray(_load(_config(tmp_path / name)).features["pixel_values"])
         for name in ("m2", "m1")
     )
     assert np.abs(plain - inverted).max() < 0.02
@@ -209,25 +229,29 @@ def test_monochrome1_files_look_like_their_monochrome2_twins(tmp_path: Path, mod
 
 def test_each_corrupt_kind_is_rejected_and_the_rest_still_load(tmp_path: Path) -> None:
     written = _hospital(tmp_path, patients=10)
-    corrupt = write_corrupt_examples(tmp_path, seed=2)
+    corrupt = dict(zip(CORRUPT_KINDS, write_corrupt_examples(tmp_path, seed=2), strict=True))
     (tmp_path / "notes.txt").write_text("not listed in labels.csv, so ignored")
 
-    data = load_dicom_dataset(_config(tmp_path), SALT)
+    data = _load(_config(tmp_path))
 
-    assert data.accepted == written
+    # The generator's RGB secondary capture is a usable colour image now (as luma).
+    assert data.accepted == written + 1
+    broken = {kind: path for kind, path in corrupt.items() if kind != "rgb"}
     reasons = {rejection.record: rejection.reason for rejection in data.rejected}
-    assert sorted(reasons) == sorted(corrupt)
-    expected = {
-        "not-dicom": "not a DICOM file",
-        "truncated": "truncated DICOM file (pixel data shorter than the image needs)",
-        "no-pixel-data": "no Pixel Data",
-        "compressed": "compressed transfer syntax JPEG-LS Lossless Image Compression needs "
-        "a pixel-data plugin (e.g. pylibjpeg)",
-        "rgb": "unsupported image: SamplesPerPixel = 3 "
-        "(only single-channel grayscale is supported)",
-    }
-    assert [reasons[path] for path in corrupt] == list(expected.values())
-    assert [r.record for r in data.rejected] == sorted(corrupt)
+    assert sorted(reasons) == sorted(broken.values())
+    assert reasons[broken["not-dicom"]] == "not a DICOM file"
+    assert reasons[broken["truncated"]] == (
+        "truncated DICOM file (pixel data shorter than the image needs)"
+    )
+    assert reasons[broken["no-pixel-data"]] == "no Pixel Data (CT Image Storage)"
+    # A JPEG-LS stream of garbage: the decoder exists now, and says what is wrong.
+    compressed = reasons[broken["compressed"]]
+    assert compressed.startswith(
+        "pixel data could not be decoded (JPEG-LS Lossless Image Compression): "
+    )
+    assert len(compressed) <= 200 and "\n" not in compressed
+    assert reasons[broken["no-patient-id"]].startswith("missing PatientID (de-identified?")
+    assert [r.record for r in data.rejected] == sorted(broken.values())
 
 
 def test_label_problems_are_rejections(tmp_path: Path) -> None:
@@ -244,7 +268,7 @@ def test_label_problems_are_rejections(tmp_path: Path) -> None:
             ("./a.dcm", "lesion"),
         ],
     )
-    data = load_dicom_dataset(_config(tmp_path, image_size=8), SALT)
+    data = _load(_config(tmp_path), 8)
     assert data.accepted == 1
     assert {(r.record, r.reason) for r in data.rejected} == {
         ("b.dcm", "label 'tumour' is not one of the configured classes"),
@@ -259,28 +283,26 @@ def test_missing_patient_id_is_rejected(tmp_path: Path) -> None:
     _write_image(tmp_path / "b.dcm", _ramp(), patient_id=None)
     _write_image(tmp_path / "c.dcm", _ramp(), patient_id="   ")
     _write_labels(tmp_path, [("a.dcm", "normal"), ("b.dcm", "normal"), ("c.dcm", "lesion")])
-    data = load_dicom_dataset(_config(tmp_path, image_size=8), SALT)
+    data = _load(_config(tmp_path), 8)
     assert data.accepted == 1
-    assert [(r.record, r.reason) for r in data.rejected] == [
-        ("b.dcm", "missing PatientID"),
-        ("c.dcm", "missing PatientID"),
-    ]
+    reason = 'missing PatientID (de-identified? set data.person_key = "study" or "file")'
+    assert [(r.record, r.reason) for r in data.rejected] == [("b.dcm", reason), ("c.dcm", reason)]
 
 
 def test_whole_directory_problems_raise_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        load_dicom_dataset(_config(tmp_path / "nowhere"), SALT)
+        _load(_config(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="contains no files"):
-        load_dicom_dataset(_config(tmp_path), SALT)
+        _load(_config(tmp_path))
     _write_image(tmp_path / "a.dcm", _ramp())
     with pytest.raises(DataError, match=r"labels file .*labels\.csv not found"):
-        load_dicom_dataset(_config(tmp_path), SALT)
+        _load(_config(tmp_path))
     (tmp_path / "labels.csv").write_text("file,class\na.dcm,normal\n")
     with pytest.raises(DataError, match="must have the columns path,label"):
-        load_dicom_dataset(_config(tmp_path), SALT)
+        _load(_config(tmp_path))
     _write_labels(tmp_path, [])
     with pytest.raises(DataError, match="lists no images"):
-        load_dicom_dataset(_config(tmp_path), SALT)
+        _load(_config(tmp_path))
 
 
 def test_all_rejected_raises_data_error_with_reason_counts(tmp_path: Path) -> None:
@@ -288,7 +310,7 @@ def test_all_rejected_raises_data_error_with_reason_counts(tmp_path: Path) -> No
     (tmp_path / "b.dcm").write_text("world")
     _write_labels(tmp_path, [("a.dcm", "normal"), ("b.dcm", "lesion")])
     with pytest.raises(DataError, match=r"all 2 records were rejected \(2 x not a DICOM file\)"):
-        load_dicom_dataset(_config(tmp_path), SALT)
+        _load(_config(tmp_path))
 
 
 # --------------------------------------------------------------- folders labels ---
@@ -305,7 +327,7 @@ def test_folder_labels(tmp_path: Path) -> None:
         shutil.copy(source / row["path"], destination)
     (target / "lesion" / "README.txt").write_text("a stray note")
 
-    data = load_dicom_dataset(_config(target, labels="folders"), SALT)
+    data = _load(_config(target, labels="folders"))
 
     assert data.accepted == written
     expected = {name: sum(row["label"] == name for row in rows) for name in CLASSES}
@@ -316,7 +338,7 @@ def test_folder_labels(tmp_path: Path) -> None:
 
     shutil.rmtree(target / "lesion")
     with pytest.raises(DataError, match="class folder"):
-        load_dicom_dataset(_config(target, labels="folders"), SALT)
+        _load(_config(target, labels="folders"))
 
 
 # ------------------------------------------------------------------- cleaning ---
@@ -327,7 +349,7 @@ def test_rescale_is_applied_before_the_file_window(tmp_path: Path) -> None:
     _write_image(tmp_path / "a.dcm", stored, slope=2.0, intercept=-100.0, window=(300.0, 800.0))
     data = _single(tmp_path)
     physical = stored.astype(np.float64) * 2.0 - 100.0  # -100 ... 1160
-    expected = _expected(physical, 300.0, 800.0)
+    expected = _expected_linear(physical, 300.0, 800.0)
     np.testing.assert_allclose(data.features["pixel_values"][0, 0], expected, atol=1e-6)
     assert data.features["pixel_values"].min() == -1.0  # below -100 clips at the bottom
     assert data.features["pixel_values"].max() == 1.0  # above 700 clips at the top
@@ -340,7 +362,8 @@ def test_first_of_several_file_windows_is_used(tmp_path: Path) -> None:
     ds.WindowCenter, ds.WindowWidth = [100.0, 2000.0], [200.0, 5000.0]
     ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
     image = _single(tmp_path).features["pixel_values"][0, 0]
-    np.testing.assert_allclose(image, _expected(stored.astype(np.float64), 100.0, 200.0), atol=1e-6)
+    expected = _expected_linear(stored.astype(np.float64), 100.0, 200.0)
+    np.testing.assert_allclose(image, expected, atol=1e-6)
 
 
 def test_config_window_overrides_the_file_window(tmp_path: Path) -> None:
@@ -364,7 +387,7 @@ def test_monochrome1_is_inverted_after_windowing(tmp_path: Path) -> None:
     stored = _ramp()
     _write_image(tmp_path / "a.dcm", stored, photometric="MONOCHROME1", window=(200.0, 400.0))
     image = _single(tmp_path).features["pixel_values"][0, 0]
-    expected = -_expected(stored.astype(np.float64), 200.0, 400.0)
+    expected = -_expected_linear(stored.astype(np.float64), 200.0, 400.0)
     np.testing.assert_allclose(image, expected, atol=1e-6)
     assert image[0, 0] == 1.0  # the lowest stored value is the brightest in MONOCHROME1
 
@@ -372,16 +395,17 @@ def test_monochrome1_is_inverted_after_windowing(tmp_path: Path) -> None:
 def test_multi_frame_uses_the_middle_frame(tmp_path: Path) -> None:
     frames = np.stack([np.full((8, 8), value, dtype=np.uint16) for value in (100, 300, 500)])
     frames[1, 0, 0] = 0
-    _write_image(tmp_path / "a.dcm", frames, window=(300.0, 400.0))
+    # LINEAR: center - 0.5 and width - 1, so 300 sits exactly at this window's centre.
+    _write_image(tmp_path / "a.dcm", frames, window=(300.5, 401.0))
     image = _single(tmp_path).features["pixel_values"][0, 0]
     assert image[0, 0] == -1.0
-    assert np.all(image.ravel()[1:] == 0.0)  # 300 sits at the window centre
+    assert np.all(image.ravel()[1:] == 0.0)
 
 
 def test_signed_pixels_and_upscaling_of_non_square_images(tmp_path: Path) -> None:
     stored = (np.arange(6 * 10, dtype=np.int16).reshape(6, 10) - 30) * 10
     _write_image(tmp_path / "a.dcm", stored, window=(0.0, 600.0))
-    image = _single(tmp_path, image_size=16).features["pixel_values"][0, 0]
+    image = _single(tmp_path, size=16).features["pixel_values"][0, 0]
     assert image.shape == (16, 16)
     assert image[0, 0] < -0.8 and image[-1, -1] > 0.8  # the ramp survives resizing
     assert np.all(np.diff(image.mean(axis=1)) > 0)
@@ -390,20 +414,20 @@ def test_signed_pixels_and_upscaling_of_non_square_images(tmp_path: Path) -> Non
 def test_preprocess_file_matches_the_loader_and_explains_bad_files(tmp_path: Path) -> None:
     _hospital(tmp_path, patients=3)
     write_corrupt_examples(tmp_path, seed=1, kinds=["compressed"])
-    config = _config(tmp_path, image_size=16)
-    data = load_dicom_dataset(config, SALT)
+    config = _config(tmp_path)
+    data = _load(config, 16)
     first = sorted(row["path"] for row in _labels(tmp_path) if row["path"].startswith("series"))
-    single = preprocess_file(tmp_path / first[0], config)
+    single = preprocess_file(tmp_path / first[0], config, _image(16))
     assert single.shape == (1, 16, 16) and single.dtype == np.float32
     np.testing.assert_array_equal(single, data.features["pixel_values"][0])
 
     ds = pydicom.dcmread(tmp_path / first[0])
     before = ds.to_json()
-    np.testing.assert_array_equal(preprocess_dataset(ds, config), single)
+    np.testing.assert_array_equal(preprocess_dataset(ds, config, _image(16)), single)
     assert ds.to_json() == before  # pure: the caller's dataset is untouched
 
-    with pytest.raises(UnusableImageError, match="needs a pixel-data plugin") as info:
-        preprocess_file(tmp_path / "incoming" / "img-900003.dcm", config)
+    with pytest.raises(UnusableImageError, match="pixel data could not be decoded") as info:
+        preprocess_file(tmp_path / "incoming" / "img-900003.dcm", config, _image(16))
     assert isinstance(info.value, DataError)
 
 
@@ -415,11 +439,11 @@ def test_logs_carry_counts_only(tmp_path: Path, caplog: pytest.LogCaptureFixture
     write_corrupt_examples(tmp_path, seed=3)
     identifiers = _identifiers(tmp_path)
     with caplog.at_level(logging.DEBUG, logger="client.data.dicom"):
-        data = load_dicom_dataset(_config(tmp_path), SALT)
+        data = _load(_config(tmp_path))
 
     messages = [record.getMessage() for record in caplog.records]
     assert any(f"accepted {data.accepted} images" in message for message in messages)
-    assert any("rejected 5" in message for message in messages)
+    assert any("rejected 5" in message for message in messages)  # the RGB one is used
     text = "\n".join(messages)
     forbidden = {str(tmp_path), "img-", "series-", "incoming", ".dcm", "MRN"}
     for patient_id, patient_name in identifiers.values():

@@ -123,7 +123,7 @@ def test_valid_hospital_file_loads_with_paths_resolved_against_its_folder(
     assert config.data.classes == ["normal", "pneumonia"]
     assert config.data.labels == "folders"
     assert (config.data.window_center, config.data.window_width) == (40.0, 400.0)
-    assert config.data.image_size == 32
+    assert config.data.image_size is None  # the loader follows the base model
     assert config.privacy.epsilon == 8.0
     assert config.privacy.delta == 1e-6
     assert config.policy.min_cohort == 25
