@@ -85,12 +85,27 @@ SCENARIO = {
 SITES = ("hospital-a", "hospital-b", "bank-a")
 
 
+def _tabular_base_from_the_banks_schema(root: Path, bank_configs: list[Path]) -> None:
+    """The tabular base made as the README's step 0 says (`fedlora model init` from a
+    bank's [data] schema), named by the banks' configs and the task's federation."""
+    base = root / "models" / TABULAR
+    made = fedlora("model", "init", TABULAR, "--site", str(bank_configs[0]), "--out", str(base))
+    assert made.returncode == 0, made.stderr
+    assert f'base_model = "{base}"' in made.stdout and "SHA-256: " in made.stdout
+    federation = root / "setup" / "federation" / f"{TABULAR}.toml"
+    for path in [*bank_configs, federation]:
+        document = tomllib.loads(path.read_text())
+        document.get("site", document)["base_model"] = str(base)
+        path.write_text(tomli_w.dumps(document))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Data, base models and site configs (a simulation's preparation), then the PKI the
     deployment way: the coordinator's CA, and keys each site made for itself."""
     root = tmp_path_factory.mktemp("deployment")
     prepared = prepare(Scenario.model_validate(SCENARIO), root / "setup", root / "data")
+    _tabular_base_from_the_banks_schema(root, prepared.site_configs[TABULAR])
     certs = root / "certs"
     deployment = FedloraDeployment(root / "processes", certs)
     deployment.root.mkdir()
