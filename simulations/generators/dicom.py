@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-# public_pretext_images (the default imaging backbone's public pretraining set) lives in
-# common.tasks.imaging_pretext, where fedlora model init can use it too; it is
-# re-exported here for the simulation.
-from common.tasks.imaging_pretext import public_pretext_images
+# The body and lesion drawing and public_pretext_images (the default imaging backbone's
+# public pretraining set) live in common.tasks.imaging_pretext, where fedlora model init
+# uses them too; the hospitals are drawn with the same functions.
+from common.tasks.imaging_pretext import NOISE_SD, public_pretext_images
+from common.tasks.imaging_pretext import anatomy as draw_anatomy
+from common.tasks.imaging_pretext import lesion as draw_lesion
 
 __all__ = [
     "CORRUPT_KINDS",
@@ -77,10 +78,6 @@ _INSTITUTIONS: Final = (
     "Northfield Regional Hospital",
     "Lakeside Clinic",
 )
-
-_NOISE_SD: Final = 0.025
-_LESION_CONTRAST: Final = 0.75  # display units: +300 HU on a 400 HU wide CT window
-_TISSUE_LEVEL: Final = 0.5
 
 
 @dataclass(frozen=True)
@@ -139,50 +136,14 @@ def _modality(name: str) -> _Modality:
 # ------------------------------------------------------------------------ images ---
 
 
-def _grid(size: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Pixel-centre coordinates in [0, 1)."""
-    axis = (np.arange(size, dtype=np.float64) + 0.5) / size
-    yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    return yy, xx
-
-
-def _anatomy(rng: np.random.Generator, size: int, outside: float) -> npt.NDArray[np.float64]:
-    """A noiseless body: an ellipse of soft tissue with a few smooth, faint structures."""
-    yy, xx = _grid(size)
-    cy, cx = 0.5 + rng.normal(0, 0.02, size=2)
-    ay, ax = rng.uniform(0.36, 0.46), rng.uniform(0.38, 0.47)
-    radius = np.sqrt(((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2)
-    body = 1.0 / (1.0 + np.exp((radius - 1.0) / 0.03))
-    tissue = np.full_like(yy, _TISSUE_LEVEL)
-    for _ in range(int(rng.integers(2, 5))):
-        by, bx = rng.uniform(0.25, 0.75, size=2)
-        sigma = rng.uniform(0.06, 0.18)
-        amplitude = rng.uniform(-0.09, 0.09)
-        tissue += amplitude * np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * sigma**2))
-    image: npt.NDArray[np.float64] = outside + (tissue - outside) * body
-    return image
-
-
-def _lesion(rng: np.random.Generator, size: int) -> npt.NDArray[np.float64]:
-    """A bright, roughly round blob (radius 10-15 % of the side) in the central region."""
-    yy, xx = _grid(size)
-    cy, cx = rng.uniform(0.32, 0.68, size=2)
-    base_radius = rng.uniform(0.10, 0.15)
-    theta = np.arctan2(yy - cy, xx - cx)
-    wobble = 1.0 + 0.08 * np.sin(3 * theta + rng.uniform(0, 2 * math.pi))
-    distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-    edge: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp((distance - base_radius * wobble) / 0.012))
-    return _LESION_CONTRAST * edge
-
-
 def _frames(
     rng: np.random.Generator, size: int, spec: _Modality, lesion: bool, frames: int
 ) -> npt.NDArray[np.float64]:
     """Display-unit frames [F, S, S]: the same anatomy (and lesion) with fresh noise each."""
-    clean = _anatomy(rng, size, spec.outside)
+    clean = draw_anatomy(rng, size, spec.outside)
     if lesion:
-        clean = clean + _lesion(rng, size)
-    noise = rng.normal(0.0, _NOISE_SD, size=(frames, size, size))
+        clean = clean + draw_lesion(rng, size)
+    noise = rng.normal(0.0, NOISE_SD, size=(frames, size, size))
     result: npt.NDArray[np.float64] = clean[None, :, :] + noise
     return result
 
