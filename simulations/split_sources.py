@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -22,11 +21,11 @@ from typing import Protocol
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from client.data.cell_text import column_texts, text_lookup
-from client.data.dicom import person_identifier
+from client.data.dicom import UnusableImageError, read_dicom
+from client.data.dicom_labels import LabelledFile, labelled_files
+from client.data.dicom_persons import PersonRef, person_identifiers, person_ref
 from client.data.tabular import read_columns
 from common.config import DataConfig, DicomDataConfig, TabularDataConfig, TextDataConfig
 from common.data_config import PersonKey
@@ -127,31 +126,25 @@ class TableSource:
         return path
 
 
-@dataclass(frozen=True)
-class _Image:
-    relative: str
-    label_text: str
-    """As the labels file writes it (for folders: the class folder's name)."""
-
-
-def dicom_person(path: Path, person_key: PersonKey) -> str | None:
-    """Whose the file is under ``data.person_key``, as the site's loader reads it (None:
-    not DICOM, or without that identifier).
-
-    Read without pixel data, with pydicom's warnings held back: they may quote header
-    values. The identifier is raw: it only ever numbers people in memory.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError):
-        return None
-    return person_identifier(ds, person_key)
+def dicom_persons(paths: list[Path], person_key: PersonKey) -> list[str | None]:
+    """Whose each file is under ``data.person_key``, read as the site's loader reads it
+    (None: unreadable, or without that identifier). What pydicom logs or warns while
+    reading is captured (it may quote header values); the identifiers only ever
+    number people in memory."""
+    refs: list[PersonRef | None] = []
+    for path in paths:
+        try:
+            refs.append(person_ref(read_dicom(path), person_key))
+        except UnusableImageError:
+            refs.append(None)
+    known = person_identifiers([ref for ref in refs if ref is not None])
+    found = iter(known)
+    return [None if ref is None else next(found) for ref in refs]
 
 
 class DicomSource:
-    """A folder of DICOM files labelled by a labels file or by class folders.
+    """A folder of DICOM files labelled by a labels file or by class folders, listed
+    by the loader's own rules (client.data.dicom_labels).
 
     A site's share is its files under the same relative paths in the site's data folder
     (hard-linked where the file system allows, else copied) and, for a labels file, that
@@ -160,63 +153,29 @@ class DicomSource:
 
     def __init__(self, config: DicomDataConfig) -> None:
         self.config = config
-        self.root = config.path
-        self._images: list[_Image] | None = None
+        self.root = config.path.resolve()
+        self._files: list[LabelledFile] | None = None
 
-    def images(self) -> list[_Image]:
-        if self._images is None:
-            self._images = self._listed() if self.config.labels == "csv" else self._in_folders()
-        return self._images
-
-    def _listed(self) -> list[_Image]:
-        labels_path = self.root / self.config.labels_file
-        try:
-            with labels_path.open(newline="", encoding="utf-8-sig") as handle:
-                reader = csv.DictReader(handle)
-                reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
-                if not {"path", "label"} <= set(reader.fieldnames):
-                    raise DataError(f"labels file {labels_path} must have the columns path,label")
-                rows = list(reader)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"labels file {labels_path} cannot be read ({exc})") from exc
-        images: list[_Image] = []
-        seen: set[str] = set()
-        for row in rows:
-            raw = (row.get("path") or "").strip().replace("\\", "/")
-            full = Path(os.path.normpath(self.root / raw)) if raw else self.root
-            if not raw or not full.is_relative_to(self.root) or not full.is_file():
-                continue  # the loader would reject it: not part of the dataset
-            relative = full.relative_to(self.root).as_posix()
-            if relative not in seen:
-                seen.add(relative)
-                images.append(_Image(relative, (row.get("label") or "").strip()))
-        return images
-
-    def _in_folders(self) -> list[_Image]:
-        missing = [name for name in self.config.classes if not (self.root / name).is_dir()]
-        if missing:
-            raise DataError(f"class folder(s) {', '.join(missing)} not found in {self.root}")
-        return [
-            _Image(path.relative_to(self.root).as_posix(), name)
-            for name in self.config.classes
-            for path in sorted((self.root / name).rglob("*"))
-            if path.is_file()
-        ]
+    def files(self) -> list[LabelledFile]:
+        """The labelled files (rows the loader would reject are not part of the data)."""
+        if self._files is None:
+            self._files = labelled_files(self.config, self.root)[0]
+        return self._files
 
     def records(self) -> Records:
         if not self.root.is_dir():
             raise DataError(f"DICOM directory {self.root} does not exist or is not a directory")
-        images = self.images()
+        files = self.files()
         key = self.config.person_key
-        identifiers = [dicom_person(self.root / image.relative, key) for image in images]
-        labels = _class_names([image.label_text for image in images], self.config.classes)
+        identifiers = dicom_persons([entry.path for entry in files], key)
+        labels: list[str | None] = [self.config.classes[entry.label] for entry in files]
         return Records(_numbered(identifiers), labels, record_is_person=key == "file")
 
     def write(self, rows: list[int], folder: Path) -> Path:
         target = folder
-        images = self.images()
+        files = self.files()
         for row in rows:
-            relative = PurePosixPath(images[row].relative)
+            relative = PurePosixPath(files[row].record)
             destination = target.joinpath(*relative.parts)
             destination.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -230,7 +189,9 @@ class DicomSource:
             with labels_path.open("w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["path", "label"])
-                writer.writerows((images[row].relative, images[row].label_text) for row in rows)
+                writer.writerows(
+                    (files[row].record, self.config.classes[files[row].label]) for row in rows
+                )
         else:
             for name in self.config.classes:  # the loader expects every class folder
                 (target / name).mkdir(exist_ok=True)

@@ -46,25 +46,43 @@ written into a rejection reason. Files are read from memory so no message names 
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import get_args
+import zlib
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from client.data import Rejection, SiteData, person_key
-from client.data.dicom_capture import UnusableImageError, captured, reason
-from client.data.dicom_pixels import NO_PIXEL_DATA, NO_TRANSFER_SYNTAX, TRUNCATED, image_array
+from client.data.dicom_capture import (
+    UnusableImageError,
+    captured,
+    library_failure,
+    raw_text,
+    reason,
+)
+from client.data.dicom_labels import LabelledFile, labelled_files
+from client.data.dicom_persons import (
+    PersonRef,
+    missing_key_reason,
+    person_identifiers,
+    person_ref,
+    privacy_unit,
+)
+from client.data.dicom_pixels import (
+    NO_PIXEL_DATA,
+    NO_TRANSFER_SYNTAX,
+    SOP_CLASS_UID,
+    TRUNCATED,
+    image_array,
+)
 from common.config import DicomDataConfig
-from common.data_config import PersonKey
 from common.errors import DataError
 from common.tasks.image_input import ImageInput
 
@@ -75,7 +93,8 @@ __all__ = [
     "UnusableImageError",
     "load_dicom_dataset",
     "missing_key_reason",
-    "person_identifier",
+    "person_identifiers",
+    "person_ref",
     "preprocess_dataset",
     "preprocess_file",
     "privacy_unit",
@@ -84,43 +103,44 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MAX_LABEL_SHOWN = 40
-_SOP_CLASS_UID = 0x00080016
-_PATIENT_ID, _ISSUER_OF_PATIENT_ID = 0x00100020, 0x00100021
-_KEY_TAGS: dict[str, tuple[int, str]] = {
-    "patient": (_PATIENT_ID, "PatientID"),
-    "study": (0x0020000D, "StudyInstanceUID"),
-    "series": (0x0020000E, "SeriesInstanceUID"),
-    "file": (0x00080018, "SOPInstanceUID"),
-}
-_MEDIA_SOP_INSTANCE_UID = 0x00020003
-_KEY_ADVICE = {
-    "patient": ' (de-identified? set data.person_key = "study" or "file")',
-    "study": ' (set data.person_key = "series" or "file")',
-    "series": ' (set data.person_key = "file")',
-    "file": " (not a complete DICOM instance)",
-}
-_UNITS = {
-    "patient": "one person per patient (PatientID, qualified by IssuerOfPatientID when "
-    "present): ε is per patient",
-    "study": "one person per study (StudyInstanceUID): a patient with several studies "
-    "counts as several people, so ε is per study, not per patient",
-    "series": "one person per series (SeriesInstanceUID): a patient with several series "
-    "counts as several people, so ε is per series, not per patient",
-    "file": "one person per image (SOPInstanceUID): a patient with several images counts "
-    "as several people, so ε is per image, not per patient",
-}
-
 # Rejection reasons that do not depend on the file (the others are built inline).
 NOT_DICOM = "not a DICOM file"
 UNREADABLE = "unreadable DICOM file (corrupt header)"
 UNREADABLE_IO = "file cannot be read (permission or I/O error)"
-FILE_NOT_FOUND = "file listed in the labels file does not exist"
-OUTSIDE_DIRECTORY = "path in the labels file points outside the data directory"
-DUPLICATE = "listed more than once in the labels file"
+MAX_FILE_BYTES = 4 << 30
+"""Largest file read (4 GiB): its size is checked before it is read into memory."""
+MAX_INFLATED_BYTES = 1 << 30
+"""Largest dataset a deflated file may inflate to (1 GiB), checked before pydicom
+inflates it whole: a small deflated file can otherwise expand without bound."""
+_INFLATE_CHUNK = 1 << 24
 
 
 # ------------------------------------------------------------------ single image ---
+
+
+def _check_inflated_size(data: bytes) -> None:
+    """A Deflated Explicit VR file must not inflate past :data:`MAX_INFLATED_BYTES`;
+    counted in chunks, so the check itself holds little memory."""
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+    except Exception:  # no preamble or meta: not deflated (or not DICOM, refused later)
+        return
+    if raw_text(meta, 0x00020010) != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total = data[stream.tell() :], 0
+    try:
+        while pending and total <= MAX_INFLATED_BYTES:
+            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        return  # pydicom's own read reports the broken stream
+    if total > MAX_INFLATED_BYTES:
+        raise UnusableImageError(
+            f"deflated dataset inflates to over {MAX_INFLATED_BYTES >> 30} GiB"
+        )
 
 
 def _parse(data: bytes) -> Dataset:
@@ -135,7 +155,7 @@ def _parse(data: bytes) -> Dataset:
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception:  # forced parsing of a non-DICOM file fails in many ways
             raise UnusableImageError(NOT_DICOM) from None
-        if _SOP_CLASS_UID not in ds:
+        if SOP_CLASS_UID not in ds:
             capture.messages.clear()
             raise UnusableImageError(NOT_DICOM)
     return ds
@@ -144,11 +164,14 @@ def _parse(data: bytes) -> Dataset:
 def read_dicom(path: Path) -> Dataset:
     """Read one file fully, or raise :class:`UnusableImageError` saying why not."""
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise UnusableImageError(f"file larger than {MAX_FILE_BYTES >> 30} GiB")
         data = path.read_bytes()
     except OSError as exc:
         raise UnusableImageError(UNREADABLE_IO) from exc
     with captured() as capture:
         try:
+            _check_inflated_size(data)
             ds = _parse(data)
         except UnusableImageError:
             raise
@@ -180,141 +203,48 @@ def preprocess_file(
         return preprocess_dataset(read_dicom(path), config, image)
 
 
-# ---------------------------------------------------------------------- persons ---
-
-
-def _raw_text(ds: Dataset | None, tag: int) -> str | None:
-    """An element's raw value as text, without letting pydicom convert (and possibly
-    log) it: pydicom's warnings about a malformed value would quote that value."""
-    if ds is None or tag not in ds:
-        return None
-    value = ds.get_item(tag).value
-    text = value.decode("latin-1") if isinstance(value, bytes) else str(value or "")
-    return text.strip(" \t\r\n\x00") or None
-
-
-def person_identifier(ds: Dataset, person_key: PersonKey) -> str | None:
-    """The raw identifier of the person ``ds`` belongs to under ``person_key``, or None
-    when the file does not carry it.
-
-    - ``"patient"``: PatientID, qualified by IssuerOfPatientID when present (two
-      issuers' patient "123" are two people): ``"ISSUER\\ID"``; neither value can hold a
-      backslash, DICOM's value delimiter, so different pairs never give one string.
-    - ``"study"``: StudyInstanceUID; ``"series"``: SeriesInstanceUID.
-    - ``"file"``: SOPInstanceUID (else the file meta's Media Storage SOP Instance UID):
-      one person per image, and two copies of one image are one.
-
-    The value is raw: hash it (client.data.person_key) before it leaves the caller.
-    """
-    if person_key not in _KEY_TAGS:
-        raise ValueError(f"unknown person key {person_key!r}; choose from {get_args(PersonKey)}")
-    tag = _KEY_TAGS[person_key][0]
-    identifier = _raw_text(ds, tag)
-    if person_key == "file" and identifier is None:
-        identifier = _raw_text(getattr(ds, "file_meta", None), _MEDIA_SOP_INSTANCE_UID)
-    if person_key == "patient" and identifier is not None:
-        issuer = _raw_text(ds, _ISSUER_OF_PATIENT_ID)
-        if issuer is not None:
-            identifier = f"{issuer}\\{identifier}"
-    return identifier
-
-
-def missing_key_reason(person_key: PersonKey) -> str:
-    """The rejection reason of a file without the chosen person key, with what to do."""
-    return f"missing {_KEY_TAGS[person_key][1]}{_KEY_ADVICE[person_key]}"
-
-
-def privacy_unit(person_key: PersonKey) -> str:
-    """What ``data.person_key`` means for the privacy unit (``fedlora site check``)."""
-    return _UNITS[person_key]
-
-
-# ------------------------------------------------------------------------ labels ---
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One record to load: where it is and which class it is labelled with."""
-
-    record: str
-    path: Path
-    label: int
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _csv_entries(config: DicomDataConfig, root: Path) -> tuple[list[_Entry], list[Rejection]]:
-    labels_path = root / config.labels_file
-    if not labels_path.is_file():
-        raise DataError(
-            f"labels file {labels_path} not found (data.labels = 'csv' expects a file "
-            "with columns path,label; use data.labels = 'folders' for one folder per class)"
-        )
-    try:
-        with labels_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            fields = [name.strip() for name in reader.fieldnames or []]
-            if "path" not in fields or "label" not in fields:
-                raise DataError(
-                    f"labels file {labels_path} must have the columns path,label "
-                    f"(found: {', '.join(fields) or 'nothing'})"
-                )
-            reader.fieldnames = fields
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"labels file {labels_path} cannot be read ({exc})") from exc
-    if not rows:
-        raise DataError(f"labels file {labels_path} lists no images")
-
-    class_index = {name: index for index, name in enumerate(config.classes)}
-    entries: list[_Entry] = []
-    rejected: list[Rejection] = []
-    seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
-        raw_path = (row.get("path") or "").strip().replace("\\", "/")
-        label = (row.get("label") or "").strip()
-        if not raw_path:
-            rejected.append(Rejection(f"{config.labels_file}:{line}", "empty path"))
-            continue
-        full = Path(os.path.normpath(root / raw_path))  # lexical: symlinks stay usable
-        if not full.is_relative_to(root):
-            rejected.append(Rejection(PurePosixPath(raw_path).as_posix(), OUTSIDE_DIRECTORY))
-            continue
-        record = _relative(full, root)
-        if record in seen:
-            rejected.append(Rejection(record, DUPLICATE))
-            continue
-        seen.add(record)
-        if label not in class_index:
-            shown = label if len(label) <= _MAX_LABEL_SHOWN else label[:_MAX_LABEL_SHOWN] + "..."
-            rejected.append(
-                Rejection(record, f"label {shown!r} is not one of the configured classes")
-            )
-        elif not full.is_file():
-            rejected.append(Rejection(record, FILE_NOT_FOUND))
-        else:
-            entries.append(_Entry(record, full, class_index[label]))
-    return entries, rejected
-
-
-def _folder_entries(config: DicomDataConfig, root: Path) -> list[_Entry]:
-    missing = [name for name in config.classes if not (root / name).is_dir()]
-    if missing:
-        raise DataError(
-            f"class folder(s) {', '.join(missing)} not found in {root} "
-            "(data.labels = 'folders' expects one sub-folder per class)"
-        )
-    entries = []
-    for index, name in enumerate(config.classes):
-        for path in (root / name).rglob("*"):
-            if path.is_file():
-                entries.append(_Entry(_relative(path, root), path, index))
-    return entries
-
-
 # ----------------------------------------------------------------------- loading ---
+
+
+def _read_image(
+    path: Path, config: DicomDataConfig, image: ImageInput
+) -> tuple[npt.NDArray[np.float32], PersonRef]:
+    """One file's model input and person, or :class:`UnusableImageError` saying why."""
+    with captured():  # one file's messages, from reading to the last LUT
+        ds = read_dicom(path)
+        # The image first: a file that is no usable image (a report, a broken file)
+        # says so, rather than asking for another person key.
+        values = preprocess_dataset(ds, config, image)
+        ref = person_ref(ds, config.person_key)
+        if ref is None:
+            raise UnusableImageError(missing_key_reason(config.person_key))
+    return values, ref
+
+
+def _read_images(
+    files: list[LabelledFile], config: DicomDataConfig, image: ImageInput
+) -> tuple[list[npt.NDArray[np.float32]], list[int], list[PersonRef], list[Rejection]]:
+    """The usable files' inputs, labels and persons; the others as rejections."""
+    images: list[npt.NDArray[np.float32]] = []
+    labels: list[int] = []
+    refs: list[PersonRef] = []
+    rejected: list[Rejection] = []
+    for entry in files:
+        try:
+            values, ref = _read_image(entry.path, config, image)
+        except UnusableImageError as exc:
+            rejected.append(Rejection(entry.record, exc.reason))
+            continue
+        except BaseException as exc:  # never let one odd file stop the site
+            if not library_failure(exc):
+                raise
+            why = f"unexpected error while reading ({type(exc).__name__})"
+            rejected.append(Rejection(entry.record, why))
+            continue
+        images.append(values)
+        labels.append(entry.label)
+        refs.append(ref)
+    return images, labels, refs, rejected
 
 
 def load_dicom_dataset(config: DicomDataConfig, salt: bytes, image: ImageInput) -> SiteData:
@@ -330,35 +260,10 @@ def load_dicom_dataset(config: DicomDataConfig, salt: bytes, image: ImageInput) 
     if not any(path.is_file() for path in root.rglob("*")):
         raise DataError(f"DICOM directory {root} contains no files")
 
-    if config.labels == "csv":
-        entries, rejected = _csv_entries(config, root)
-    else:
-        entries, rejected = _folder_entries(config, root), []
-    entries.sort(key=lambda entry: entry.record)
-
-    images: list[npt.NDArray[np.float32]] = []
-    labels: list[int] = []
-    keys: list[str] = []
-    for entry in entries:
-        try:
-            with captured():  # one file's messages, from reading to the last LUT
-                ds = read_dicom(entry.path)
-                # The image first: a file that is no usable image (a report, a broken
-                # file) says so, rather than asking for another person key.
-                values = preprocess_dataset(ds, config, image)
-                identifier = person_identifier(ds, config.person_key)
-                if identifier is None:
-                    raise UnusableImageError(missing_key_reason(config.person_key))
-        except UnusableImageError as exc:
-            rejected.append(Rejection(entry.record, exc.reason))
-            continue
-        except Exception as exc:  # never let one odd file stop the site
-            why = f"unexpected error while reading ({type(exc).__name__})"
-            rejected.append(Rejection(entry.record, why))
-            continue
-        images.append(values)
-        labels.append(entry.label)
-        keys.append(person_key(identifier, salt))
+    files, rejected = labelled_files(config, root)
+    images, labels, refs, unusable = _read_images(files, config, image)
+    rejected.extend(unusable)
+    keys = [person_key(identifier, salt) for identifier in person_identifiers(refs)]
     rejected.sort(key=lambda rejection: rejection.record)
 
     if not images:

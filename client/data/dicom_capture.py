@@ -29,7 +29,15 @@ from pydicom.uid import UID_dictionary
 
 from common.errors import DataError
 
-__all__ = ["Capture", "UnusableImageError", "captured", "reason"]
+__all__ = [
+    "Capture",
+    "UnusableImageError",
+    "captured",
+    "library_failure",
+    "raw_text",
+    "reason",
+    "scrub",
+]
 
 CAPTURED_LOGGERS = ("pydicom", "pylibjpeg", "libjpeg", "openjpeg", "rle", "PIL")
 """The libraries that read and decode DICOM files, by their logger names."""
@@ -37,11 +45,36 @@ MAX_REASON = 200
 """Longest rejection reason, in characters: the site's report shows one per record."""
 MAX_DETAIL = 160
 
-# Elements whose values identify a person (or could), redacted from every reason:
-# the whole Patient group (0010), plus accession number, names and study identifiers.
-_IDENTIFYING_GROUPS = frozenset({0x0010})
+# Elements whose values identify a person, or could (after PS3.15's Basic Application
+# Level Confidentiality Profile), redacted from every reason: the Patient (0010) and
+# Visit (0038) groups, plus dates and times, names of staff, institution and device,
+# accession number, study/series/instance UIDs and the study's descriptions.
+_IDENTIFYING_GROUPS = frozenset({0x0010, 0x0038})
 _IDENTIFYING_TAGS = frozenset(
-    {0x00080050, 0x00080080, 0x00080081, 0x00080090, 0x00081050, 0x00200010, 0x00321032}
+    {
+        *range(0x00080020, 0x00080024),  # Study, Series, Acquisition, Content Date
+        *range(0x00080030, 0x00080034),  # ... and Time
+        0x00080018,  # SOP Instance UID
+        0x00080050,  # Accession Number
+        *range(0x00080080, 0x00080083),  # Institution Name, Address, Code Sequence
+        *range(0x00080090, 0x00080097),  # Referring Physician: name, address, phones
+        0x00081010,  # Station Name
+        0x00081030,  # Study Description
+        0x0008103E,  # Series Description
+        0x00081040,  # Institutional Department Name
+        0x00081048,  # Physician(s) of Record
+        0x00081050,  # Performing Physician's Name
+        0x00081060,  # Name of Physician(s) Reading Study
+        0x00081070,  # Operators' Name
+        0x00181000,  # Device Serial Number
+        0x0020000D,  # Study Instance UID
+        0x0020000E,  # Series Instance UID
+        0x00200010,  # Study ID
+        0x00321032,  # Requesting Physician
+        0x00400244,  # Performed Procedure Step Start Date
+        0x00400253,  # Performed Procedure Step ID
+        0x00401001,  # Requested Procedure ID
+    }
 )
 _QUOTED = re.compile(r"""b?'([^']*)'|b?"([^"]*)\"""")
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-~ ]+){2,}")
@@ -129,6 +162,32 @@ def captured() -> Iterator[Capture]:
                 log.handlers = handlers
 
 
+def library_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a library's failure on one file rather than an interrupt.
+
+    Decoders fail with any :class:`Exception`, and a Rust back end (pylibjpeg-rle)
+    panics with pyo3's ``PanicException``, a :class:`BaseException`: both are one bad
+    file. ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit`` are not."""
+    return not isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
+def raw_text(ds: Dataset | None, tag: int) -> str | None:
+    """An element's value as text, read raw (bytes as Latin-1) so that pydicom does not
+    convert it, and possibly log a warning quoting it; None when absent or blank, or
+    when the element cannot even be fetched."""
+    if ds is None or tag not in ds:
+        return None
+    try:
+        element = ds.get_item(tag)
+        if element.VR == "SQ":
+            return None
+        value = element.value
+    except Exception:  # a broken element quotes nothing
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value or "")
+    return text.strip(" \t\r\n\x00") or None
+
+
 @cache
 def _dicom_names() -> frozenset[str]:
     """Names a message may quote safely: element names and keywords, UID names."""
@@ -146,11 +205,7 @@ def _identifying_values(ds: Dataset | None) -> list[str]:
     for tag in list(ds.keys()):
         if tag.group not in _IDENTIFYING_GROUPS and int(tag) not in _IDENTIFYING_TAGS:
             continue
-        try:
-            raw = ds.get_item(tag).value
-        except Exception:  # an element that cannot even be fetched quotes nothing
-            continue
-        text = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw or "")
+        text = raw_text(ds, int(tag)) or ""
         values.extend(part.strip(" \x00") for part in re.split(r"[\\^=]", text))
     return sorted({value for value in values if len(value) >= 3}, key=len, reverse=True)
 

@@ -14,6 +14,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as functional
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import as_pixel_options
@@ -22,14 +23,22 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    RLELossless,
     UID_dictionary,
 )
 
-from client.data.dicom_capture import UnusableImageError, captured, reason
+from client.data.dicom_capture import (
+    UnusableImageError,
+    captured,
+    library_failure,
+    raw_text,
+    reason,
+)
+from client.data.dicom_streams import sizes_itself, stream_geometry
 from common.config import DicomDataConfig
 from common.tasks.image_input import ImageInput
 
-__all__ = ["MAX_FRAME_PIXELS", "image_array"]
+__all__ = ["MAX_FRAME_PIXELS", "SOP_CLASS_UID", "image_array", "syntax_name"]
 
 MAX_FRAME_PIXELS = 1 << 26
 """Largest frame decoded (64 Mi pixels, e.g. 8192 x 8192): checked from the header
@@ -38,14 +47,31 @@ TRUNCATED = "truncated DICOM file (pixel data shorter than the image needs)"
 NO_PIXEL_DATA = "no Pixel Data"
 NO_TRANSFER_SYNTAX = "no Transfer Syntax UID in the file meta information"
 BAD_GEOMETRY = "missing or invalid Rows, Columns or BitsAllocated"
+BAD_STREAM_HEADER = "compressed frame header cannot be read"
 _GRAY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _PALETTE = "PALETTE COLOR"
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 """Three-sample colour spaces pydicom's decoders return as RGB."""
+_DEFINED_PHOTOMETRIC = (
+    _GRAY
+    | _COLOUR
+    | {
+        _PALETTE,
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "XYZ",
+    }
+)
+"""PS3.3 C.7.6.3.1.2's defined terms (current and retired): the only values a reason
+quotes; anything else in the element could be any text."""
 _LUMA = np.array([0.299, 0.587, 0.114])
 """ITU-R BT.601 luma weights: colour to one channel."""
 _WINDOW_CENTER, _WINDOW_WIDTH = 0x00281050, 0x00281051
-_SOP_CLASS_UID, _MEDIA_SOP_CLASS = 0x00080016, 0x00020002
+SOP_CLASS_UID, _MEDIA_SOP_CLASS = 0x00080016, 0x00020002
+_PHOTOMETRIC = 0x00280004
 _WINDOW_OUT = 65535.0
 """The output range of pydicom's windowing for the 16-bit unsigned view it is given."""
 
@@ -90,6 +116,21 @@ def _frame_count(ds: Dataset) -> int:
     return frames
 
 
+def _shown(photometric: str) -> str:
+    """A Photometric Interpretation as a reason may quote it: a defined term, or not."""
+    if photometric in _DEFINED_PHOTOMETRIC:
+        return repr(photometric)
+    return "(empty)" if not photometric else "(not a defined term)"
+
+
+def syntax_name(syntax: UID) -> str:
+    """A transfer syntax as a reason may name it: a UID pydicom knows, by name; any
+    other value is unknown (a corrupt file meta may hold any bytes there, patient
+    data included)."""
+    entry = UID_dictionary.get(str(syntax))
+    return entry[0] if entry else "(unknown UID)"
+
+
 def _header(ds: Dataset) -> _Header:
     try:
         rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
@@ -103,7 +144,7 @@ def _header(ds: Dataset) -> _Header:
         raise UnusableImageError(
             f"image too large ({rows} x {columns} pixels; at most {MAX_FRAME_PIXELS} per frame)"
         )
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    photometric = (raw_text(ds, _PHOTOMETRIC) or "").upper()
     if not photometric and samples == 1:
         photometric = "MONOCHROME2"  # the only reading of a grayscale file without one
     usable = (samples == 1 and (photometric in _GRAY or photometric == _PALETTE)) or (
@@ -111,7 +152,7 @@ def _header(ds: Dataset) -> _Header:
     )
     if not usable:
         raise UnusableImageError(
-            f"unsupported image: Photometric Interpretation {photometric[:16]!r} with "
+            f"unsupported image: Photometric Interpretation {_shown(photometric)} with "
             f"SamplesPerPixel = {samples} (supported: MONOCHROME1/2, PALETTE COLOR, "
             "RGB and YBR colour)"
         )
@@ -140,10 +181,13 @@ def _decoder(syntax: UID) -> Decoder:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise UnusableImageError(f"transfer syntax {syntax.name} is not supported") from None
+        raise UnusableImageError(
+            f"transfer syntax {syntax_name(syntax)} is not supported"
+        ) from None
     if not decoder.is_available:
         raise UnusableImageError(
-            f"compressed transfer syntax {syntax.name} needs a pixel-data plugin (e.g. pylibjpeg)"
+            f"compressed transfer syntax {syntax_name(syntax)} needs a pixel-data plugin "
+            "(e.g. pylibjpeg)"
         )
     return decoder
 
@@ -159,13 +203,31 @@ def _check_native_length(ds: Dataset, header: _Header) -> None:
         raise UnusableImageError(TRUNCATED)
 
 
+def _check_stream(ds: Dataset, header: _Header, syntax: UID, index: int) -> None:
+    """The frame's own header must declare the file's geometry: JPEG-family decoders
+    size their output from it (see :mod:`client.data.dicom_streams`)."""
+    with captured():
+        try:
+            stream = get_frame(ds.PixelData, index, number_of_frames=header.frames)
+        except Exception:  # no such frame, broken fragments: the decoder would fail too
+            raise UnusableImageError(BAD_STREAM_HEADER) from None
+    geometry = stream_geometry(syntax, bytes(stream))
+    if geometry is None:
+        raise UnusableImageError(BAD_STREAM_HEADER)
+    declared = (geometry.rows, geometry.columns, geometry.components)
+    if declared != (header.rows, header.columns, header.samples):
+        raise UnusableImageError(
+            f"compressed frame is {geometry.rows} x {geometry.columns} x "
+            f"{geometry.components}, but the header says {header.rows} x {header.columns} "
+            f"x {header.samples} (Rows x Columns x SamplesPerPixel)"
+        )
+
+
 def _what_it_is(ds: Dataset) -> str:
     """`` (its SOP Class name)``, e.g. a structured report or a DICOMDIR, when the UID
     (the dataset's, else the file meta's) is a known one."""
-    for source, tag in ((ds, _SOP_CLASS_UID), (getattr(ds, "file_meta", None), _MEDIA_SOP_CLASS)):
-        value = source.get_item(tag).value if source is not None and tag in source else None
-        text = value.decode("latin-1") if isinstance(value, bytes) else str(value or "")
-        name = UID_dictionary.get(text.strip(" \x00"))
+    for source, tag in ((ds, SOP_CLASS_UID), (getattr(ds, "file_meta", None), _MEDIA_SOP_CLASS)):
+        name = UID_dictionary.get(raw_text(source, tag) or "")
         if name:
             return f" ({name[0]})"
     return ""
@@ -186,14 +248,20 @@ def decode_frame(ds: Dataset) -> _Frame:
     if not syntax.is_encapsulated:
         _check_native_length(ds, header)
     index = header.frames // 2 if header.frames > 1 else None
+    if syntax.is_encapsulated and sizes_itself(syntax):
+        _check_stream(ds, header, syntax, index or 0)
     with captured() as capture:
         try:
             options = as_pixel_options(
                 ds, number_of_frames=header.frames, photometric_interpretation=header.photometric
             )
+            if syntax == RLELossless:  # pydicom's own: pylibjpeg-rle panics on bad input
+                options["decoding_plugin"] = "pydicom"
             array, meta = decoder.as_array(ds, index=index, validate=True, raw=False, **options)
-        except Exception as exc:  # a decoder's failure is one bad file, not a crash
-            summary = f"pixel data could not be decoded ({syntax.name})"
+        except BaseException as exc:  # a decoder's failure (or panic) is one bad file
+            if not library_failure(exc):
+                raise
+            summary = f"pixel data could not be decoded ({syntax_name(syntax)})"
             raise UnusableImageError(reason(summary, capture, exc, ds)) from exc
     expected = 2 if header.samples == 1 else 3
     if array.ndim != expected or min(array.shape) < 1:
@@ -327,7 +395,7 @@ def _colour(frame: _Frame, ds: Dataset) -> npt.NDArray[np.float64]:
             rgb = rgb.astype(np.float64) + (1 << (depth - 1))
     else:
         raise UnusableImageError(
-            f"colour space {frame.photometric[:16]!r} is not RGB after decoding"
+            f"colour space {_shown(frame.photometric)} is not RGB after decoding"
         )
     return np.clip(np.asarray(rgb, dtype=np.float64) / ((1 << depth) - 1), 0.0, 1.0)
 

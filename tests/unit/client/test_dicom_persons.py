@@ -11,12 +11,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from client.data import SiteData, person_key
-from client.data.dicom import (
-    load_dicom_dataset,
+from client.data.dicom import load_dicom_dataset, read_dicom
+from client.data.dicom_persons import (
+    PersonRef,
     missing_key_reason,
-    person_identifier,
+    person_identifiers,
+    person_ref,
     privacy_unit,
-    read_dicom,
 )
 from common.config import DicomDataConfig
 from common.data_config import PersonKey
@@ -93,26 +94,53 @@ def test_the_issuer_qualifies_the_patient_id(tmp_path: Path) -> None:
     keys = _load(tmp_path, "patient").person_keys  # a1, a2, a3, b1, c1
     assert keys[0] == keys[1] == keys[2]
     assert keys[3] != keys[0]  # issuer B's patient 123 is another person
-    assert keys[4] == person_key("456", SALT)  # without an issuer: the bare ID, as before
-    assert keys[0] == person_key("A\\123", SALT)
+    assert keys[4] == person_key("456", SALT)  # without an issuer: the ID alone
+    assert keys[0] == person_key('["A", "123"]', SALT)
+
+
+def test_a_patient_id_seen_without_its_issuer_is_one_person_across_issuers(
+    tmp_path: Path,
+) -> None:
+    """A file of PatientID 123 that names no issuer could be either issuer's patient:
+    all files of 123 count as one person (merging is the conservative direction)."""
+    _hospital(tmp_path)
+    _write(tmp_path / "d1.dcm", patient="123", study="4.1", series="4.1.1")
+    data = _load(tmp_path, "patient")  # a1, a2, a3, b1, c1, d1
+    assert data.persons == 2  # 123 (A, B and no issuer) and 456
+    keys = data.person_keys
+    assert keys[0] == keys[3] == keys[5] != keys[4]
+
+
+def test_person_identifiers_are_unambiguous_whatever_the_values_hold() -> None:
+    refs = [
+        PersonRef("C", "A\\B"),
+        PersonRef("B\\C", "A"),
+        PersonRef("A\\B\\C"),
+    ]
+    identifiers = person_identifiers(refs)
+    assert len(set(identifiers)) == 3
+    assert person_identifiers([PersonRef("7", "A"), PersonRef("7", "B")]) == [
+        '["A", "7"]',
+        '["B", "7"]',
+    ]
 
 
 def test_identifiers_are_read_raw(tmp_path: Path) -> None:
     _write(tmp_path / "x.dcm", patient="  007\x00", issuer="HOSP", study="9.9", series="9.9.1")
     ds = read_dicom(tmp_path / "x.dcm")
-    assert person_identifier(ds, "patient") == "HOSP\\007"
-    assert person_identifier(ds, "study") == "9.9"
-    assert person_identifier(ds, "series") == "9.9.1"
-    assert person_identifier(ds, "file") == str(ds.SOPInstanceUID)
+    assert person_ref(ds, "patient") == PersonRef("007", "HOSP")
+    assert person_ref(ds, "study") == PersonRef("9.9")
+    assert person_ref(ds, "series") == PersonRef("9.9.1")
+    assert person_ref(ds, "file") == PersonRef(str(ds.SOPInstanceUID))
     with pytest.raises(ValueError, match="unknown person key"):
-        person_identifier(ds, "visit")  # type: ignore[arg-type]
+        person_ref(ds, "visit")  # type: ignore[arg-type]
 
 
 def test_a_file_without_its_sop_instance_uid_uses_the_file_meta(tmp_path: Path) -> None:
     _write(tmp_path / "x.dcm", instance="1.2.826.0.1.42")
     ds = read_dicom(tmp_path / "x.dcm")
     del ds.SOPInstanceUID
-    assert person_identifier(ds, "file") == "1.2.826.0.1.42"
+    assert person_ref(ds, "file") == PersonRef("1.2.826.0.1.42")
 
 
 @pytest.mark.parametrize(

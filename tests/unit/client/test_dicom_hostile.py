@@ -1,0 +1,122 @@
+"""Hostile DICOM files: each is one rejection with a safe reason, never a crash, a
+leak of header values, or an allocation the file's own header does not bound."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
+
+from client.data.dicom import read_dicom
+from client.data.dicom_capture import UnusableImageError
+from client.data.dicom_pixels import decode_frame
+from client.data.dicom_streams import j2k_geometry, jpeg_geometry
+
+SECRET = "DOE^JANE^SECRET"
+
+# An 8 x 8 16-bit RLE frame with four bytes changed: pylibjpeg-rle panics on it (a
+# Rust index out of bounds, raised as pyo3's PanicException, a BaseException).
+PANICKING_RLE = bytes.fromhex(
+    "feff00e00400000000000000feff00e09800000002000000400000005000000000000000"
+    + "00" * 52
+    + "f900f900f900f900f900f900f900f9000700010203040506070708090a2e0c0d0e0f0710"
+    "111213141516170718191a1b1c1d1e1f0720212223242526270728292a2b2c2d2e2f9330"
+    "313233343536370738393a3b3c3d3e3f"
+)
+
+
+def _dataset(syntax: UID, rows: int = 8, columns: int = 8) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = SECRET, "ID-4711-SECRET"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    return ds
+
+
+def test_a_decoder_panic_is_one_rejection(tmp_path: Path) -> None:
+    ds = _dataset(RLELossless)
+    ds.PixelData = PANICKING_RLE
+    ds["PixelData"].is_undefined_length = True
+    with pytest.raises(UnusableImageError, match="pixel data could not be decoded"):
+        decode_frame(ds)
+
+
+def _jpeg_claiming(height: int, width: int) -> bytes:
+    """SOI, then a baseline SOF0 segment declaring ``height`` x ``width``, 1 component."""
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + sof + b"\xff\xd9"
+
+
+def test_a_compressed_frame_claiming_another_size_is_refused_before_decoding() -> None:
+    ds = _dataset(JPEGBaseline8Bit)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([_jpeg_claiming(65535, 65535)])
+    with pytest.raises(UnusableImageError) as info:
+        decode_frame(ds)
+    assert info.value.reason.startswith("compressed frame is 65535 x 65535 x 1, but the header")
+    assert jpeg_geometry(_jpeg_claiming(8, 8)) is not None
+    assert jpeg_geometry(b"garbage") is None
+
+
+def test_j2k_geometry_reads_the_siz_segment_of_a_codestream_and_a_jp2() -> None:
+    siz = struct.pack(">HHIIIIIIIIH", 41, 0, 300, 200, 44, 0, 300, 200, 0, 0, 3)
+    stream = b"\xff\x4f\xff\x51" + siz + b"\x07\x01\x01" * 3
+    geometry = j2k_geometry(stream)
+    assert geometry is not None and (geometry.rows, geometry.columns) == (200, 256)
+    assert geometry.components == 3
+    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x0cftypjp2 "
+    jp2 += struct.pack(">I", 8 + len(stream)) + b"jp2c" + stream
+    assert j2k_geometry(jp2) == geometry
+    assert j2k_geometry(b"\xff\x4f\xff\x52" + siz) is None
+
+
+def test_an_unknown_transfer_syntax_is_not_quoted(tmp_path: Path) -> None:
+    ds = _dataset(UID("1.2.3." + "4711"))
+    ds.PixelData = np.zeros(64, np.uint16).tobytes()
+    ds.file_meta.TransferSyntaxUID = UID(SECRET)
+    with pytest.raises(UnusableImageError) as info:
+        decode_frame(ds)
+    assert "SECRET" not in info.value.reason and "(unknown UID)" in info.value.reason
+
+
+def test_an_undefined_photometric_interpretation_is_not_quoted() -> None:
+    ds = _dataset(ExplicitVRLittleEndian)
+    ds.PhotometricInterpretation = "JANE DOE"
+    ds.PixelData = np.zeros(64, np.uint16).tobytes()
+    with pytest.raises(UnusableImageError) as info:
+        decode_frame(ds)
+    assert "JANE" not in info.value.reason and "not a defined term" in info.value.reason
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("client.data.dicom.MAX_INFLATED_BYTES", 1 << 20)
+    ds = _dataset(DeflatedExplicitVRLittleEndian, rows=1024, columns=1024)
+    ds.PixelData = np.zeros(1 << 20, np.uint16).tobytes()  # 2 MiB of zeros: tiny deflated
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 1 << 16
+    with pytest.raises(UnusableImageError, match="deflated dataset inflates to over"):
+        read_dicom(path)
+    monkeypatch.setattr("client.data.dicom.MAX_INFLATED_BYTES", 1 << 30)
+    assert read_dicom(path).Rows == 1024  # the same file under the real limit is read
