@@ -18,7 +18,7 @@ from client.daemon import (
     check_ready,
     run_supernode,
 )
-from client.data.dicom import privacy_unit
+from client.data.dicom_persons import privacy_unit
 from client.ledger import ledgers_of, run_summaries
 from client.preflight import preflight
 from client.privacy import epsilon_spent

@@ -39,7 +39,7 @@ plugins log or warn while a file is read is captured (client.data.dicom_capture)
 never reaches the console, and becomes the reason when the file fails.
 
 Each record belongs to one person, chosen by ``data.person_key`` (see
-:func:`person_identifier`); the identifier is read as raw bytes, salted and hashed
+:mod:`client.data.dicom_persons`); the identifier is read as raw bytes, salted and hashed
 here, and only the hash is kept: no patient name or identifier is stored, logged, or
 written into a rejection reason. Files are read from memory so no message names them.
 """
@@ -73,7 +73,6 @@ from client.data.dicom_persons import (
     missing_key_reason,
     person_identifiers,
     person_ref,
-    privacy_unit,
 )
 from client.data.dicom_pixels import (
     NO_PIXEL_DATA,
@@ -92,12 +91,8 @@ __all__ = [
     "TRUNCATED",
     "UnusableImageError",
     "load_dicom_dataset",
-    "missing_key_reason",
-    "person_identifiers",
-    "person_ref",
     "preprocess_dataset",
     "preprocess_file",
-    "privacy_unit",
     "read_dicom",
 ]
 
@@ -113,6 +108,7 @@ MAX_INFLATED_BYTES = 1 << 30
 """Largest dataset a deflated file may inflate to (1 GiB), checked before pydicom
 inflates it whole: a small deflated file can otherwise expand without bound."""
 _INFLATE_CHUNK = 1 << 24
+_TRANSFER_SYNTAX_UID = 0x00020010
 
 
 # ------------------------------------------------------------------ single image ---
@@ -127,7 +123,7 @@ def _check_inflated_size(data: bytes) -> None:
         meta = _read_file_meta_info(stream)
     except Exception:  # no preamble or meta: not deflated (or not DICOM, refused later)
         return
-    if raw_text(meta, 0x00020010) != DeflatedExplicitVRLittleEndian:
+    if raw_text(meta, _TRANSFER_SYNTAX_UID) != DeflatedExplicitVRLittleEndian:
         return
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, total = data[stream.tell() :], 0

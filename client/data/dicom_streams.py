@@ -13,6 +13,7 @@ read here: pydicom's ``get_j2k_parameters`` returns the precision only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.pixels.utils import _get_jpg_parameters
@@ -79,21 +80,23 @@ def j2k_geometry(stream: bytes) -> StreamGeometry | None:
     return StreamGeometry(height, width, field(40, 2))
 
 
-def stream_geometry(syntax: UID, stream: bytes) -> StreamGeometry | None:
-    """The declared geometry of one encapsulated frame in ``syntax``; None when the
-    header cannot be read, or when ``syntax``'s decoders do not size themselves from
-    the stream (see :func:`sizes_itself`)."""
-    if syntax in JPEG2000TransferSyntaxes:
-        return j2k_geometry(stream)
-    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
-        return jpeg_geometry(stream)
-    return None
+_PARSERS: dict[str, Callable[[bytes], StreamGeometry | None]] = {
+    **dict.fromkeys(JPEG2000TransferSyntaxes, j2k_geometry),
+    **dict.fromkeys(JPEGTransferSyntaxes, jpeg_geometry),
+    **dict.fromkeys(JPEGLSTransferSyntaxes, jpeg_geometry),
+}
+"""The transfer syntaxes whose decoders size their output from the codestream, and
+the parser of each one's frame header."""
 
 
 def sizes_itself(syntax: UID) -> bool:
     """Whether ``syntax``'s decoders take the output size from the codestream."""
-    return (
-        syntax in JPEG2000TransferSyntaxes
-        or syntax in JPEGTransferSyntaxes
-        or syntax in JPEGLSTransferSyntaxes
-    )
+    return syntax in _PARSERS
+
+
+def stream_geometry(syntax: UID, stream: bytes) -> StreamGeometry | None:
+    """The declared geometry of one encapsulated frame in ``syntax``; None when the
+    header cannot be read, or when ``syntax``'s decoders do not size themselves from
+    the stream (see :func:`sizes_itself`)."""
+    parser = _PARSERS.get(syntax)
+    return None if parser is None else parser(stream)

@@ -52,7 +52,7 @@ def _dataset(syntax: UID, rows: int = 8, columns: int = 8) -> Dataset:
     return ds
 
 
-def test_a_decoder_panic_is_one_rejection(tmp_path: Path) -> None:
+def test_a_decoder_panic_is_one_rejection() -> None:
     ds = _dataset(RLELossless)
     ds.PixelData = PANICKING_RLE
     ds["PixelData"].is_undefined_length = True
@@ -89,7 +89,7 @@ def test_j2k_geometry_reads_the_siz_segment_of_a_codestream_and_a_jp2() -> None:
     assert j2k_geometry(b"\xff\x4f\xff\x52" + siz) is None
 
 
-def test_an_unknown_transfer_syntax_is_not_quoted(tmp_path: Path) -> None:
+def test_an_unknown_transfer_syntax_is_not_quoted() -> None:
     ds = _dataset(UID("1.2.3." + "4711"))
     ds.PixelData = np.zeros(64, np.uint16).tobytes()
     ds.file_meta.TransferSyntaxUID = UID(SECRET)
