@@ -304,7 +304,7 @@ class FedLoraStrategy(FedAvg):
         received = list(replies)
         check = partial(
             validate_update,
-            reference=self._sent_adapter,
+            reference=self.schema.with_dtype("float64").pack(self._sent_adapter),
             schema=self.schema,
             request=self._request,
             limits=self.limits,

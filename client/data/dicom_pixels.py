@@ -410,18 +410,23 @@ def _planes(unit: npt.NDArray[np.float64], channels: int) -> npt.NDArray[np.floa
     return np.moveaxis(unit, -1, 0)
 
 
-def _resize(planes: npt.NDArray[np.float64], size: int) -> npt.NDArray[np.float32]:
-    """Box average when shrinking, antialiased bilinear otherwise; stretched to square."""
-    if planes.shape[1:] == (size, size):
-        return planes.astype(np.float32)
-    tensor = torch.from_numpy(planes.astype(np.float32))[None]
-    if planes.shape[1] >= size and planes.shape[2] >= size:
-        resized = functional.interpolate(tensor, size=(size, size), mode="area")
+def _resize(planes: npt.NDArray[np.float64], image: ImageInput) -> npt.NDArray[np.float32]:
+    """Resized as the base model's processor does (``ImageInput.resized_shape``, then the
+    center crop): box average when shrinking, antialiased bilinear otherwise."""
+    height, width = image.resized_shape(planes.shape[1], planes.shape[2])
+    if planes.shape[1:] == (height, width):
+        resized = planes.astype(np.float32)
     else:
-        resized = functional.interpolate(
-            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    return np.asarray(resized[0].clamp_(0.0, 1.0).numpy(), dtype=np.float32)
+        tensor = torch.from_numpy(planes.astype(np.float32))[None]
+        if planes.shape[1] >= height and planes.shape[2] >= width:
+            scaled = functional.interpolate(tensor, size=(height, width), mode="area")
+        else:
+            scaled = functional.interpolate(
+                tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            )
+        resized = np.asarray(scaled[0].clamp_(0.0, 1.0).numpy(), dtype=np.float32)
+    top, left = (height - image.size) // 2, (width - image.size) // 2
+    return resized[:, top : top + image.size, left : left + image.size]
 
 
 def image_array(ds: Dataset, config: DicomDataConfig, image: ImageInput) -> npt.NDArray[np.float32]:
@@ -432,7 +437,7 @@ def image_array(ds: Dataset, config: DicomDataConfig, image: ImageInput) -> npt.
         unit = _grayscale(frame.array, ds, frame.photometric, config)
     else:
         unit = _colour(frame, ds)
-    resized = _resize(_planes(unit, image.channels), image.size)
+    resized = _resize(_planes(unit, image.channels), image)
     if resized.shape[0] != image.channels:
         resized = np.repeat(resized, image.channels, axis=0)
     mean = np.asarray(image.mean, dtype=np.float32)[:, None, None]

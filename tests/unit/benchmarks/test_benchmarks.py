@@ -141,6 +141,12 @@ def test_the_stream_yields_the_pool_without_copies() -> None:
     np.testing.assert_array_equal(copied[3].flat, pool[0].flat)
 
 
+def test_validation_timing_compares_the_direct_and_general_paths() -> None:
+    figures = aggregation.validation_seconds(4, 2, "float16")
+    assert figures["seconds"] > 0 and figures["general_seconds"] > 0
+    assert figures["norm_difference"] < 1e-12
+
+
 def test_aggregation_figures_for_a_few_updates() -> None:
     values = aggregation.aggregate_once(3, "streaming", "float16", repeats=2)
     assert values["update_values"] == aggregation.vit_b16_adapter_schema("float16").elements

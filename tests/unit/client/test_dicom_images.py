@@ -283,3 +283,41 @@ def test_a_bare_file_that_names_no_sop_class_is_not_dicom(tmp_path: Path) -> Non
     path.write_bytes(b"Dear colleague, please find the images enclosed.\n" * 20)
     with pytest.raises(UnusableImageError, match=r"^not a DICOM file$"):
         read_dicom(path)
+
+
+# ------------------------------------------------- resizing as the processor does ---
+
+
+def _smooth(height: int, width: int) -> npt.NDArray[np.uint8]:
+    """A smooth RGB pattern in which a crop, a stretch and a shift all look different."""
+    rows, cols = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    channels = [rows, cols, 0.5 + 0.5 * np.sin(3 * rows + 2 * cols)]
+    return np.round(255 * np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("family", ["deit", "dinov2", "convnext"])
+def test_a_scan_is_cropped_as_the_models_own_processor_crops_it(
+    tmp_path: Path, family: str
+) -> None:
+    from transformers import BitImageProcessor, ConvNextImageProcessor, DeiTImageProcessor
+
+    from common.tasks.image_input import image_input
+
+    processor = {
+        "deit": DeiTImageProcessor(),
+        "dinov2": BitImageProcessor(
+            size={"shortest_edge": 256}, crop_size=224, do_center_crop=True
+        ),
+        "convnext": ConvNextImageProcessor(size={"shortest_edge": 224}),
+    }[family]
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"num_channels": 3}')
+    image = image_input(tmp_path)
+    rgb = _smooth(300, 420)
+    ours = _clean(_dataset(rgb), image)
+    theirs = processor(rgb, return_tensors="np")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    # Only the interpolation kernels differ (fedlora's box/bilinear, their bicubic).
+    assert float(np.abs(ours - theirs).max()) < 0.1
+    stretched = ImageInput(224, 3, image.mean, image.std)
+    assert float(np.abs(_clean(_dataset(rgb), stretched) - theirs).max()) > 0.3

@@ -15,6 +15,7 @@ from common.adapters import (
     arrays_to_record,
     is_lora_a,
     lora_pairs,
+    npy_header,
     payload_bytes,
     record_to_arrays,
     seeded_lora_a,
@@ -226,6 +227,67 @@ def test_schema_elements_do_not_overflow_for_large_tensors() -> None:
     schema = AdapterSchema((("huge", (70_000, 70_000), "float32"),))
     assert schema.elements == 4_900_000_000
     assert schema.payload_bytes == 19_600_000_000
+
+
+# ------------------------------------------------------- reading records directly ---
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_unpack_record_reads_what_flower_sends_bit_exactly(dtype: type[np.floating]) -> None:
+    arrays = _random_arrays(dtype, seed=4)
+    record = _over_the_wire(arrays_to_record(arrays))
+    schema = AdapterSchema.of(arrays)
+    packed = schema.unpack_record(record)
+    assert isinstance(packed, PackedAdapter)
+    _assert_bit_exact(dict(packed), schema.pack(record_to_arrays(record)))
+    packed.flat[0] = 1.0  # its own buffer, writable, not a view of the message
+    assert record_to_arrays(record)["special"][0] == np.asarray(np.pi, dtype)
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (), (64, 768)])
+def test_npy_header_is_what_flower_writes(shape: tuple[int, ...]) -> None:
+    for dtype in (np.float16, np.float32, np.float64):
+        data = Array(np.zeros(shape, dtype)).data
+        header = npy_header(np.dtype(dtype), shape)
+        assert header is not None and data.startswith(header)
+        assert len(data) == len(header) + np.zeros(shape, dtype).nbytes
+
+
+def _with_data(record: ArrayRecord, name: str, data: bytes) -> ArrayRecord:
+    array = record[name]
+    changed = dict(record.items())
+    changed[name] = Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=data)
+    return ArrayRecord(changed)
+
+
+def test_unpack_record_leaves_anything_unusual_to_the_general_decoder() -> None:
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
+    schema = AdapterSchema.of(arrays)
+    record = arrays_to_record(arrays)
+    assert schema.unpack_record(record) is not None
+    data = record["a"].data
+    unusual = {
+        "trailing byte": _with_data(record, "a", data + b"\0"),
+        "truncated": _with_data(record, "a", data[:-4]),
+        "Fortran order": ArrayRecord(
+            {"a": Array(np.asfortranarray(arrays["a"])), "b": record["b"]}
+        ),
+        "big-endian": ArrayRecord({"a": Array(arrays["a"].astype(">f4")), "b": record["b"]}),
+        "other shape": ArrayRecord({"a": Array(arrays["a"].reshape(4, 3)), "b": record["b"]}),
+        "other dtype": arrays_to_record({**arrays, "b": np.ones(5, np.float64)}),
+        "missing tensor": ArrayRecord({"a": record["a"]}),
+        "extra tensor": ArrayRecord({**dict(record.items()), "c": record["b"]}),
+        "renamed tensor": ArrayRecord({"a": record["a"], "c": record["b"]}),
+        "not numpy": _with_data(record, "a", data),
+    }
+    changed = dict(unusual["not numpy"].items())
+    changed["a"] = Array(dtype="float32", shape=(3, 4), stype="torch.Tensor", data=data)
+    unusual["not numpy"] = ArrayRecord(changed)
+    for why, odd in unusual.items():
+        assert schema.unpack_record(odd) is None, why
+    # Read the general way, Fortran order and big-endian values are the same tensor.
+    general = record_to_arrays(unusual["Fortran order"])
+    np.testing.assert_array_equal(general["a"], arrays["a"])
 
 
 # -------------------------------------------------------------------- FFA-LoRA ---

@@ -96,3 +96,59 @@ def test_the_record_kept_with_an_artifact_round_trips_and_old_records_are_demo_i
     colour = ImageInput(size=224, channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.2, 0.3))
     assert ImageInput.from_dict(colour.to_dict()) == colour
     assert ImageInput.from_dict({"image_size": 32}) == ImageInput(32, 1, (0.5,), (0.5,))
+
+
+# ------------------------------------------------ geometry of real image processors ---
+
+
+def _saved(tmp_path: Path, processor: Any) -> Path:
+    """A checkpoint directory with ``processor``'s own preprocessor_config.json."""
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"num_channels": 3}))
+    return tmp_path
+
+
+def test_the_geometry_of_each_pretrained_family_is_its_processors(tmp_path: Path) -> None:
+    from transformers import (
+        BitImageProcessor,
+        ConvNextImageProcessor,
+        DeiTImageProcessor,
+        ViTImageProcessor,
+    )
+
+    cases = {
+        "vit": (ViTImageProcessor(), (224, None, False)),  # stretched, no crop
+        "deit": (DeiTImageProcessor(), (224, 256, False)),  # 256 x 256, center 224
+        "dinov2": (  # DINOv2's processor: short side 256, center 224
+            BitImageProcessor(size={"shortest_edge": 256}, crop_size=224, do_center_crop=True),
+            (224, 256, True),
+        ),
+        "convnext": (  # convnext-*-224's processor: short side 224 / 0.875, center 224
+            ConvNextImageProcessor(size={"shortest_edge": 224}),
+            (224, 256, True),
+        ),
+        "convnext-384": (ConvNextImageProcessor(), (384, None, False)),  # stretched
+    }
+    for name, (processor, expected) in cases.items():
+        found = image_input(_saved(tmp_path / name, processor))
+        assert (found.size, found.resize, found.keep_aspect) == expected, name
+
+
+def test_resized_shape_keeps_the_aspect_only_when_asked() -> None:
+    stretched = ImageInput(224, 3, (0.5,) * 3, (0.5,) * 3, resize=256)
+    assert stretched.resized_shape(300, 500) == (256, 256)
+    short_side = ImageInput(224, 3, (0.5,) * 3, (0.5,) * 3, resize=256, keep_aspect=True)
+    assert short_side.resized_shape(300, 500) == (256, 426)
+    assert short_side.resized_shape(500, 300) == (426, 256)
+    assert ImageInput(224, 1, (0.5,), (0.5,)).resized_shape(300, 500) == (224, 224)
+
+
+def test_a_resize_below_the_crop_is_refused() -> None:
+    with pytest.raises(ConfigError, match="resizes to 200 before cropping 224"):
+        ImageInput(224, 3, (0.5,) * 3, (0.5,) * 3, resize=200)
+
+
+def test_the_record_keeps_the_crop() -> None:
+    cropped = ImageInput(224, 3, (0.5,) * 3, (0.5,) * 3, resize=256, keep_aspect=True)
+    assert ImageInput.from_dict(cropped.to_dict()) == cropped
+    assert "resize" not in ImageInput(224, 1, (0.5,), (0.5,)).to_dict()

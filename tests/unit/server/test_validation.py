@@ -19,11 +19,14 @@ from common.errors import UpdateError
 from common.protocol import SITE_CALIBRATED, RoundRequest
 from server.validation import (
     ADAM_STEP_BOUND,
+    NORM_CHUNK,
     UpdateLimits,
     check_reported,
     derived_norm_bound,
     max_local_steps,
+    packed_update_norm,
     record_payload_bytes,
+    reference_vector,
     smallest_expected_batch,
     update_norm,
     validate_update,
@@ -417,6 +420,60 @@ def test_update_norm_is_the_l2_norm_of_every_difference() -> None:
     )
     assert update_norm(update, reference) == pytest.approx(float(expected), rel=1e-12)
     assert update_norm(reference, reference) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_packed_norm_is_update_norm(dtype: type[np.floating]) -> None:
+    """The fast path over packed vectors, across several of its steps, is the same norm."""
+    rng = np.random.default_rng(5)
+    shapes = {"a": (300, 700), "b": (5,), "c": (1000, 351)}
+    reference = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    update = {
+        n: (v + 0.01 * rng.standard_normal(v.shape)).astype(dtype) for n, v in reference.items()
+    }
+    schema = AdapterSchema.of(update)
+    assert schema.elements > 2 * NORM_CHUNK  # more than two of its steps
+    packed = packed_update_norm(schema.pack(update).flat, reference_vector(reference, schema))
+    assert packed == pytest.approx(update_norm(update, reference), rel=1e-12)
+    assert packed_update_norm(np.zeros(0, dtype), np.zeros(0)) == 0.0
+    spoiled = schema.pack(update)
+    spoiled["c"][999, 350] = np.nan
+    assert math.isnan(packed_update_norm(spoiled.flat, reference_vector(reference, schema)))
+
+
+def test_reference_vector_reuses_a_packed_float64_reference_and_packs_anything_else() -> None:
+    schema = _schema()
+    packed = schema.with_dtype("float64").pack(_reference())
+    assert reference_vector(packed, schema) is packed.flat
+    fresh = reference_vector(_reference(), schema)
+    np.testing.assert_array_equal(fresh, packed.flat)
+    reordered = AdapterSchema(tuple(reversed(schema.with_dtype("float64").entries)))
+    assert reference_vector(reordered.pack(_reference()), schema) is not packed.flat
+    np.testing.assert_array_equal(reference_vector(reordered.pack(_reference()), schema), fresh)
+
+
+def test_an_unusual_but_valid_encoding_is_validated_the_same() -> None:
+    """Fortran-order tensors skip the direct read and are decoded by NumPy: same result."""
+    update = _moved(0.5)
+    direct, direct_norm = _validate(update)
+    record = ArrayRecord({n: Array(np.asfortranarray(v)) for n, v in update.items()})
+    assert _schema().unpack_record(record) is None
+    arrays, norm = validate_update(
+        record, _metrics(), _reference(), _schema(), _request(), _limits()
+    )
+    assert norm == direct_norm
+    for name in update:
+        np.testing.assert_array_equal(arrays[name], direct[name])
+
+
+def test_float64_values_whose_squares_overflow_are_rejected() -> None:
+    reference = {"w": np.zeros(2, np.float64)}
+    schema = AdapterSchema.of(reference)
+    update = arrays_to_record({"w": np.array([1e200, 1.0])})
+    with _rejects("non-finite values in the update"):
+        validate_update(
+            update, _metrics(), reference, schema, _request(), _limits(norm_bound="off")
+        )
 
 
 def test_update_norm_accumulates_in_float64() -> None:
