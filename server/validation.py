@@ -145,16 +145,16 @@ def packed_update_norm(flat: npt.NDArray[np.floating], reference: npt.NDArray[np
     a time; torch's vectorised casts make this about 4× faster). Not finite exactly
     when some value is not: float16 and float32 squares cannot overflow float64."""
     update, wide = torch.from_numpy(flat), torch.from_numpy(reference)
-    narrow = torch.empty(min(NORM_CHUNK, flat.size), dtype=torch.float32)
+    narrow = torch.empty(min(NORM_CHUNK, flat.size) if flat.dtype == np.float16 else 0)
     buffer = torch.empty(min(NORM_CHUNK, flat.size), dtype=torch.float64)
     total = 0.0
     for start in range(0, flat.size, NORM_CHUNK):
         stop = min(start + NORM_CHUNK, flat.size)
         difference = buffer[: stop - start]
-        if update.dtype == torch.float64:
-            difference.copy_(update[start:stop])
-        else:  # float16 → float32 is exact and vectorised; float32 → float64 too
+        if update.dtype == torch.float16:  # via float32: both casts exact and vectorised
             difference.copy_(narrow[: stop - start].copy_(update[start:stop]))
+        else:
+            difference.copy_(update[start:stop])
         difference.sub_(wide[start:stop])
         total += float(torch.dot(difference, difference))
     return math.sqrt(total)

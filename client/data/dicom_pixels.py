@@ -411,22 +411,21 @@ def _planes(unit: npt.NDArray[np.float64], channels: int) -> npt.NDArray[np.floa
 
 
 def _resize(planes: npt.NDArray[np.float64], image: ImageInput) -> npt.NDArray[np.float32]:
-    """Resized as the base model's processor does (``ImageInput.resized_shape``, then the
-    center crop): box average when shrinking, antialiased bilinear otherwise."""
-    height, width = image.resized_shape(planes.shape[1], planes.shape[2])
-    if planes.shape[1:] == (height, width):
-        resized = planes.astype(np.float32)
+    """Resized and cropped as the base model's processor does (``ImageInput.crop_region``): box
+    average when shrinking, antialiased bilinear otherwise."""
+    rows, columns = image.crop_region(planes.shape[1], planes.shape[2])
+    region = planes[:, rows, columns]
+    size = image.size
+    if region.shape[1:] == (size, size):
+        return region.astype(np.float32)
+    tensor = torch.from_numpy(region.astype(np.float32))[None]
+    if region.shape[1] >= size and region.shape[2] >= size:
+        resized = functional.interpolate(tensor, size=(size, size), mode="area")
     else:
-        tensor = torch.from_numpy(planes.astype(np.float32))[None]
-        if planes.shape[1] >= height and planes.shape[2] >= width:
-            scaled = functional.interpolate(tensor, size=(height, width), mode="area")
-        else:
-            scaled = functional.interpolate(
-                tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True
-            )
-        resized = np.asarray(scaled[0].clamp_(0.0, 1.0).numpy(), dtype=np.float32)
-    top, left = (height - image.size) // 2, (width - image.size) // 2
-    return resized[:, top : top + image.size, left : left + image.size]
+        resized = functional.interpolate(
+            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return np.asarray(resized[0].clamp_(0.0, 1.0).numpy(), dtype=np.float32)
 
 
 def image_array(ds: Dataset, config: DicomDataConfig, image: ImageInput) -> npt.NDArray[np.float32]:

@@ -29,6 +29,7 @@ resampled once, the same way at every site, in training and in ``predict``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,21 @@ class ImageInput:
         if height <= width:
             return self.resize, max(self.resize, int(self.resize * width / height))
         return max(self.resize, int(self.resize * height / width)), self.resize
+
+    def crop_region(self, height: int, width: int) -> tuple[slice, slice]:
+        """The rows and columns of a ``height`` x ``width`` image that the center crop
+        keeps (after ``resized_shape``), rounded outward to whole pixels: resampling only
+        them, an image of extreme aspect (one row of 4000) never becomes a huge
+        intermediate. Without a crop: the whole image."""
+        scaled_height, scaled_width = self.resized_shape(height, width)
+        top, left = (scaled_height - self.size) // 2, (scaled_width - self.size) // 2
+
+        def kept(start: int, scaled: int, original: int) -> slice:
+            first = math.floor(start * original / scaled)
+            last = math.ceil((start + self.size) * original / scaled)
+            return slice(first, max(last, first + 1))
+
+        return kept(top, scaled_height, height), kept(left, scaled_width, width)
 
     def to_dict(self) -> dict[str, Any]:
         values: dict[str, Any] = {

@@ -321,3 +321,18 @@ def test_a_scan_is_cropped_as_the_models_own_processor_crops_it(
     assert float(np.abs(ours - theirs).max()) < 0.1
     stretched = ImageInput(224, 3, image.mean, image.std)
     assert float(np.abs(_clean(_dataset(rgb), stretched) - theirs).max()) > 0.3
+
+
+def test_a_scan_of_extreme_aspect_is_cropped_without_a_huge_intermediate() -> None:
+    """Kept-aspect resizing of one row of 4000 would be 256 x 1 024 000 pixels (3 GB):
+    only the crop's own source pixels are resampled."""
+    image = ImageInput(224, 3, (0.5,) * 3, (0.5,) * 3, resize=256, keep_aspect=True)
+    rows, columns = image.crop_region(1, 4000)
+    assert rows == slice(0, 1) and columns.stop - columns.start <= 2  # rounded outward
+    assert 1999 <= columns.start <= 2000
+    thin = np.zeros((1, 4000, 3), np.uint8)
+    thin[0, columns] = 255
+    assert _clean(_dataset(thin), image).shape == (3, 224, 224)
+    assert float(_clean(_dataset(thin), image).min()) == 1.0  # the kept pixel, white
+    whole = ImageInput(224, 1, (0.5,), (0.5,)).crop_region(300, 500)
+    assert whole == (slice(0, 300), slice(0, 500))  # no crop: the whole scan
