@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from common.registry import Registry
-from simulations.generators.dicom import write_corrupt_examples, write_hospital
+from simulations.generators.dicom import write_hospital
+from simulations.generators.dicom_corrupt import write_corrupt_examples
 from simulations.generators.tabular import bank_schema, write_bank
 from simulations.generators.text import (
     LABEL_COLUMN,

@@ -102,6 +102,10 @@ logger = logging.getLogger(__name__)
 NOT_DICOM = "not a DICOM file"
 UNREADABLE = "unreadable DICOM file (corrupt header)"
 UNREADABLE_IO = "file cannot be read (permission or I/O error)"
+PIXEL_DATA_LOST = (
+    UNREADABLE + ": the file holds a Pixel Data element, but a malformed element "
+    "before it hid it from the parser"
+)
 MAX_FILE_BYTES = 4 << 30
 """Largest file read (4 GiB): its size is checked before it is read into memory."""
 MAX_INFLATED_BYTES = 1 << 30
@@ -109,6 +113,8 @@ MAX_INFLATED_BYTES = 1 << 30
 inflates it whole: a small deflated file can otherwise expand without bound."""
 _INFLATE_CHUNK = 1 << 24
 _TRANSFER_SYNTAX_UID = 0x00020010
+# (7FE0,0010) as it is written in a little- and in a big-endian dataset.
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
 
 # ------------------------------------------------------------------ single image ---
@@ -175,7 +181,25 @@ def read_dicom(path: Path) -> Dataset:
             raise UnusableImageError(reason(UNREADABLE, capture, exc)) from exc
         if capture.first("end of file"):
             raise UnusableImageError(TRUNCATED)
+    _check_pixel_data_found(ds, data)
     return ds
+
+
+def _check_pixel_data_found(ds: Dataset, data: bytes) -> None:
+    """A dataset without Pixel Data in a file whose bytes hold a Pixel Data element is
+    a corrupt header, not a header-only export or a report: a damaged length or VR made
+    the parser read the pixels as part of an earlier element. The tag must be followed
+    by its explicit VR (OB or OW), or the file be implicit VR; a file with an icon image
+    (a sequence that holds a small Pixel Data of its own) is not judged."""
+    if "PixelData" in ds or "IconImageSequence" in ds:
+        return
+    implicit = ds.original_encoding[0] is True
+    for tag in _PIXEL_DATA_TAGS:
+        start = data.find(tag)
+        while start >= 0:
+            if implicit or data[start + 4 : start + 6] in (b"OB", b"OW"):
+                raise UnusableImageError(PIXEL_DATA_LOST)
+            start = data.find(tag, start + 1)
 
 
 def preprocess_dataset(
@@ -187,8 +211,11 @@ def preprocess_dataset(
     Raises :class:`UnusableImageError` when the image cannot be used. Pure: ``ds`` is not
     modified.
     """
-    with captured():
-        return image_array(ds, config, image)
+    with captured() as capture:
+        try:
+            return image_array(ds, config, image)
+        except NotImplementedError as exc:  # pydicom met an element of an unknown VR
+            raise UnusableImageError(reason(UNREADABLE, capture, exc, ds)) from exc
 
 
 def preprocess_file(

@@ -18,7 +18,8 @@ import torch.nn.functional as functional
 from client.data.dicom import load_dicom_dataset
 from common.config import DicomDataConfig
 from common.tasks.image_input import ImageInput
-from simulations.generators.dicom import CORRUPT_KINDS, write_corrupt_examples, write_hospital
+from simulations.generators.dicom import write_hospital
+from simulations.generators.dicom_corrupt import CORRUPT_KINDS, write_corrupt_examples
 
 CLASSES = ["normal", "lesion"]
 

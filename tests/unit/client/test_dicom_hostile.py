@@ -20,10 +20,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from client.data.dicom import read_dicom
+from client.data.dicom import PIXEL_DATA_LOST, preprocess_dataset, read_dicom
 from client.data.dicom_capture import UnusableImageError
 from client.data.dicom_pixels import decode_frame
 from client.data.dicom_streams import j2k_geometry, jpeg_geometry
+from common.config import DicomDataConfig
+from common.tasks.image_input import ImageInput
 
 SECRET = "DOE^JANE^SECRET"
 
@@ -52,12 +54,13 @@ def _dataset(syntax: UID, rows: int = 8, columns: int = 8) -> Dataset:
     return ds
 
 
-def test_a_decoder_panic_is_one_rejection() -> None:
+def test_a_decoder_panic_is_one_rejection(capfd: pytest.CaptureFixture[str]) -> None:
     ds = _dataset(RLELossless)
     ds.PixelData = PANICKING_RLE
     ds["PixelData"].is_undefined_length = True
     with pytest.raises(UnusableImageError, match="pixel data could not be decoded"):
         decode_frame(ds)
+    assert capfd.readouterr().err == ""  # no Rust panic message on the operator's console
 
 
 def _jpeg_claiming(height: int, width: int) -> bytes:
@@ -105,6 +108,40 @@ def test_an_undefined_photometric_interpretation_is_not_quoted() -> None:
     with pytest.raises(UnusableImageError) as info:
         decode_frame(ds)
     assert "JANE" not in info.value.reason and "not a defined term" in info.value.reason
+
+
+def _saved_with_pixels(tmp_path: Path) -> tuple[Path, bytes]:
+    ds = _dataset(ExplicitVRLittleEndian)
+    ds.PixelData = np.arange(64, dtype=np.uint16).tobytes()
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, path.read_bytes()
+
+
+def test_a_damaged_length_that_hides_the_pixels_is_a_corrupt_header(tmp_path: Path) -> None:
+    path, data = _saved_with_pixels(tmp_path)
+    columns = data.index(b"\x28\x00\x11\x00US")  # (0028,0011) Columns, 2-byte length
+    pixels = data.index(b"\xe0\x7f\x10\x00OB") if b"\xe0\x7f\x10\x00OB" in data else None
+    pixels = pixels if pixels is not None else data.index(b"\xe0\x7f\x10\x00OW")
+    swallow = pixels + 12 - (columns + 8)  # Columns' value now runs past the Pixel Data tag
+    path.write_bytes(data[: columns + 6] + struct.pack("<H", swallow) + data[columns + 8 :])
+    with pytest.raises(UnusableImageError) as info:
+        read_dicom(path)
+    assert info.value.reason == PIXEL_DATA_LOST
+    header_only = _dataset(ExplicitVRLittleEndian)  # a header-only export says what it is
+    header_only.save_as(path, enforce_file_format=True)
+    with pytest.raises(UnusableImageError, match=r"^no Pixel Data"):
+        decode_frame(read_dicom(path))
+
+
+def test_an_element_of_unknown_vr_is_one_rejection(tmp_path: Path) -> None:
+    path, data = _saved_with_pixels(tmp_path)
+    columns = data.index(b"\x28\x00\x11\x00US")
+    path.write_bytes(data[: columns + 4] + b"U%" + data[columns + 6 :])
+    image = ImageInput(size=8, channels=1, mean=(0.5,), std=(0.5,))
+    config = DicomDataConfig(format="dicom", path=tmp_path, classes=["a", "b"])
+    with pytest.raises(UnusableImageError, match=r"^unreadable DICOM file \(corrupt header\)"):
+        preprocess_dataset(read_dicom(path), config, image)
 
 
 def test_a_deflate_bomb_is_refused_before_it_is_inflated(

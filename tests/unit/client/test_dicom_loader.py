@@ -26,7 +26,8 @@ from client.data.dicom import (
 from common.config import DicomDataConfig
 from common.errors import DataError
 from common.tasks.image_input import ImageInput
-from simulations.generators.dicom import CORRUPT_KINDS, write_corrupt_examples, write_hospital
+from simulations.generators.dicom import write_hospital
+from simulations.generators.dicom_corrupt import CORRUPT_KINDS, write_corrupt_examples
 
 CLASSES = ["normal", "lesion"]
 SALT = b"test-salt"

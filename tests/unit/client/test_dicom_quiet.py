@@ -20,7 +20,8 @@ from client.data.kinds import kind_of
 from client.predict import dicom_records
 from common.config import DicomDataConfig
 from common.tasks.image_input import ImageInput
-from simulations.generators.dicom import write_corrupt_examples, write_hospital
+from simulations.generators.dicom import write_hospital
+from simulations.generators.dicom_corrupt import write_corrupt_examples
 
 SAMPLES = Path(pydicom.data.__file__).parent / "test_files"
 OURS = ("DICOM records were rejected", "DICOM data: accepted")
