@@ -36,7 +36,7 @@ from common.config import LoraSettings, UpdateValidation
 from common.protocol import SITE_REMAINING_BUDGET, RoundRequest
 from common.tasks import TASKS
 from server.aggregation import fedavg
-from server.validation import UpdateLimits, update_norm, validate_update
+from server.validation import NormReference, UpdateLimits, update_norm, validate_update
 
 logger = logging.getLogger("benchmarks.aggregation")
 
@@ -170,11 +170,14 @@ def validation_seconds(count: int, baseline_count: int, dtype: str) -> dict[str,
     pool = update_pool(wire, POOL)
     records = [arrays_to_record(update) for update in pool]
     reference = {name: np.zeros(shape, np.float32) for name, shape, _ in schema.entries}
-    packed_reference = schema.with_dtype("float64").pack(reference)
     request = _round_request(dtype)
-    limits = UpdateLimits.for_run(UpdateValidation(max_update_norm="off"), schema)
+    # A bound the honest pool keeps with room (as a derived bound is kept): the float32
+    # norm decides each reply; replies within its error of the bound take the exact norm.
+    bound = 2 * max(update_norm(update, reference) for update in pool)
+    limits = UpdateLimits.for_run(UpdateValidation(max_update_norm=bound), schema)
     metrics = {"num-examples": 500.0, "steps": 10.0, "noise-multiplier": 1.0}
     started = time.perf_counter()
+    packed_reference = NormReference.of(reference, schema)  # once per round
     norms = [
         validate_update(records[i % POOL], metrics, packed_reference, schema, request, limits)[1]
         for i in range(count)

@@ -61,7 +61,7 @@ from server.strategy_utils import (
     update_receipt,
     weighted_mean,
 )
-from server.validation import UpdateLimits, check_evaluation, validate_update
+from server.validation import NormReference, UpdateLimits, check_evaluation, validate_update
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class FedLoraStrategy(FedAvg):
         received = list(replies)
         check = partial(
             validate_update,
-            reference=self.schema.with_dtype("float64").pack(self._sent_adapter),
+            reference=NormReference.of(self._sent_adapter, self.schema),
             schema=self.schema,
             request=self._request,
             limits=self.limits,

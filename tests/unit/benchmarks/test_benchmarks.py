@@ -144,7 +144,7 @@ def test_the_stream_yields_the_pool_without_copies() -> None:
 def test_validation_timing_compares_the_direct_and_general_paths() -> None:
     figures = aggregation.validation_seconds(4, 2, "float16")
     assert figures["seconds"] > 0 and figures["general_seconds"] > 0
-    assert figures["norm_difference"] < 1e-12
+    assert figures["norm_difference"] < 1e-5  # the float32 norm: within its rounding
 
 
 def test_aggregation_figures_for_a_few_updates() -> None:

@@ -298,10 +298,11 @@ def test_three_good_replies_and_one_malformed(tmp_path: Path) -> None:
     ]
     assert float(accepted[1]["epsilon"]) == pytest.approx(1.02)
     assert float(accepted[1]["epsilon_budget"]) == 8.0
-    # Each accepted row carries the norm of its update, measured from what was sent.
+    # Each accepted row carries the norm of its update, measured from what was sent (in
+    # float32 when the bound is far: within a float32 rounding, not bit for bit).
     for row, node in zip(accepted, (101, 102, 103), strict=True):
         norm = update_norm(updates[node], _sent(instructions[node]))
-        assert float(row["update_norm"]) == pytest.approx(norm, rel=1e-9)
+        assert float(row["update_norm"]) == pytest.approx(norm, rel=1e-6)
         assert 0 < norm < 1
     rejected = [r for r in rows if r["status"] == "rejected"]
     assert len(rejected) == 1

@@ -102,7 +102,7 @@ def test_good_train_reply_is_parsed() -> None:
         np.testing.assert_array_equal(parsed.arrays[name], value)
     # The norm of the update, measured from the adapter the site was sent.
     assert parsed.norm is not None
-    assert parsed.norm == pytest.approx(update_norm(arrays, GLOBAL), rel=1e-12)
+    assert parsed.norm == pytest.approx(update_norm(arrays, GLOBAL), rel=1e-6)  # float32
     assert 0 < parsed.norm < 1
     # The node is now known by its site name.
     assert known == {11: "bank-a"}

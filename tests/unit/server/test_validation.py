@@ -553,7 +553,7 @@ def test_honest_update_is_accepted_with_its_norm() -> None:
             [(update[n].astype(np.float64) - reference[n]).ravel() for n in sorted(update)]
         )
     )
-    assert norm == pytest.approx(float(expected), rel=1e-12)
+    assert norm == pytest.approx(float(expected), rel=1e-6)  # float32: the bound is far
     assert norm == pytest.approx(0.5, rel=1e-5)
 
 
