@@ -201,12 +201,15 @@ def single_precision_norm(flat: npt.NDArray[np.floating], reference: torch.Tenso
     return math.sqrt(total)
 
 
-def fast_norm_error(fast_norm: float, reference_norm: float) -> float:
-    """How far the float32 norm may lie from the exact one: the summation's rounding
-    (FAST_NORM_TOLERANCE of it), plus one float32 rounding of the reference and of each
-    difference, which moves the difference vector by at most 2⁻²⁴ of the norms of the
-    update and the reference each (2⁻²² covers both, with margin)."""
-    return FAST_NORM_TOLERANCE * fast_norm + 2.0**-22 * (fast_norm + 2 * reference_norm)
+def fast_norm_error(fast_norm: float, reference_norm: float, values: int) -> float:
+    """How far the float32 norm of ``values`` differences may lie from the exact one:
+    the summation's rounding (FAST_NORM_TOLERANCE of it); one float32 rounding of the
+    reference and of each difference, which moves the difference vector by at most 2⁻²⁴
+    of the norms of the update and the reference each (2⁻²² covers both, with margin);
+    and underflow, which is absolute: a difference below 2⁻⁶³ has a square float32
+    cannot hold (with flush-to-zero on, it is lost whole), √values·2⁻⁶² in all."""
+    relative = FAST_NORM_TOLERANCE * fast_norm + 2.0**-22 * (fast_norm + 2 * reference_norm)
+    return relative + math.sqrt(values) * 2.0**-62
 
 
 def checked_norm(
@@ -219,7 +222,7 @@ def checked_norm(
     reject is the one the exact norm gives."""
     fast = single_precision_norm(flat, reference.single)
     if math.isfinite(fast):
-        margin = fast_norm_error(fast, reference.norm)
+        margin = fast_norm_error(fast, reference.norm, flat.size)
         if bound is None or fast + margin < bound or fast - margin > bound:
             return fast
     return packed_update_norm(flat, reference.exact)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import zlib
 from pathlib import Path
 
@@ -113,8 +114,8 @@ MAX_INFLATED_BYTES = 1 << 30
 inflates it whole: a small deflated file can otherwise expand without bound."""
 _INFLATE_CHUNK = 1 << 24
 _TRANSFER_SYNTAX_UID = 0x00020010
-# (7FE0,0010) as it is written in a little- and in a big-endian dataset.
-_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+_PIXEL_DATA_CANDIDATES = 4
+"""Tag-like byte runs, from the end of a file, read in search of its Pixel Data."""
 
 
 # ------------------------------------------------------------------ single image ---
@@ -186,20 +187,56 @@ def read_dicom(path: Path) -> Dataset:
 
 
 def _check_pixel_data_found(ds: Dataset, data: bytes) -> None:
-    """A dataset without Pixel Data in a file whose bytes hold a Pixel Data element is
-    a corrupt header, not a header-only export or a report: a damaged length or VR made
-    the parser read the pixels as part of an earlier element. The tag must be followed
-    by its explicit VR (OB or OW), or the file be implicit VR; a file with an icon image
-    (a sequence that holds a small Pixel Data of its own) is not judged."""
-    if "PixelData" in ds or "IconImageSequence" in ds:
+    """A dataset without Pixel Data in a file whose bytes end with a top-level Pixel Data
+    element is a corrupt header, not a header-only export or a report: a damaged length
+    or VR made the parser read the pixels as part of an earlier element. A deflated file
+    is not judged (its bytes on disk are compressed)."""
+    if "PixelData" in ds:
         return
-    implicit = ds.original_encoding[0] is True
-    for tag in _PIXEL_DATA_TAGS:
-        start = data.find(tag)
-        while start >= 0:
-            if implicit or data[start + 4 : start + 6] in (b"OB", b"OW"):
-                raise UnusableImageError(PIXEL_DATA_LOST)
-            start = data.find(tag, start + 1)
+    implicit, little = ds.original_encoding
+    if little is None or raw_text(getattr(ds, "file_meta", None), _TRANSFER_SYNTAX_UID) == (
+        DeflatedExplicitVRLittleEndian
+    ):
+        return
+    if ends_with_pixel_data(data, implicit=bool(implicit), little=bool(little)):
+        raise UnusableImageError(PIXEL_DATA_LOST)
+
+
+def ends_with_pixel_data(data: bytes, *, implicit: bool, little: bool) -> bool:
+    """Whether ``data`` ends with a (7FE0,0010) element, as a dataset's top-level Pixel
+    Data does: its value runs to the end of the file, or to the trailing padding or
+    digital signatures that alone may follow it. A Pixel Data nested in a sequence (an
+    icon, a DICOMDIR record's icon) is followed by item delimiters and more elements,
+    and four random bytes that look like the tag almost never also carry a length that
+    lands there. Only the last few candidates are read, from the end: a file packed with
+    tag-like bytes costs one backward search each, not one step per match."""
+    order = "<" if little else ">"
+    tag = struct.pack(order + "HH", 0x7FE0, 0x0010)
+    trailers = tuple(struct.pack(order + "HH", group, group) for group in (0xFFFA, 0xFFFC))
+    delimiter = struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0)
+    end = len(data)
+    for _ in range(_PIXEL_DATA_CANDIDATES):
+        start = data.rfind(tag, 0, end)
+        if start < 0:
+            return False
+        end = start
+        if implicit:
+            header, length_format = 8, "I"
+        elif data[start + 4 : start + 8] in (b"OB\0\0", b"OW\0\0"):
+            header, length_format = 12, "I"
+        else:
+            continue
+        if start + header > len(data):
+            continue
+        (length,) = struct.unpack_from(order + length_format, data, start + header - 4)
+        if length == 0xFFFFFFFF:  # encapsulated: the fragments end with a delimiter
+            stop = data.find(delimiter, start + header)
+            value_end = -1 if stop < 0 else stop + len(delimiter)
+        else:
+            value_end = start + header + length
+        if value_end == len(data) or data[value_end : value_end + 4] in trailers:
+            return True
+    return False
 
 
 def preprocess_dataset(
@@ -214,7 +251,9 @@ def preprocess_dataset(
     with captured() as capture:
         try:
             return image_array(ds, config, image)
-        except NotImplementedError as exc:  # pydicom met an element of an unknown VR
+        except NotImplementedError as exc:
+            if "Value Representation" not in str(exc):
+                raise  # not pydicom meeting an element of an unknown VR
             raise UnusableImageError(reason(UNREADABLE, capture, exc, ds)) from exc
 
 

@@ -4,6 +4,7 @@ leak of header values, or an allocation the file's own header does not bound."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from client.data.dicom import PIXEL_DATA_LOST, preprocess_dataset, read_dicom
+from client.data.dicom import (
+    PIXEL_DATA_LOST,
+    ends_with_pixel_data,
+    preprocess_dataset,
+    read_dicom,
+)
 from client.data.dicom_capture import UnusableImageError
 from client.data.dicom_pixels import decode_frame
 from client.data.dicom_streams import j2k_geometry, jpeg_geometry
@@ -132,6 +138,35 @@ def test_a_damaged_length_that_hides_the_pixels_is_a_corrupt_header(tmp_path: Pa
     header_only.save_as(path, enforce_file_format=True)
     with pytest.raises(UnusableImageError, match=r"^no Pixel Data"):
         decode_frame(read_dicom(path))
+
+
+def test_only_a_pixel_data_element_that_ends_the_file_counts_as_hidden() -> None:
+    explicit = b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", 4) + b"\x01\x02\x03\x04"
+    assert ends_with_pixel_data(b"header" + explicit, implicit=False, little=True)
+    padding = b"\xfc\xff\xfc\xffOB\x00\x00" + struct.pack("<I", 2) + b"\x00\x00"
+    assert ends_with_pixel_data(b"h" + explicit + padding, implicit=False, little=True)
+    # Nested (an icon in a DICOMDIR record): item delimiters and more records follow.
+    nested = b"h" + explicit + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"more records"
+    assert not ends_with_pixel_data(nested, implicit=False, little=True)
+    # Tag-like bytes inside another payload, read as implicit VR: no length lands at the
+    # end; the big-endian tag in a little-endian file is not the tag.
+    payload = b"%PDF" + b"\xe0\x7f\x10\x00" + b"\x00" * 100 + b"\x7f\xe0\x00\x10" + b"%%EOF"
+    assert not ends_with_pixel_data(payload, implicit=True, little=True)
+    big = b"\x7f\xe0\x00\x10OB\x00\x00" + struct.pack(">I", 2) + b"\x00\x00"
+    assert ends_with_pixel_data(big, implicit=False, little=False)
+    assert not ends_with_pixel_data(big, implicit=False, little=True)
+    encapsulated = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + b"fragments"
+    assert ends_with_pixel_data(
+        encapsulated + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", implicit=False, little=True
+    )
+    assert not ends_with_pixel_data(encapsulated, implicit=False, little=True)
+
+
+def test_a_file_packed_with_tag_like_bytes_is_judged_in_a_few_steps() -> None:
+    data = b"\xe0\x7f\x10\x00" * (1 << 22)  # 16 MiB, four million candidates
+    started = time.perf_counter()
+    assert not ends_with_pixel_data(data, implicit=False, little=True)
+    assert time.perf_counter() - started < 0.5  # one backward search per candidate read
 
 
 def test_an_element_of_unknown_vr_is_one_rejection(tmp_path: Path) -> None:

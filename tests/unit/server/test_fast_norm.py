@@ -56,7 +56,7 @@ def test_the_float32_norm_keeps_within_its_claimed_error(
     flat = schema.pack(update).flat
     exact = packed_update_norm(flat, norm_reference.exact)
     fast = single_precision_norm(flat, norm_reference.single)
-    assert abs(fast - exact) <= fast_norm_error(fast, norm_reference.norm)
+    assert abs(fast - exact) <= fast_norm_error(fast, norm_reference.norm, flat.size)
     assert abs(fast - exact) > 0 or dtype is np.float16  # it is a different computation
 
 
@@ -69,6 +69,25 @@ def test_a_value_float32_cannot_hold_is_left_to_the_exact_norm() -> None:
     huge = np.array([1e30, 1e30, 0.0])  # finite squares in float64 only
     assert math.isinf(single_precision_norm(huge, reference.single))
     assert checked_norm(huge, reference, None) == pytest.approx(math.sqrt(2) * 1e30)
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_differences_whose_float32_squares_underflow_are_decided_exactly(
+    flush_denormal: bool,
+) -> None:
+    """1e-23 squared is below float32's smallest value: the float32 norm reads 0, and
+    the check must still reject a norm twice its bound."""
+    flat = np.full(1 << 17, 1e-23, np.float32)
+    schema = AdapterSchema.of({"w": flat})
+    reference = NormReference.of({"w": np.zeros_like(flat)}, schema)
+    exact = packed_update_norm(flat, reference.exact)
+    torch.set_flush_denormal(flush_denormal)  # training turns it on in its process
+    try:
+        assert single_precision_norm(flat, reference.single) < exact / 2
+        assert checked_norm(flat, reference, exact / 2) == exact
+        assert checked_norm(flat, reference, exact * 2) == exact
+    finally:
+        torch.set_flush_denormal(False)  # a fresh process's setting
 
 
 def _limits(bound: float) -> UpdateLimits:
