@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from client.audit import SiteAudit
 from client.daemon import (
@@ -142,7 +144,8 @@ def _lora_targets(config: SiteConfig) -> tuple[str, ...]:
 
 def _print_report(report: dict[str, Any], console: Console) -> None:
     status = "[green]ready[/green]" if report["ok"] else "[red]cannot take part[/red]"
-    console.print(f"site [bold]{report['site']}[/bold] ({report['kind']}): {status}")
+    site, kind = escape(report["site"]), escape(report["kind"])
+    console.print(f"site [bold]{site}[/bold] ({kind}): {status}")
     records = report["records"]
     console.print(f"records: {records['accepted']} accepted, {records['rejected']} rejected")
     if "people" in report:
@@ -151,21 +154,21 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
             f"people: {people['total']} ({people['train']} train, {people['holdout']} held out)"
         )
     if "privacy_unit" in report:
-        console.print(f"privacy unit: {report['privacy_unit']}")
+        console.print(f"privacy unit: {escape(report['privacy_unit'])}")
     for change, count in report.get("adjusted", {}).items():
-        console.print(f"[yellow]kept, but {change}:[/yellow] {count} records")
+        console.print(f"[yellow]kept, but {escape(change)}:[/yellow] {count} records")
     labels = Table(title="records per label")
     labels.add_column("label")
     labels.add_column("records", justify="right")
     for name, count in report["labels"].items():
-        labels.add_row(name, str(count))
+        labels.add_row(Text(name), str(count))  # data values are never markup
     console.print(labels)
     if report["rejected"]:
         rejected = Table(title="rejected records")
         rejected.add_column("record")
         rejected.add_column("reason")
         for item in report["rejected"]:
-            rejected.add_row(item["record"], item["reason"])
+            rejected.add_row(Text(item["record"]), Text(item["reason"]))
         console.print(rejected)
     plan = report.get("privacy_plan")
     if plan:
@@ -189,11 +192,11 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
     )  # fmt: skip
     for refused in report["refused_bundles"]:
         console.print(
-            f"[yellow]refused client code:[/yellow] bundle {refused['fab_sha256']} "
-            f"({refused['times']}×, last in run {refused['run']})"
+            f"[yellow]refused client code:[/yellow] bundle {escape(str(refused['fab_sha256']))} "
+            f"({refused['times']}×, last in run {escape(str(refused['run']))})"
         )
     for problem in report["problems"]:
-        console.print(f"[red]problem:[/red] {problem}")
+        console.print(f"[red]problem:[/red] {escape(problem)}")
 
 
 @site.command()
@@ -316,7 +319,9 @@ def budget(site_config: Path, as_json: bool, accept_new_data: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     console = Console()
-    console.print(f"site [bold]{config.site.id}[/bold]: {len(datasets)} dataset(s) with history")
+    console.print(
+        f"site [bold]{escape(config.site.id)}[/bold]: {len(datasets)} dataset(s) with history"
+    )
     for item in datasets:
         table = Table(
             title=f"dataset {item['dataset'][:16]}… — ε {item['epsilon_spent']:.2f} of "
@@ -326,7 +331,7 @@ def budget(site_config: Path, as_json: bool, accept_new_data: bool) -> None:
         for column in ("run", "rounds", "ε after"):
             table.add_column(column, justify="left" if column == "run" else "right")
         for run in item["runs"]:
-            table.add_row(run["run"], str(run["rounds"]), f"{run['epsilon_after']:.2f}")
+            table.add_row(Text(run["run"]), str(run["rounds"]), f"{run['epsilon_after']:.2f}")
         console.print(table)
 
 

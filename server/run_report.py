@@ -311,7 +311,7 @@ def print_summary(
     _print_artifacts(summary, run_dir, console)
     _print_exclusions(summary, console)
     _print_audit(summary, run_dir, console)
-    console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)")
+    console.print(f"run directory: {run_dir}  ({summary['wall_seconds']:.0f} s)", markup=False)
 
 
 _TASK_ROWS = (
@@ -441,7 +441,7 @@ def _print_audit(summary: dict[str, Any], run_dir: Path, console: Console) -> No
     else:
         problems = escape("; ".join(audit["problems"]))
         console.print(f"[red]audit trail: NOT intact[/red]: {problems}")
-    console.print(f"audit report: {run_dir / audit['report']}")
+    console.print(f"audit report: {run_dir / audit['report']}", markup=False)
 
 
 def _describe(behaviour: dict[str, Any]) -> str:

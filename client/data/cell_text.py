@@ -69,3 +69,31 @@ def text_lookup(declared: Sequence[str]) -> Callable[[str | None], int | None]:
         return index.get(alias) if alias is not None else None
 
     return lookup
+
+
+MAX_LISTED_COLUMNS = 20
+"""Column names an error message lists at most."""
+
+
+def found_columns(found: Sequence[object]) -> str:
+    """The column names a table has, for an error message; but only their count when
+    one of them is a number: then the first row is likely data (a file written without
+    a header row), and its values must not reach the site's console or log."""
+    names = [str(column) for column in found]
+    if any(_is_number(name) for name in names):
+        return (
+            f"the table has {len(names)} columns and its first row holds numbers: it needs "
+            "a header row naming its columns"
+        )
+    listed = ", ".join(names[:MAX_LISTED_COLUMNS])
+    if len(names) > MAX_LISTED_COLUMNS:
+        listed += f", … ({len(names) - MAX_LISTED_COLUMNS} more)"
+    return f"found columns: {listed or '(none)'}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

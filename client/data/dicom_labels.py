@@ -28,6 +28,7 @@ __all__ = [
 
 _MAX_LABEL_SHOWN = 40
 FILE_NOT_FOUND = "file listed in the labels file does not exist"
+UNCHECKABLE = "file listed in the labels file cannot be looked up (name too long or not readable)"
 OUTSIDE_DIRECTORY = "path in the labels file points outside the data directory"
 DUPLICATE = "listed more than once in the labels file"
 
@@ -57,9 +58,10 @@ def _csv_entries(config: DicomDataConfig, root: Path) -> tuple[list[LabelledFile
             reader = csv.DictReader(handle)
             fields = [name.strip() for name in reader.fieldnames or []]
             if "path" not in fields or "label" not in fields:
-                raise DataError(
-                    f"labels file {labels_path} must have the columns path,label "
-                    f"(found: {', '.join(fields) or 'nothing'})"
+                absent = " and ".join(name for name in ("path", "label") if name not in fields)
+                raise DataError(  # the row is not quoted: without a header it is data
+                    f"labels file {labels_path} must start with a header row naming the "
+                    f"columns path,label; its first row ({len(fields)} fields) has no {absent}"
                 )
             reader.fieldnames = fields
             rows = list(reader)
@@ -92,11 +94,20 @@ def _csv_entries(config: DicomDataConfig, root: Path) -> tuple[list[LabelledFile
             rejected.append(
                 Rejection(record, f"label {shown!r} is not one of the configured classes")
             )
-        elif not full.is_file():
-            rejected.append(Rejection(record, FILE_NOT_FOUND))
+        elif (missing := _missing(full)) is not None:
+            rejected.append(Rejection(record, missing))
         else:
             entries.append(LabelledFile(record, full, class_index[label]))
     return entries, rejected
+
+
+def _missing(path: Path) -> str | None:
+    """Why ``path`` names no file, or None when it does. A name the system refuses (too
+    long, in a folder the site may not read) is one rejected row, not a failed load."""
+    try:
+        return None if path.is_file() else FILE_NOT_FOUND
+    except (OSError, ValueError):
+        return UNCHECKABLE
 
 
 def _folder_entries(config: DicomDataConfig, root: Path) -> list[LabelledFile]:

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from client.data import Rejection, SiteData, person_key
-from client.data.cell_text import as_text, column_texts, text_lookup
+from client.data.cell_text import as_text, column_texts, found_columns, text_lookup
 from common.config import TabularDataConfig, TextDataConfig
 from common.errors import DataError
 
@@ -39,7 +39,6 @@ OTHER_CATEGORY = 0
 
 _CLIP_SIGMAS = 3.0
 _PREPROCESSOR_VERSION = 1
-_MAX_LISTED_COLUMNS = 20
 
 
 # ------------------------------------------------------------------ preprocessing ---
@@ -298,12 +297,9 @@ def _require_columns(found: Sequence[object], declared: Sequence[tuple[str, str]
     present = {str(name) for name in found}
     for name, key in declared:
         if name not in present:
-            listed = ", ".join(str(column) for column in found[:_MAX_LISTED_COLUMNS])
-            if len(found) > _MAX_LISTED_COLUMNS:
-                listed += f", … ({len(found) - _MAX_LISTED_COLUMNS} more)"
             raise DataError(
                 f"column {name!r} declared in {key} is missing from the table; "
-                f"found columns: {listed or '(none)'}"
+                + found_columns(found)
             )
 
 

@@ -23,6 +23,7 @@ from client.data.dicom import (
     preprocess_dataset,
     preprocess_file,
 )
+from client.data.dicom_labels import UNCHECKABLE
 from common.config import DicomDataConfig
 from common.errors import DataError
 from common.tasks.image_input import ImageInput
@@ -263,6 +264,7 @@ def test_label_problems_are_rejections(tmp_path: Path) -> None:
             ("gone.dcm", "lesion"),
             ("../outside.dcm", "lesion"),
             ("./a.dcm", "lesion"),
+            ("x" * 300 + ".dcm", "lesion"),  # a name the system refuses: one row, not the load
         ],
     )
     data = _load(_config(tmp_path), 8)
@@ -270,6 +272,7 @@ def test_label_problems_are_rejections(tmp_path: Path) -> None:
     assert {(r.record, r.reason) for r in data.rejected} == {
         ("b.dcm", "label 'tumour' is not one of the configured classes"),
         ("gone.dcm", "file listed in the labels file does not exist"),
+        ("x" * 300 + ".dcm", UNCHECKABLE),
         ("../outside.dcm", "path in the labels file points outside the data directory"),
         ("a.dcm", "listed more than once in the labels file"),
     }
@@ -295,8 +298,13 @@ def test_whole_directory_problems_raise_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"labels file .*labels\.csv not found"):
         _load(_config(tmp_path))
     (tmp_path / "labels.csv").write_text("file,class\na.dcm,normal\n")
-    with pytest.raises(DataError, match="must have the columns path,label"):
+    with pytest.raises(DataError, match="header row naming the columns path,label"):
         _load(_config(tmp_path))
+    # Without a header, the first row is data: named by its field count, never quoted.
+    (tmp_path / "labels.csv").write_text("Doe_John_4711/a.dcm,normal\n")
+    with pytest.raises(DataError, match=r"first row \(2 fields\) has no path and label") as info:
+        _load(_config(tmp_path))
+    assert "Doe_John" not in str(info.value)
     _write_labels(tmp_path, [])
     with pytest.raises(DataError, match="lists no images"):
         _load(_config(tmp_path))

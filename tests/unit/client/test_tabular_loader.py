@@ -249,6 +249,14 @@ def test_a_missing_declared_column_is_named(
         assert column in str(caught.value)
 
 
+def test_a_table_without_a_header_row_is_named_without_its_first_row(tmp_path: Path) -> None:
+    path = tmp_path / "table.csv"
+    path.write_text("PAT-4711,Doe John,3.5,a,1\nPAT-4712,Roe Jane,2.0,b,0\n")
+    with pytest.raises(DataError, match="its first row holds numbers: it needs a header") as caught:
+        load_tabular_dataset(_config(path), SALT)
+    assert "Doe" not in str(caught.value) and "PAT" not in str(caught.value)
+
+
 def test_a_non_numeric_numeric_column_is_named_without_its_values(tmp_path: Path) -> None:
     table = _simple_table([1.0, 2.0, 3.0, 4.0, 5.0])
     table["income"] = ["1200", "Jane Doe", "", "12k", "3.5"]
