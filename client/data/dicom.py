@@ -80,8 +80,8 @@ from client.data.dicom_pixels import (
     NO_TRANSFER_SYNTAX,
     SOP_CLASS_UID,
     TRUNCATED,
-    image_array,
 )
+from client.data.dicom_values import image_array
 from common.config import DicomDataConfig
 from common.errors import DataError
 from common.tasks.image_input import ImageInput

@@ -1,8 +1,7 @@
-"""One DICOM dataset's pixels as the base model's input: the steps listed, in order, in
-:mod:`client.data.dicom`'s docstring (decode, LUTs or colour, channels, resize,
-normalise). pydicom does the DICOM parts (decoders and their plugins, modality LUT,
-VOI LUT and windowing, palette colour); this module checks the header before anything
-is decoded and decides what happens when the file's own values cannot be used.
+"""One DICOM dataset's stored pixel values: the header checked before anything is
+decoded (geometry, colour space, a decoder, the data's length, a codestream's own
+size), then the one frame decoded by pydicom and its plugins. What the values become
+(LUTs or colour, channels, resize, normalise) is :mod:`client.data.dicom_values`.
 """
 
 from __future__ import annotations
@@ -11,12 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as functional
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels.decoders.base import Decoder, get_decoder
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
     UID,
@@ -35,10 +31,17 @@ from client.data.dicom_capture import (
     reason,
 )
 from client.data.dicom_streams import sizes_itself, stream_geometry
-from common.config import DicomDataConfig
-from common.tasks.image_input import ImageInput
 
-__all__ = ["MAX_FRAME_PIXELS", "SOP_CLASS_UID", "image_array", "syntax_name"]
+__all__ = [
+    "GRAY",
+    "MAX_FRAME_PIXELS",
+    "PALETTE",
+    "SOP_CLASS_UID",
+    "DecodedFrame",
+    "decode_frame",
+    "shown_term",
+    "syntax_name",
+]
 
 MAX_FRAME_PIXELS = 1 << 26
 """Largest frame decoded (64 Mi pixels, e.g. 8192 x 8192): checked from the header
@@ -48,15 +51,15 @@ NO_PIXEL_DATA = "no Pixel Data"
 NO_TRANSFER_SYNTAX = "no Transfer Syntax UID in the file meta information"
 BAD_GEOMETRY = "missing or invalid Rows, Columns or BitsAllocated"
 BAD_STREAM_HEADER = "compressed frame header cannot be read"
-_GRAY = frozenset({"MONOCHROME1", "MONOCHROME2"})
-_PALETTE = "PALETTE COLOR"
+GRAY = frozenset({"MONOCHROME1", "MONOCHROME2"})
+PALETTE = "PALETTE COLOR"
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 """Three-sample colour spaces pydicom's decoders return as RGB."""
 _DEFINED_PHOTOMETRIC = (
-    _GRAY
+    GRAY
     | _COLOUR
     | {
-        _PALETTE,
+        PALETTE,
         "HSV",
         "ARGB",
         "CMYK",
@@ -67,13 +70,8 @@ _DEFINED_PHOTOMETRIC = (
 )
 """PS3.3 C.7.6.3.1.2's defined terms (current and retired): the only values a reason
 quotes; anything else in the element could be any text."""
-_LUMA = np.array([0.299, 0.587, 0.114])
-"""ITU-R BT.601 luma weights: colour to one channel."""
-_WINDOW_CENTER, _WINDOW_WIDTH = 0x00281050, 0x00281051
 SOP_CLASS_UID, _MEDIA_SOP_CLASS = 0x00080016, 0x00020002
 _PHOTOMETRIC = 0x00280004
-_WINDOW_OUT = 65535.0
-"""The output range of pydicom's windowing for the 16-bit unsigned view it is given."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class _Header:
 
 
 @dataclass(frozen=True)
-class _Frame:
+class DecodedFrame:
     array: npt.NDArray[np.generic]
     """[R, C] or [R, C, 3]."""
     photometric: str
@@ -116,7 +114,7 @@ def _frame_count(ds: Dataset) -> int:
     return frames
 
 
-def _shown(photometric: str) -> str:
+def shown_term(photometric: str) -> str:
     """A Photometric Interpretation as a reason may quote it: a defined term, or not."""
     if photometric in _DEFINED_PHOTOMETRIC:
         return repr(photometric)
@@ -140,6 +138,8 @@ def _header(ds: Dataset) -> _Header:
         raise UnusableImageError(BAD_GEOMETRY) from None
     if rows < 1 or columns < 1 or bits < 1:
         raise UnusableImageError(BAD_GEOMETRY)
+    if bits != 1 and (bits % 8 or bits > 64):  # PS3.5 8.1.1: 1, or whole bytes
+        raise UnusableImageError(f"Bits Allocated {bits} is not 1 or a multiple of 8 up to 64")
     if rows * columns > MAX_FRAME_PIXELS:
         raise UnusableImageError(
             f"image too large ({rows} x {columns} pixels; at most {MAX_FRAME_PIXELS} per frame)"
@@ -147,12 +147,12 @@ def _header(ds: Dataset) -> _Header:
     photometric = (raw_text(ds, _PHOTOMETRIC) or "").upper()
     if not photometric and samples == 1:
         photometric = "MONOCHROME2"  # the only reading of a grayscale file without one
-    usable = (samples == 1 and (photometric in _GRAY or photometric == _PALETTE)) or (
+    usable = (samples == 1 and (photometric in GRAY or photometric == PALETTE)) or (
         samples == 3 and photometric in _COLOUR
     )
     if not usable:
         raise UnusableImageError(
-            f"unsupported image: Photometric Interpretation {_shown(photometric)} with "
+            f"unsupported image: Photometric Interpretation {shown_term(photometric)} with "
             f"SamplesPerPixel = {samples} (supported: MONOCHROME1/2, PALETTE COLOR, "
             "RGB and YBR colour)"
         )
@@ -233,7 +233,7 @@ def _what_it_is(ds: Dataset) -> str:
     return ""
 
 
-def decode_frame(ds: Dataset) -> _Frame:
+def decode_frame(ds: Dataset) -> DecodedFrame:
     """The stored values of the image (the middle frame of a multi-frame file).
 
     The header is checked first (size, geometry, colour space, that a decoder exists);
@@ -268,178 +268,4 @@ def decode_frame(ds: Dataset) -> _Frame:
         raise UnusableImageError(f"unsupported pixel array shape {tuple(array.shape)}")
     photometric = str(meta.get("photometric_interpretation", header.photometric))
     bits = int(meta.get("bits_stored", ds.get("BitsStored", header.bits)) or header.bits)
-    return _Frame(array, photometric.upper(), bits)
-
-
-# ---------------------------------------------------------------------- grayscale ---
-
-
-def _voi_view(ds: Dataset, keywords: tuple[str, ...]) -> Dataset:
-    """The VOI elements of ``ds`` over a fixed 16-bit unsigned range, for pydicom's
-    ``apply_voi_lut``: the modality LUT has been applied already, so the file's rescale
-    must not shift the output range again, and ``ds`` itself is not touched."""
-    view = Dataset()
-    for keyword in keywords:
-        if keyword in ds:
-            view.add(ds[keyword])
-    view.PhotometricInterpretation = "MONOCHROME2"
-    view.BitsStored = 16
-    view.PixelRepresentation = 0
-    # The byte order of OW LUT data: the transfer syntax's, else the one pydicom read.
-    file_meta = getattr(ds, "file_meta", None)
-    if file_meta is not None and file_meta.get("TransferSyntaxUID"):
-        view.file_meta = file_meta
-    else:
-        view.set_original_encoding(*ds.original_encoding[:2])
-    return view
-
-
-def _windowed(values: npt.NDArray[np.float64], view: Dataset) -> npt.NDArray[np.float64]:
-    return np.asarray(apply_voi_lut(values, view), dtype=np.float64) / _WINDOW_OUT
-
-
-def _config_window(
-    values: npt.NDArray[np.float64], config: DicomDataConfig
-) -> npt.NDArray[np.float64]:
-    """The site's window, applied exactly: [center - width/2, center + width/2] to [0, 1]."""
-    view = _voi_view(Dataset(), ())
-    # FD, not the dictionary's DS: a decimal string is capped at 16 characters.
-    view.add_new(_WINDOW_CENTER, "FD", float(config.window_center or 0.0))
-    view.add_new(_WINDOW_WIDTH, "FD", float(config.window_width or 1.0))
-    view.VOILUTFunction = "LINEAR_EXACT"
-    return _windowed(values, view)
-
-
-def _file_lut(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArray[np.float64] | None:
-    """The file's first VOI LUT (VOI LUT Sequence), scaled by its output bit depth."""
-    items = ds.get("VOILUTSequence")
-    if not items or "LUTDescriptor" not in items[0] or "LUTData" not in items[0]:
-        return None
-    entries, first, depth = (int(v) for v in items[0].LUTDescriptor)
-    entries = entries or 1 << 16
-    # pydicom indexes its LUT with the input in the LUT's own dtype: clip first, so an
-    # input outside the LUT maps to its first or last entry instead of wrapping around.
-    inputs = np.clip(np.floor(values), first, first + entries - 1).astype(np.int64)
-    mapped = apply_voi_lut(inputs, _voi_view(ds, ("VOILUTSequence",)))
-    return np.clip(np.asarray(mapped, dtype=np.float64) / ((1 << depth) - 1), 0.0, 1.0)
-
-
-def _file_window(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArray[np.float64] | None:
-    """The file's first Window Center/Width, with its VOI LUT Function (LINEAR by
-    default, LINEAR_EXACT or SIGMOID)."""
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return None
-    view = _voi_view(ds, ("WindowCenter", "WindowWidth", "VOILUTFunction"))
-    return _windowed(values, view)
-
-
-def _min_max(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    low, high = float(values.min()), float(values.max())
-    if high <= low:  # a constant image without a window carries no contrast
-        return np.zeros_like(values)
-    return (values - low) / (high - low)
-
-
-def _voi(
-    values: npt.NDArray[np.float64], ds: Dataset, config: DicomDataConfig
-) -> npt.NDArray[np.float64]:
-    """Values of interest in [0, 1]: the site's window, else the file's VOI LUT, else
-    its window; a file VOI that pydicom refuses (a width below 1, an unknown function)
-    or that gives non-finite values falls through to the next, then to min-max."""
-    if config.window_center is not None and config.window_width is not None:
-        return _config_window(values, config)
-    for attempt in (_file_lut, _file_window):
-        with captured():
-            try:
-                scaled = attempt(values, ds)
-            except Exception:  # an unusable VOI in the file: the next one is tried
-                continue
-        if scaled is not None and np.all(np.isfinite(scaled)):
-            return np.clip(scaled, 0.0, 1.0)
-    return _min_max(values)
-
-
-def _grayscale(
-    stored: npt.NDArray[np.generic], ds: Dataset, photometric: str, config: DicomDataConfig
-) -> npt.NDArray[np.float64]:
-    with captured() as capture:
-        try:
-            physical = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        except Exception as exc:
-            summary = "invalid Rescale Slope/Intercept or Modality LUT"
-            raise UnusableImageError(reason(summary, capture, exc, ds)) from exc
-    if not np.all(np.isfinite(physical)):
-        raise UnusableImageError("pixel values are not finite after rescaling")
-    scaled = _voi(physical, ds, config)
-    return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
-
-
-# ------------------------------------------------------------------------- colour ---
-
-
-def _colour(frame: _Frame, ds: Dataset) -> npt.NDArray[np.float64]:
-    """[R, C, 3] RGB in [0, 1], scaled by the bit depth (no modality or VOI LUT: PS3.3
-    C.11 applies them to grayscale only)."""
-    if frame.photometric == _PALETTE:
-        with captured() as capture:
-            try:
-                rgb = apply_color_lut(frame.array, ds)[..., :3]  # an alpha LUT is dropped
-                depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
-            except Exception as exc:
-                raise UnusableImageError(
-                    reason("invalid Palette Color Lookup Table", capture, exc, ds)
-                ) from exc
-    elif frame.photometric == "RGB":
-        rgb, depth = frame.array, frame.bits
-        if np.issubdtype(rgb.dtype, np.signedinteger):
-            rgb = rgb.astype(np.float64) + (1 << (depth - 1))
-    else:
-        raise UnusableImageError(
-            f"colour space {_shown(frame.photometric)} is not RGB after decoding"
-        )
-    return np.clip(np.asarray(rgb, dtype=np.float64) / ((1 << depth) - 1), 0.0, 1.0)
-
-
-def _planes(unit: npt.NDArray[np.float64], channels: int) -> npt.NDArray[np.float64]:
-    """[C, R, C'] planes: colour becomes BT.601 luma for a 1-channel model; grayscale
-    stays one plane (replicated to 3 after resizing, which is cheaper)."""
-    if unit.ndim == 2:
-        return unit[None]
-    if channels == 1:
-        return (unit @ _LUMA)[None]
-    return np.moveaxis(unit, -1, 0)
-
-
-def _resize(planes: npt.NDArray[np.float64], image: ImageInput) -> npt.NDArray[np.float32]:
-    """Resized and cropped as the base model's processor does (``ImageInput.crop_region``): box
-    average when shrinking, antialiased bilinear otherwise."""
-    rows, columns = image.crop_region(planes.shape[1], planes.shape[2])
-    region = planes[:, rows, columns]
-    size = image.size
-    if region.shape[1:] == (size, size):
-        return region.astype(np.float32)
-    tensor = torch.from_numpy(region.astype(np.float32))[None]
-    if region.shape[1] >= size and region.shape[2] >= size:
-        resized = functional.interpolate(tensor, size=(size, size), mode="area")
-    else:
-        resized = functional.interpolate(
-            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    return np.asarray(resized[0].clamp_(0.0, 1.0).numpy(), dtype=np.float32)
-
-
-def image_array(ds: Dataset, config: DicomDataConfig, image: ImageInput) -> npt.NDArray[np.float32]:
-    """``ds``'s image as a float32 ``[channels, size, size]`` array, normalised per
-    channel; raises :class:`UnusableImageError` saying why it cannot be."""
-    frame = decode_frame(ds)
-    if frame.photometric in _GRAY:
-        unit = _grayscale(frame.array, ds, frame.photometric, config)
-    else:
-        unit = _colour(frame, ds)
-    resized = _resize(_planes(unit, image.channels), image)
-    if resized.shape[0] != image.channels:
-        resized = np.repeat(resized, image.channels, axis=0)
-    mean = np.asarray(image.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(image.std, dtype=np.float32)[:, None, None]
-    normalised: npt.NDArray[np.float32] = ((resized - mean) / std).astype(np.float32)
-    return normalised
+    return DecodedFrame(array, photometric.upper(), bits)

@@ -38,6 +38,10 @@ CATEGORICAL_INPUT = "categorical_ids"
 OTHER_CATEGORY = 0
 
 _CLIP_SIGMAS = 3.0
+MAX_NUMERIC_MAGNITUDE = 1e100
+"""A numeric value beyond ±1e100 is treated like an infinity (as missing): no
+measurement is that large, and the squares of the cleaning's standard deviation would
+overflow float64 (1e308) a few orders above it, turning the whole column into NaN."""
 _PREPROCESSOR_VERSION = 1
 
 
@@ -303,6 +307,20 @@ def _require_columns(found: Sequence[object], declared: Sequence[tuple[str, str]
             )
 
 
+def _refuse_nested(schema: Any, declared: Sequence[tuple[str, str]]) -> None:
+    """A declared Parquet column must hold one value per cell: a list, struct or map
+    column cannot be a feature, a label or a person id."""
+    import pyarrow as pa
+
+    keys = dict(declared)
+    for field in schema:
+        if field.name in keys and pa.types.is_nested(field.type):
+            raise DataError(
+                f"column {field.name!r} declared in {keys[field.name]} holds nested values "
+                f"({field.type}); declare a column of single values"
+            )
+
+
 def read_columns(
     config: TabularDataConfig | TextDataConfig, declared: Sequence[tuple[str, str]]
 ) -> pd.DataFrame:
@@ -323,10 +341,10 @@ def read_columns(
             return frame[[name for name, _ in declared]]
         import pyarrow.parquet as pq
 
-        header = [
-            name for name in pq.read_schema(path).names if not name.startswith("__index_level_")
-        ]
+        schema = pq.read_schema(path)
+        header = [name for name in schema.names if not name.startswith("__index_level_")]
         _require_columns(header, declared)
+        _refuse_nested(schema, declared)
         return pd.read_parquet(path, columns=[name for name, _ in declared])
     except DataError:
         raise
@@ -349,7 +367,8 @@ def read_columns(
 def _numeric_column(
     frame: pd.DataFrame, name: str, *, at_load: bool = False
 ) -> npt.NDArray[np.float64]:
-    """The column as float64 with NaN for missing or infinite; refuse text columns."""
+    """The column as float64 with NaN for missing, infinite or beyond
+    :data:`MAX_NUMERIC_MAGNITUDE`; refuse text columns."""
     column = frame[name]
     if pd.api.types.is_bool_dtype(column):
         values = column.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -368,7 +387,8 @@ def _numeric_column(
             )
         values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
     values = np.array(values, dtype=np.float64, copy=True)
-    values[~np.isfinite(values)] = np.nan
+    with np.errstate(invalid="ignore"):
+        values[~(np.abs(values) <= MAX_NUMERIC_MAGNITUDE)] = np.nan  # NaN and inf too
     return values
 
 

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -177,6 +179,46 @@ def test_an_element_of_unknown_vr_is_one_rejection(tmp_path: Path) -> None:
     config = DicomDataConfig(format="dicom", path=tmp_path, classes=["a", "b"])
     with pytest.raises(UnusableImageError, match=r"^unreadable DICOM file \(corrupt header\)"):
         preprocess_dataset(read_dicom(path), config, image)
+
+
+def test_a_rescale_wider_than_float64_still_gives_a_finite_image() -> None:
+    """Slope 1e308 on ±1: min-max over a range float64 cannot hold must not be NaN."""
+    ds = _dataset(ExplicitVRLittleEndian)
+    ds.PixelRepresentation = 1
+    ds.PixelData = np.array([-1, 1] * 32, dtype=np.int16).tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = "1e308", "0"
+    image = ImageInput(size=8, channels=1, mean=(0.5,), std=(0.5,))
+    config = DicomDataConfig(format="dicom", path=Path("."), classes=["a", "b"])
+    values = preprocess_dataset(ds, config, image)
+    assert np.isfinite(values).all() and values.min() == -1.0 and values.max() == 1.0
+
+
+@pytest.mark.parametrize("change", ["depth 32", "depth 0", "short table", "depths differ"])
+def test_a_palette_whose_descriptor_lies_is_refused(change: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    image = ImageInput(size=8, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    config = DicomDataConfig(format="dicom", path=Path("."), classes=["a", "b"])
+    assert np.isfinite(preprocess_dataset(ds, config, image)).all()  # as it is: usable
+    entries = int(ds.RedPaletteColorLookupTableDescriptor[0])
+    for colour in ("Red", "Green", "Blue"):
+        if change.startswith("depth "):
+            setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [entries, 0, int(change[6:])])
+        elif change == "short table":
+            table = f"{colour}PaletteColorLookupTableData"
+            setattr(ds, table, getattr(ds, table)[: entries // 2])
+    if change == "depths differ":
+        ds.BluePaletteColorLookupTableDescriptor = [entries, 0, 8]
+    with pytest.raises(UnusableImageError, match=r"^invalid Palette Color Lookup Table Desc"):
+        preprocess_dataset(ds, config, image)
+
+
+@pytest.mark.parametrize("bits", [12, 65535])
+def test_bits_allocated_that_no_decoder_reads_is_named_not_called_truncation(bits: int) -> None:
+    ds = _dataset(ExplicitVRLittleEndian)
+    ds.BitsAllocated = bits
+    ds.PixelData = np.zeros(64, np.uint16).tobytes()
+    with pytest.raises(UnusableImageError, match=f"^Bits Allocated {bits} is not 1 or a mul"):
+        decode_frame(ds)
 
 
 def test_a_deflate_bomb_is_refused_before_it_is_inflated(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -247,6 +249,27 @@ def test_a_missing_declared_column_is_named(
         load_tabular_dataset(_config(path), SALT)
     for column in table:
         assert column in str(caught.value)
+
+
+@pytest.mark.parametrize("huge", [1e200, -1e308])
+def test_a_value_too_large_to_standardise_is_treated_as_missing(
+    tmp_path: Path, huge: float
+) -> None:
+    """Its square would overflow float64 and turn the column's statistics into NaN."""
+    path = _write(tmp_path, _simple_table([10.0, 20.0, huge, 30.0, 40.0, 50.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning on the console either
+        data, preprocessor = load_tabular_dataset(_config(path), SALT)
+    assert np.isfinite(data.features[NUMERIC_INPUT]).all()
+    assert preprocessor.medians == [30.0] and math.isfinite(preprocessor.stds[0])
+
+
+def test_a_nested_parquet_column_is_refused_by_name(tmp_path: Path) -> None:
+    table = _simple_table([1.0, 2.0, 3.0, 4.0])
+    table["region"] = [["north"], ["south"], [], ["east", "west"]]  # a list per cell
+    path = _write(tmp_path, table, "table.parquet")
+    with pytest.raises(DataError, match=r"column 'region' declared in data\.categorical_features"):
+        load_tabular_dataset(_config(path), SALT)
 
 
 def test_a_table_without_a_header_row_is_named_without_its_first_row(tmp_path: Path) -> None:
