@@ -26,7 +26,7 @@ from client.data.cell_text import column_texts, text_lookup
 from client.data.dicom import UnusableImageError, read_dicom
 from client.data.dicom_labels import LabelledFile, labelled_files
 from client.data.dicom_persons import PersonRef, person_identifiers, person_ref
-from client.data.tabular import read_columns
+from client.data.table_reader import read_columns
 from common.config import DataConfig, DicomDataConfig, TabularDataConfig, TextDataConfig
 from common.data_config import PersonKey
 from common.errors import DataError

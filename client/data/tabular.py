@@ -25,7 +25,8 @@ import numpy.typing as npt
 import pandas as pd
 
 from client.data import Rejection, SiteData, person_key
-from client.data.cell_text import as_text, column_texts, found_columns, text_lookup
+from client.data.cell_text import as_text, column_texts, text_lookup
+from client.data.table_reader import read_columns, require_columns
 from common.config import TabularDataConfig, TextDataConfig
 from common.errors import DataError
 
@@ -73,7 +74,7 @@ class TabularPreprocessor:
         if len(frame) == 0:
             raise DataError("cannot fit the tabular cleaning on zero rows")
         needed = _declared_columns(config, with_label=False)
-        _require_columns(list(frame.columns), [*needed, (config.label_column, "data.label_column")])
+        require_columns(list(frame.columns), [*needed, (config.label_column, "data.label_column")])
 
         medians: list[float] = []
         clip_low: list[float] = []
@@ -138,7 +139,7 @@ class TabularPreprocessor:
             *((name, "data.numeric_features") for name in self.numeric_features),
             *((name, "data.categorical_features") for name in self.categorical_features),
         ]
-        _require_columns(list(frame.columns), declared)
+        require_columns(list(frame.columns), declared)
         rows = len(frame)
 
         numeric = np.zeros((rows, len(self.numeric_features)), dtype=np.float32)
@@ -295,73 +296,6 @@ def _declared_columns(config: TabularDataConfig, *, with_label: bool) -> list[tu
         if config.person_column is not None:
             declared.append((config.person_column, "data.person_column"))
     return declared
-
-
-def _require_columns(found: Sequence[object], declared: Sequence[tuple[str, str]]) -> None:
-    present = {str(name) for name in found}
-    for name, key in declared:
-        if name not in present:
-            raise DataError(
-                f"column {name!r} declared in {key} is missing from the table; "
-                + found_columns(found)
-            )
-
-
-def _refuse_nested(schema: Any, declared: Sequence[tuple[str, str]]) -> None:
-    """A declared Parquet column must hold one value per cell: a list, struct or map
-    column cannot be a feature, a label or a person id."""
-    import pyarrow as pa
-
-    keys = dict(declared)
-    for field in schema:
-        if field.name in keys and pa.types.is_nested(field.type):
-            raise DataError(
-                f"column {field.name!r} declared in {keys[field.name]} holds nested values "
-                f"({field.type}); declare a column of single values"
-            )
-
-
-def read_columns(
-    config: TabularDataConfig | TextDataConfig, declared: Sequence[tuple[str, str]]
-) -> pd.DataFrame:
-    """Read only the declared columns (of a CSV, Parquet or JSON-lines file); text-like
-    ones as text so ids keep leading zeros."""
-    wanted = {name for name, _ in declared}
-    textual = {name: str for name, key in declared if key != "data.numeric_features"}
-    path = config.path
-    try:
-        if config.format == "csv":
-            header = list(pd.read_csv(path, nrows=0).columns)
-            _require_columns(header, declared)
-            return pd.read_csv(path, usecols=lambda column: column in wanted, dtype=textual)
-        if config.format == "jsonl":
-            # Every key of every line is parsed, then the undeclared ones are dropped.
-            frame = pd.read_json(path, lines=True, dtype=textual)
-            _require_columns(list(frame.columns), declared)
-            return frame[[name for name, _ in declared]]
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(path)
-        header = [name for name in schema.names if not name.startswith("__index_level_")]
-        _require_columns(header, declared)
-        _refuse_nested(schema, declared)
-        return pd.read_parquet(path, columns=[name for name, _ in declared])
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError("data.path: the table file does not exist") from None
-    except IsADirectoryError:
-        raise DataError("data.path: is a directory, expected a file") from None
-    except PermissionError:
-        raise DataError("data.path: permission denied when reading the table") from None
-    except pd.errors.EmptyDataError:
-        raise DataError("data.path: the CSV file is empty (no header row)") from None
-    except Exception as exc:  # parser and Arrow errors have no common base class
-        # The library's message may quote the path or cell contents: name the type only.
-        raise DataError(
-            f"data.path: cannot be read as {config.format} ({type(exc).__name__}); "
-            "check data.format and the file's contents"
-        ) from None
 
 
 def _numeric_column(

@@ -22,7 +22,8 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from client.data import Rejection, SiteData
-from client.data.tabular import read_columns, reason_summary, screen_rows
+from client.data.table_reader import read_columns
+from client.data.tabular import reason_summary, screen_rows
 from common.config import TextDataConfig
 from common.errors import DataError
 from common.tasks.text import TEXT_INPUTS

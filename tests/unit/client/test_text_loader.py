@@ -4,6 +4,7 @@ texts rejected or cut and reported, and the same data from CSV, Parquet and JSON
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,24 @@ def test_tokenise_counts_unknown_words_as_tokens(tokenizer) -> None:
     assert list(result.kept) == [True, False, True]
     assert result.input_ids[0, :2].tolist() == [tokenizer.unk_token_id] * 2
     assert result.reasons[1] == EMPTY_TEXT
+
+
+def test_a_jsonl_file_is_read_line_by_line(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    rows: list[dict[str, object]] = [dict(row) for row in _rows()]
+    rows[0]["patient"] = 10**30  # pandas' reader refused the whole file for one such id
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "\n")  # a blank line
+    data = load_text_dataset(_config(path), SALT, tokenizer)
+    assert data.accepted == 4 and data.persons == 4
+    for broken, message in (
+        ('{"patient": "p9", "report": "Jane Doe",\n', "line 7 is not valid JSON"),
+        ('["a list", "not an object"]\n', "line 7 is not a JSON object"),
+        (
+            '{"patient": "p9", "report": ["a", "b"], "label": "urgent"}\n',
+            "column 'report' declared in data.text_column holds nested values",
+        ),
+    ):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows) + broken)
+        with pytest.raises(DataError, match=re.escape(message)) as caught:
+            load_text_dataset(_config(path), SALT, tokenizer)
+        assert "Jane" not in str(caught.value)
