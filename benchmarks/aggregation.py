@@ -175,7 +175,14 @@ def validation_seconds(count: int, baseline_count: int, dtype: str) -> dict[str,
     # norm decides each reply; replies within its error of the bound take the exact norm.
     bound = 2 * max(update_norm(update, reference) for update in pool)
     limits = UpdateLimits.for_run(UpdateValidation(max_update_norm=bound), schema)
-    metrics = {"num-examples": 500.0, "steps": 10.0, "noise-multiplier": 1.0}
+    metrics = {
+        "num-examples": 500.0,
+        "steps": 10.0,
+        "noise-multiplier": 1.0,
+        "epsilon": 1.0,
+        "epsilon-budget": 8.0,
+        "delta": 1e-5,
+    }
     started = time.perf_counter()
     packed_reference = NormReference.of(reference, schema)  # once per round
     norms = [

@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from client.ledger import PrivacyLedger, RunPlan
 from client.privacy import HistoryEntry, calibrate_noise, epsilon_spent
 from client.training import TrainingPlan
+from common import dp
 from common.config import PrivacyBudget
 from common.errors import BudgetError, PolicyError
 from common.protocol import SITE_CALIBRATED, SITE_REMAINING_BUDGET, RoundRequest
 
 logger = logging.getLogger(__name__)
 
-EPSILON_TOLERANCE = 1e-6
+EPSILON_TOLERANCE = dp.BUDGET_TOLERANCE
 
 
 @dataclass(frozen=True)

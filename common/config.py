@@ -83,9 +83,17 @@ GradSampleMode = Literal["hooks", "functorch", "ghost"]
 # --------------------------------------------------------------------------- site ---
 
 
+MAX_EPSILON_BUDGET = 100.0
+MAX_DELTA = 1e-2
+"""The largest ε budget a dataset may have and the bound δ stays below; the coordinator
+holds a site's reported figures to them too."""
+
+
 class PrivacyBudget(StrictModel):
-    epsilon: float = Field(gt=0, le=100, description="Total ε this dataset may ever spend.")
-    delta: float = Field(default=1e-5, gt=0, lt=1e-2, description="δ of the guarantee.")
+    epsilon: float = Field(
+        gt=0, le=MAX_EPSILON_BUDGET, description="Total ε this dataset may ever spend."
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=MAX_DELTA, description="δ of the guarantee.")
     accountant: AccountantName = Field(
         default="prv", description="How ε is computed: 'prv' (tight, default) or 'rdp'."
     )

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 
+BUDGET_TOLERANCE = 1e-6
+"""How far above its budget a spent ε may lie and still count as within it (accountant
+rounding): the site's planner refuses beyond it, and the coordinator rejects a reply
+that reports more."""
 MIN_NOISE_MULTIPLIER = 0.1
 """The least σ a site trains with, and a coordinator may ask for: below it a few rounds
 spend any budget a site would hold."""

@@ -17,6 +17,9 @@ from pydantic import Field, field_validator, model_validator
 from common.dp import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 from common.strict_model import StrictModel
 
+OptimizerName = Literal["sgd", "adam"]
+"""The optimizers a site trains with; a request for any other is refused."""
+
 
 class LoraSettings(StrictModel):
     r: int = Field(default=16, ge=1, le=256)
@@ -102,7 +105,7 @@ class FederationSettings(StrictModel):
     local_epochs: int = Field(default=1, ge=1, le=100)
     batch_size: int = Field(default=32, ge=1, description="Expected (Poisson) batch size.")
     learning_rate: float = Field(default=0.1, gt=0)
-    optimizer: Literal["sgd", "adam"] = Field(
+    optimizer: OptimizerName = Field(
         default="sgd", description="'sgd' (momentum 0.9) is the robust choice under DP noise."
     )
     min_sites: int = Field(default=2, ge=1)
@@ -146,4 +149,4 @@ class FederationConfig(FederationSettings):
 
     task: str
     base_model: Path = Field(description="Directory of the frozen base model.")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)

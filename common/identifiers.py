@@ -22,4 +22,4 @@ SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]
 
 def is_site_id(value: object) -> bool:
     """True for a string that is a well-formed site id."""
-    return isinstance(value, str) and SITE_ID.match(value) is not None
+    return isinstance(value, str) and SITE_ID.fullmatch(value) is not None  # "$" admits "\n"

@@ -23,6 +23,7 @@ from common.adapters import AdapterLayout
 from common.config import FederationConfig, LoraSettings
 from common.dp import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 from common.errors import UpdateError
+from common.federation_config import OptimizerName
 
 SITE_ID_KEY = "site-id"
 """Key of the reply's ConfigRecord that names the replying site (public site name)."""
@@ -73,7 +74,7 @@ class RoundRequest(BaseModel):
     local_epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1)
     learning_rate: PositiveFinite
-    optimizer: str
+    optimizer: OptimizerName
     max_grad_norm: PositiveFinite
     noise_multiplier: float = Field(allow_inf_nan=False)
     """σ for every site; SITE_CALIBRATED (-1): each site calibrates its own."""

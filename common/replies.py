@@ -43,7 +43,11 @@ class ReplyMetrics(BaseModel):
         for key, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise UpdateError(f"metric {key!r} is not a number")
-            if not math.isfinite(value):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int beyond float64 (possible only in process)
+                finite = False
+            if not finite:
                 raise UpdateError(f"metric {key!r} is not finite")
         missing = [key for key in cls.required() if key not in values]
         if missing:

@@ -30,8 +30,8 @@ class EvaluatedAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     round: int = Field(ge=0)
-    accuracy: float
-    loss: float
+    accuracy: float = Field(allow_inf_nan=False)
+    loss: float = Field(allow_inf_nan=False)  # JSON has no infinity: it would not resume
 
 
 class RunState(BaseModel):

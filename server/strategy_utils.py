@@ -306,7 +306,8 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("weights must have a positive sum")
-    return float(sum(v * w for v, w in zip(values, weights, strict=True)) / total)
+    # Each weight as a share first: a large value times a large weight cannot overflow.
+    return float(sum(v * (w / total) for v, w in zip(values, weights, strict=True)))
 
 
 def metric_record(values: dict[str, float]) -> MetricRecord:

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord
 
 from common import dp
 from common.adapters import AdapterArrays, AdapterSchema, PackedAdapter, record_to_arrays
-from common.config import SMALLEST_COHORT, UpdateValidation
+from common.config import MAX_DELTA, MAX_EPSILON_BUDGET, SMALLEST_COHORT, UpdateValidation
 from common.errors import UpdateError
 from common.protocol import RoundRequest
 
@@ -37,6 +37,11 @@ FAST_NORM_TOLERANCE = 0.01
 """Relative error the float32 norm is trusted to. A float32 sum of k squares is within
 k·2⁻²⁴ of the exact sum whatever the order (Higham, Accuracy and Stability, §4.2): at
 k = 2¹⁷ that is 0.79 %, 0.39 % on the norm; 1 % leaves 2.5× of margin."""
+MAX_EVAL_LOSS = 1e4
+"""Largest mean held-out loss a reply may report. A classifier's cross-entropy is a few
+units (ln k for a uniform guess over k classes); a mean over 1e4 is a broken model or a
+lie, and figures near float64's limit would overflow the federated mean and the run's
+saved state."""
 POISSON_SLACK_SIGMAS = 4.0
 """How far above its expectation a Poisson batch (or a noise vector's norm) is allowed."""
 
@@ -257,6 +262,19 @@ def check_reported(
         raise UpdateError(f"reports σ={sigma:g}; the run fixed σ={request.noise_multiplier:g}")
     if not 0 <= sigma <= 1000:
         raise UpdateError(f"reports an implausible noise multiplier {sigma:g}")
+    _check_privacy(metrics["epsilon"], metrics["epsilon-budget"], metrics["delta"])
+
+
+def _check_privacy(epsilon: float, budget: float, delta: float) -> None:
+    """The privacy a site reports must be one a site config can hold (ε budget in
+    (0, 100], δ in (0, 0.01)) and within its own budget: the coordinator's records and
+    the run summary show these figures as they are sent."""
+    if not 0 < budget <= MAX_EPSILON_BUDGET:
+        raise UpdateError(f"reports an ε budget of {budget:g}, outside (0, {MAX_EPSILON_BUDGET:g}]")
+    if not 0 <= epsilon <= budget + dp.BUDGET_TOLERANCE:
+        raise UpdateError(f"reports ε={epsilon:g}, outside its own budget [0, {budget:g}]")
+    if not 0 < delta < MAX_DELTA:
+        raise UpdateError(f"reports δ={delta:g}, outside (0, {MAX_DELTA:g})")
 
 
 def validate_update(
@@ -344,5 +362,5 @@ def check_evaluation(metrics: Mapping[str, float], limits: UpdateLimits) -> None
     _check_examples(metrics["num-examples"], limits)
     if not 0.0 <= metrics["eval-accuracy"] <= 1.0:
         raise UpdateError(f"eval-accuracy {metrics['eval-accuracy']:g} is not in [0, 1]")
-    if metrics["eval-loss"] < 0:
-        raise UpdateError(f"eval-loss {metrics['eval-loss']:g} is negative")
+    if not 0 <= metrics["eval-loss"] <= MAX_EVAL_LOSS:
+        raise UpdateError(f"eval-loss {metrics['eval-loss']:g} is not in [0, {MAX_EVAL_LOSS:g}]")

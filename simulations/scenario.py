@@ -172,10 +172,18 @@ class TextBackbone(StrictModel):
         return self
 
 
+SCENARIO_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""One path component: no separator, not empty, not "." or ".." (the first character)."""
+
+
 class Scenario(StrictModel):
-    name: str
+    name: str = Field(
+        pattern=SCENARIO_NAME_PATTERN,
+        description="Names the run directory (runs/<name>-<time>) and the data folder "
+        "(runs/data/<name>): letters, digits, '.', '_' and '-', so it stays a file name.",
+    )
     description: str = ""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)
     image_size: int = Field(default=32, ge=8)
     imaging_backbone: ImagingBackbone = Field(default_factory=ImagingBackbone)
     text_backbone: TextBackbone = Field(default_factory=TextBackbone)
