@@ -148,7 +148,10 @@ class SplitSpec(StrictModel):
         default="iid", description="'iid', or 'dirichlet' label skew (see alpha)."
     )
     alpha: float | None = Field(
-        default=None, gt=0, description="Dirichlet concentration (default 0.5): small is skewed."
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Dirichlet concentration (default 0.5): small is skewed.",
     )
     min_people: int | None = Field(
         default=None,

@@ -13,6 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from common.config import (
+    MAX_DELTA,
+    MAX_EPSILON_BUDGET,
     DataKind,
     FederationSettings,
     SiteKind,
@@ -59,8 +61,8 @@ class HospitalSpec(StrictModel):
     )
     modality: Literal["CT", "MR", "CR"] = "CT"
     corrupt_files: bool = Field(default=False, description="Add a few unusable files.")
-    epsilon: float = Field(default=8.0, gt=0)
-    delta: float = Field(default=1e-5, gt=0)
+    epsilon: float = Field(default=8.0, gt=0, le=MAX_EPSILON_BUDGET)
+    delta: float = Field(default=1e-5, gt=0, lt=MAX_DELTA)
     behaviour: SiteBehaviour | None = Field(
         default=None, description="Fault injection for robustness studies; honest if unset."
     )
@@ -73,8 +75,8 @@ class BankSpec(StrictModel):
     customers: int = Field(ge=1)
     default_rate: float = Field(default=0.4, gt=0, lt=1, description="Label skew.")
     format: Literal["csv", "parquet"] = "csv"
-    epsilon: float = Field(default=8.0, gt=0)
-    delta: float = Field(default=1e-5, gt=0)
+    epsilon: float = Field(default=8.0, gt=0, le=MAX_EPSILON_BUDGET)
+    delta: float = Field(default=1e-5, gt=0, lt=MAX_DELTA)
     behaviour: SiteBehaviour | None = Field(
         default=None, description="Fault injection for robustness studies; honest if unset."
     )
@@ -92,8 +94,8 @@ class TextSiteSpec(StrictModel):
     format: Literal["csv", "parquet", "jsonl"] = "csv"
     empty_texts: int = Field(default=0, ge=0, description="Blank records to add.")
     overlong_texts: int = Field(default=0, ge=0, description="Runaway long records to add.")
-    epsilon: float = Field(default=8.0, gt=0)
-    delta: float = Field(default=1e-5, gt=0)
+    epsilon: float = Field(default=8.0, gt=0, le=MAX_EPSILON_BUDGET)
+    delta: float = Field(default=1e-5, gt=0, lt=MAX_DELTA)
     behaviour: SiteBehaviour | None = Field(
         default=None, description="Fault injection for robustness studies; honest if unset."
     )

@@ -103,3 +103,16 @@ def test_a_request_for_an_optimizer_no_site_has_is_refused() -> None:
     record["optimizer"] = "lbfgs"
     with pytest.raises(UpdateError, match="invalid round configuration: optimizer"):
         RoundRequest.from_record(record)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("epsilon", 500.0), ("epsilon", math.inf), ("delta", 0.5)]
+)
+def test_a_generated_site_budget_no_site_config_could_hold_is_named_in_the_scenario(
+    tmp_path: Path, key: str, value: float
+) -> None:
+    """It used to pass, and fail later naming the generated site.toml, after the base
+    model was built."""
+    sites = [{**SITES[0], key: value}, SITES[1]]
+    with pytest.raises(ConfigError, match=rf"\n *- sites\.0\.bank\.{key}: "):
+        load_scenario(str(_scenario(tmp_path, sites=sites)))

@@ -3,6 +3,7 @@ checked when the scenario is loaded, the base model they share, and the run's co
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,11 @@ def test_prepare_uses_the_own_sites_and_their_base(tmp_path: Path) -> None:
     assert existing.site.state_dir == (tmp_path / "a" / "state").resolve()  # its own state
     split_site = next(s for s in scenario.all_sites() if s.id == "split-1")
     assert isinstance(split_site, SplitSite) and scenario.task_for(split_site) == task
+
+
+def test_an_infinite_alpha_is_refused_where_it_is_written(tmp_path: Path) -> None:
+    """It passed, and the split later asked for a larger alpha ("less skew")."""
+    table_source(tmp_path / "whole", people=40)
+    split = {"source": "whole/whole-bank.toml", "sites": 2, "prefix": "bank"}
+    problem = _problem(tmp_path, splits=[{**split, "mode": "dirichlet", "alpha": math.inf}])
+    assert "splits.0.alpha" in problem
