@@ -23,6 +23,10 @@ from flwr.serverapp import Grid
 logger = logging.getLogger(__name__)
 
 
+INTRODUCTION_POLL = 1.0
+"""Seconds between looks while a round waits for its sites' introductions."""
+
+
 class RoundStrategy(Protocol):
     """What the loop needs of a strategy (server/strategy.py's FedLoraStrategy)."""
 
@@ -30,6 +34,8 @@ class RoundStrategy(Protocol):
     rounds_before: int
 
     def admit(self, grid: Grid, wait: float = 0.0) -> None: ...
+
+    def awaiting_introductions(self, grid: Grid) -> bool: ...
 
     def current_arrays(self) -> ArrayRecord: ...
 
@@ -57,6 +63,12 @@ def run_rounds(strategy: RoundStrategy, grid: Grid, num_rounds: int, timeout: fl
         started = time.monotonic()
         logger.info("round %d of %d", strategy.rounds_before + current, total)
         strategy.admit(grid)
+        # No site may take the round yet, but some have still to say who they are (a
+        # resumed run's sites, busy after a restart): ask and look again for up to the
+        # introduction timeout rather than fail the round at once.
+        deadline = time.monotonic() + strategy.introduction_timeout
+        while strategy.awaiting_introductions(grid) and time.monotonic() < deadline:
+            strategy.admit(grid, wait=INTRODUCTION_POLL)
         messages = strategy.configure_train(
             current, strategy.current_arrays(), ConfigRecord(), grid
         )

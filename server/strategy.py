@@ -277,6 +277,21 @@ class FedLoraStrategy(FedAvg):
         for site, details in self.introduce(grid, sorted(grid.get_node_ids()), wait).items():
             self.publish(SiteJoined(site, details))
 
+    def awaiting_introductions(self, grid: Grid) -> bool:
+        """Whether no connected node of this task may take a round yet while some node
+        has still to say who it is (not joined, not rejected, and no refusal from it)."""
+        nodes = sorted(grid.get_node_ids())
+        able = {node for node in nodes if node in self.known_sites and self._serves_this_task(node)}
+        able -= self.admission.barred(nodes, self.known_sites)
+        silent = [
+            node
+            for node in nodes
+            if node not in self.known_sites
+            and node not in self.admission.rejected
+            and node not in self.admission.unanswered
+        ]
+        return not able and bool(silent)
+
     def _screen(self, replies: list[Message]) -> dict[str, dict[str, str]]:
         joined = self.admission.screen(replies, self.known_sites)
         self.site_details.update(joined)

@@ -19,7 +19,7 @@ from server.events import Aggregated, RoundEvents, RoundFailed, SiteFailed, Site
 from server.introductions import Introductions
 from server.reporting import RunRecorder
 from server.rollback import BestAdapter, decide
-from server.rounds import run_rounds
+from server.rounds import INTRODUCTION_POLL, run_rounds
 from server.strategy_utils import FailedReply, UpdateReceipt
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -106,11 +106,17 @@ class RecordingStrategy:
     introduction_timeout = 7.0
     rounds_before = 2
 
-    def __init__(self) -> None:
+    def __init__(self, awaiting: int = 0) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.awaiting = awaiting
+        """How many more looks the sites take to introduce themselves."""
 
     def admit(self, grid: object, wait: float = 0.0) -> None:
         self.calls.append(("admit", wait))
+
+    def awaiting_introductions(self, grid: object) -> bool:
+        self.awaiting -= 1
+        return self.awaiting >= 0
 
     def current_arrays(self) -> ArrayRecord:
         return ArrayRecord()
@@ -196,3 +202,16 @@ def test_each_round_event_reaches_the_metrics_and_the_audit_log(tmp_path: Path) 
     ]
     assert [e["status"] for e in recorder.exclusions] == ["rejected", "timed-out"]
     assert recorder.sites["bank-a"].rounds_trained == 1 and recorder.failed_rounds == [2]
+
+
+def test_a_round_no_site_may_take_yet_waits_for_the_introductions_first() -> None:
+    """A resumed run's sites may answer late; the round then waits for them instead of
+    failing at once with every site held back."""
+    strategy = RecordingStrategy(awaiting=2)
+    run_rounds(strategy, EmptyGrid(), num_rounds=1, timeout=5)  # type: ignore[arg-type]
+    assert strategy.calls[:4] == [
+        ("admit", 0.0),
+        ("admit", INTRODUCTION_POLL),
+        ("admit", INTRODUCTION_POLL),
+        ("configure_train", 1),
+    ]
