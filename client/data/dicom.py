@@ -221,14 +221,14 @@ def ends_with_pixel_data(data: bytes, *, implicit: bool, little: bool) -> bool:
             return False
         end = start
         if implicit:
-            header, length_format = 8, "I"
+            header = 8  # tag, 4-byte length
         elif data[start + 4 : start + 8] in (b"OB\0\0", b"OW\0\0"):
-            header, length_format = 12, "I"
+            header = 12  # tag, VR, reserved, 4-byte length
         else:
             continue
         if start + header > len(data):
             continue
-        (length,) = struct.unpack_from(order + length_format, data, start + header - 4)
+        (length,) = struct.unpack_from(order + "I", data, start + header - 4)
         if length == 0xFFFFFFFF:  # encapsulated: the fragments end with a delimiter
             stop = data.find(delimiter, start + header)
             value_end = -1 if stop < 0 else stop + len(delimiter)
