@@ -8,6 +8,7 @@ config's validation and the loaders' registry follow.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -82,6 +83,14 @@ class TabularDataConfig(StrictModel):
         default_factory=dict,
         description="Column -> allowed values. Unlisted or missing values map to 'other'.",
     )
+    numeric_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Column -> [low, high]: the federation's public range of each numeric "
+        "feature (every one of them, or none). Values are clipped to it and scaled to "
+        "[-1, 1], and missing values take its middle, the same at every site; "
+        "`fedlora model init --site` writes the bounds into the base model, which every "
+        "site then follows. Without them each site scales with its own statistics.",
+    )
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -92,6 +101,32 @@ class TabularDataConfig(StrictModel):
                 "(or a text_column, for a table of texts)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _bounds_fit_features(self) -> TabularDataConfig:
+        if not self.numeric_bounds:
+            return self
+        unknown = [name for name in self.numeric_bounds if name not in self.numeric_features]
+        if unknown:
+            raise ValueError(
+                f"numeric_bounds names {unknown[0]!r}, which is not in numeric_features"
+            )
+        missing = [name for name in self.numeric_features if name not in self.numeric_bounds]
+        if missing:
+            raise ValueError(
+                f"numeric_bounds must cover every numeric feature or none; {missing[0]!r} "
+                f"has none ({len(missing)} missing)"
+            )
+        for name, (low, high) in self.numeric_bounds.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"numeric_bounds[{name!r}] must be two finite numbers, low < high")
+        return self
+
+    def bounds_in_order(self) -> list[list[float]]:
+        """The numeric bounds in ``numeric_features`` order (empty: none declared)."""
+        if not self.numeric_bounds:
+            return []
+        return [list(self.numeric_bounds[name]) for name in self.numeric_features]
 
 
 class TextDataConfig(StrictModel):

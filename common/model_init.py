@@ -198,6 +198,7 @@ def build_tabular_base(
         num_labels=len(classes),
         hidden_size=hidden_size,
         layers=layers,
+        numeric_bounds=data.bounds_in_order(),
     )
     if label_names:
         name_classes(config, classes)

@@ -128,6 +128,11 @@ def quantize_int8(fp32: Path, int8: Path, fp32_modules: Sequence[str]) -> list[s
                 str(prepared),
                 str(int8),
                 weight_type=QuantType.QInt8,
+                # 7-bit weights: onnxruntime's u8s8 kernel on x86 CPUs without VNNI
+                # (AVX2 only) sums pairs of products in int16 and saturates with full
+                # 8-bit weights (its quantization docs say to reduce the range there).
+                # A site may run the artifact on any CPU, so it is built for all.
+                reduce_range=True,
                 op_types_to_quantize=list(QUANTIZED_OPS),
                 # The quantizer first rewrites a Gemm into "<name>_MatMul" + "<name>_Add"
                 # and only then applies exclusions, so both names are needed.

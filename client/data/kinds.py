@@ -27,6 +27,7 @@ from common.config import (
 )
 from common.registry import Registry
 from common.tasks.image_input import image_input
+from common.tasks.tabular import public_bounds
 from common.tasks.text import load_tokenizer
 
 
@@ -62,8 +63,9 @@ def _dicom_cleaning(config: DicomDataConfig, base: Path) -> dict[str, Any]:
     return dicom_preprocessing(config, image_input(base))
 
 
-def _load_table(config: TabularDataConfig, salt: bytes, _base: Path) -> Loaded:
-    data, preprocessor = load_tabular_dataset(config, salt)
+def _load_table(config: TabularDataConfig, salt: bytes, base: Path) -> Loaded:
+    """Numeric features are scaled by the base model's public bounds, when it has them."""
+    data, preprocessor = load_tabular_dataset(config, salt, public_bounds(base))
     return Loaded(data, tabular_preprocessing(preprocessor), list(preprocessor.class_weights))
 
 
@@ -79,7 +81,7 @@ DATA_KINDS: Registry[DataKindSpec] = Registry(
             "dicom",
             DataKindSpec("dicom", _load_dicom, _dicom_cleaning, reads_base_model=True),
         ),
-        ("table", DataKindSpec("table", _load_table, lambda _c, _b: None)),
+        ("table", DataKindSpec("table", _load_table, lambda _c, _b: None, reads_base_model=True)),
         (
             "text",
             DataKindSpec("text", _load_text, text_preprocessing, reads_base_model=True),

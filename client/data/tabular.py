@@ -5,10 +5,14 @@ customer's name, an address) never enter memory. Rows the site cannot use are re
 with a reason; the table as a whole is refused with :class:`DataError` only when it
 cannot serve (unreadable, a declared column missing or malformed, nothing usable).
 
-Cleaning is fitted on this site's own accepted rows and kept in a
-:class:`TabularPreprocessor`, so prediction later applies exactly the same transform.
-The preprocessor holds site statistics (medians, means, class frequencies): it stays at
-the site and is not part of anything sent to the coordinator.
+The cleaning is kept in a :class:`TabularPreprocessor`, so prediction later applies
+exactly the same transform. With the federation's public bounds (in the base model,
+from the schema's ``numeric_bounds``) it is fixed before any row is read: every value
+is clipped to its feature's bounds and scaled to [-1, 1], a missing value takes the
+middle, and no class is weighted, so nothing about this site's people shapes the
+update except through DP-SGD. Without bounds (a base saved before them) it is fitted
+on this site's own accepted rows (medians, means, class frequencies): those statistics
+stay at the site, but they are computed outside DP and differ from site to site.
 """
 
 from __future__ import annotations
@@ -128,6 +132,43 @@ class TabularPreprocessor:
             class_weights=weights,
         )
 
+    @classmethod
+    def public(
+        cls, config: TabularDataConfig, bounds: Sequence[Sequence[float]]
+    ) -> TabularPreprocessor:
+        """The cleaning fixed by the federation's public ``bounds`` (one [low, high] per
+        numeric feature, in order): clip, then map [low, high] onto [-1, 1]; a missing
+        value is the middle (0). Classes are not weighted."""
+        if len(bounds) != len(config.numeric_features):
+            raise DataError(
+                f"the base model declares bounds for {len(bounds)} numeric features but "
+                f"data.numeric_features names {len(config.numeric_features)}: the base was "
+                "made for another schema (fedlora model init --site)"
+            )
+        declared = config.bounds_in_order()
+        if declared and [list(map(float, pair)) for pair in bounds] != declared:
+            raise DataError(
+                "data.numeric_bounds differ from the bounds in the base model (the "
+                "federation's schema): drop them from the site config, or rebuild the base "
+                "with fedlora model init --site"
+            )
+        lows = [float(low) for low, _ in bounds]
+        highs = [float(high) for _, high in bounds]
+        middles = [(low + high) / 2 for low, high in zip(lows, highs, strict=True)]
+        return cls(
+            numeric_features=list(config.numeric_features),
+            medians=middles,
+            clip_low=lows,
+            clip_high=highs,
+            means=middles,
+            stds=[(high - low) / 2 for low, high in zip(lows, highs, strict=True)],
+            categorical_features={
+                name: list(values) for name, values in config.categorical_features.items()
+            },
+            classes=list(config.classes),
+            class_weights=[1.0] * len(config.classes),
+        )
+
     @property
     def cardinalities(self) -> list[int]:
         """Embedding sizes per categorical feature: the declared values plus 'other'."""
@@ -218,13 +259,20 @@ class TabularPreprocessor:
 
 
 def load_tabular_dataset(
-    config: TabularDataConfig, salt: bytes
+    config: TabularDataConfig, salt: bytes, bounds: Sequence[Sequence[float]] = ()
 ) -> tuple[SiteData, TabularPreprocessor]:
     """Read, validate and clean the site's table; return model inputs and the cleaning.
 
     ``config.path`` must already be resolved. Person ids are salted and hashed here and
     the raw values are dropped; without a person column every row is its own person.
+    ``bounds``: the base model's public bounds (:meth:`TabularPreprocessor.public`);
+    none fits the cleaning on this site's rows.
     """
+    if not bounds and config.numeric_bounds:
+        raise DataError(
+            "data.numeric_bounds are declared but the base model holds none: every site "
+            "must scale alike, so rebuild the base with fedlora model init --site"
+        )
     _check_roles(config)
     declared = _declared_columns(config, with_label=True)
     frame = read_columns(config, declared)
@@ -245,7 +293,14 @@ def load_tabular_dataset(
         logger.warning("%d of %d rows rejected (%s)", len(rejected), rows, reason_summary(rejected))
 
     kept = frame.loc[accepted].reset_index(drop=True)
-    preprocessor = TabularPreprocessor.fit(kept, config)
+    if bounds:
+        preprocessor = TabularPreprocessor.public(config, bounds)
+    else:
+        logger.warning(
+            "the base model declares no public feature bounds: scaling with this site's "
+            "own statistics (other sites scale differently; see data.numeric_bounds)"
+        )
+        preprocessor = TabularPreprocessor.fit(kept, config)
     features = preprocessor.transform(kept)
     label_array = np.array([label for label in labels if label is not None], dtype=np.int64)
     keys = [key for key, keep in zip(persons, accepted, strict=True) if keep]

@@ -3,10 +3,21 @@
 Each feature becomes a token (numeric: a learned vector scaled by the value plus a bias;
 categorical: an embedding), a [CLS] token is prepended, and ViT encoder layers (whose
 attention projections are ``q_proj``/``v_proj``, the LoRA targets) mix them.
+
+Beside the encoder, a base built by ``fedlora model init`` has a *linear path*
+(``linear_head``: one weight per numeric feature and per category, per class, zero at
+first) whose logits are added to the encoder's, as in Wide & Deep (Cheng et al. 2016).
+There is no public tabular pretext to pretrain the encoder on, and a frozen random
+encoder carries little of a real table; the linear path, trained in full with the head,
+is what lets a site of a few hundred people learn under DP (a DP logistic regression is
+the baseline to beat), while LoRA on attention can add interactions on top.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +26,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.vit.modeling_vit import ViTLayer
 
+from common.errors import ConfigError
 from common.tasks.base import TaskSpec
 
 
@@ -35,6 +47,8 @@ class FTTransformerConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-12,
         qkv_bias: bool = True,
         initializer_range: float = 0.02,
+        linear_path: bool = False,
+        numeric_bounds: list[list[float]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.num_numeric_features = num_numeric_features
@@ -49,7 +63,32 @@ class FTTransformerConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.qkv_bias = qkv_bias
         self.initializer_range = initializer_range
+        self.linear_path = linear_path
+        """A linear path from the features to the logits (False: a base saved before it)."""
+        self.numeric_bounds = [list(map(float, pair)) for pair in numeric_bounds or []]
+        """The federation's public [low, high] per numeric feature, in feature order
+        (empty: none declared). Every site scales its values with these, never with its
+        own statistics; they travel with the base model, whose hash every run names."""
         super().__init__(**kwargs)
+
+
+class FeatureLinear(nn.Module):
+    """Logits linear in the features: a weight per numeric feature and class, and a
+    per-class value per category (an embedding of width ``classes``)."""
+
+    def __init__(self, numeric: int, cardinalities: list[int], classes: int) -> None:
+        super().__init__()
+        self.numeric = nn.Linear(numeric, classes) if numeric else None
+        self.categorical = nn.ModuleList(
+            nn.Embedding(cardinality + 1, classes) for cardinality in cardinalities
+        )
+
+    def forward(self, numeric_values: torch.Tensor, categorical_ids: torch.Tensor) -> torch.Tensor:
+        parts = [] if self.numeric is None else [self.numeric(numeric_values)]
+        parts.extend(
+            embedding(categorical_ids[:, index]) for index, embedding in enumerate(self.categorical)
+        )
+        return torch.stack(parts).sum(0)
 
 
 class FTTransformerForClassification(PreTrainedModel):
@@ -74,6 +113,11 @@ class FTTransformerForClassification(PreTrainedModel):
         self.layers = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))  # type: ignore[arg-type]
         self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(width, int(config.num_labels or 2))
+        self.linear_head = (
+            FeatureLinear(config.num_numeric_features, cardinalities, int(config.num_labels or 2))
+            if config.linear_path
+            else None
+        )
         self.post_init()
 
     @torch.no_grad()
@@ -85,6 +129,14 @@ class FTTransformerForClassification(PreTrainedModel):
             nn.init.normal_(module.numeric_weight, std=1.0)
             nn.init.normal_(module.numeric_bias, std=1.0)
             nn.init.trunc_normal_(module.cls_token, std=self.config.initializer_range)
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module in self._linear_parts():
+            # Zero at first: the path starts out predicting nothing, like a new head.
+            for parameter in module.parameters():
+                nn.init.zeros_(parameter)
+
+    def _linear_parts(self) -> list[nn.Module]:
+        head = getattr(self, "linear_head", None)
+        return [] if head is None else list(head.modules())
 
     def forward(
         self,
@@ -103,6 +155,8 @@ class FTTransformerForClassification(PreTrainedModel):
         for layer in self.layers:
             hidden = layer(hidden)
         logits = self.classifier(self.layernorm(hidden[:, 0]))
+        if self.linear_head is not None:
+            logits = logits + self.linear_head(numeric_values, categorical_ids)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits, labels)
@@ -116,8 +170,11 @@ def demo_ft_transformer_config(
     num_labels: int = 2,
     hidden_size: int = 32,
     layers: int = 2,
+    numeric_bounds: list[list[float]] | None = None,
 ) -> FTTransformerConfig:
     return FTTransformerConfig(
+        linear_path=True,
+        numeric_bounds=numeric_bounds,
         num_numeric_features=num_numeric_features,
         categorical_cardinalities=categorical_cardinalities,
         hidden_size=hidden_size,
@@ -126,6 +183,24 @@ def demo_ft_transformer_config(
         intermediate_size=hidden_size * 2,
         num_labels=num_labels,
     )
+
+
+def public_bounds(directory: Path) -> list[list[float]]:
+    """The public numeric bounds a tabular base model declares (config.json), read
+    without its weights; empty when it declares none."""
+    config_file = directory / "config.json"
+    try:
+        declared = json.loads(config_file.read_text()).get("numeric_bounds") or []
+        bounds = [[float(low), float(high)] for low, high in declared]
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"numeric_bounds in the base model's config.json cannot be read: {exc}"
+        ) from None
+    if not all(math.isfinite(low) and math.isfinite(high) and low < high for low, high in bounds):
+        raise ConfigError(
+            "numeric_bounds in the base model's config.json must be finite [low, high] pairs"
+        )
+    return bounds
 
 
 def _example_row(config: FTTransformerConfig) -> dict[str, torch.Tensor]:
@@ -141,7 +216,7 @@ TABULAR_TASK = TaskSpec(
     model_class=FTTransformerForClassification,
     input_names=("numeric_values", "categorical_ids"),
     default_lora_targets=("q_proj", "v_proj"),
-    head_modules=("classifier",),
+    head_modules=("classifier", "linear_head"),
     demo_config=demo_ft_transformer_config,
     example_inputs=_example_row,
 )

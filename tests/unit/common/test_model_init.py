@@ -285,7 +285,7 @@ def test_inspect_json_reports_what_a_site_would_train(tmp_path: Path) -> None:
     assert description["architecture"] == "fedlora_ft_transformer"
     assert description["input"] == {"numeric_features": 7, "categorical_cardinalities": [4, 4, 4]}
     assert description["classes"] == ["repaid", "default"]
-    assert description["head_modules"] == ["classifier"]
+    assert description["head_modules"] == ["classifier", "linear_head"]
     assert description["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert description["parameters"] == parameters
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -67,7 +67,9 @@ def test_task_specs_agree_with_the_design() -> None:
     assert tabular.input_names == ("numeric_values", "categorical_ids")
     for spec in (imaging, tabular):
         assert spec.default_lora_targets == ("q_proj", "v_proj")
-        assert spec.head_modules == ("classifier",)
+    assert imaging.head_modules == ("classifier",)
+    # The tabular base's linear path trains in full, beside the encoder's head.
+    assert tabular.head_modules == ("classifier", "linear_head")
 
 
 def test_demo_model_is_saved_with_save_pretrained(task: str, model_dirs: dict[str, Path]) -> None:
@@ -123,12 +125,18 @@ def test_wrap_with_lora_trains_only_lora_and_head(task: str, model_dirs: dict[st
 
     lora = [n for n in trainable if ".lora_A." in n or ".lora_B." in n]
     head = [n for n in trainable if ".classifier.modules_to_save." in n]
-    assert sorted(lora + head) == sorted(trainable)
+    linear = [n for n in trainable if ".linear_head.modules_to_save." in n]
+    assert sorted(lora + head + linear) == sorted(trainable)
     layers = 2
     assert len(lora) == layers * len(spec.default_lora_targets) * 2
     for target in spec.default_lora_targets:
         assert any(f".{target}.lora_A." in n for n in lora), target
     assert sorted(n.rsplit(".", 1)[1] for n in head) == ["bias", "weight"]
+    if task == "tabular-classification":  # a weight and bias, one table per categorical
+        categorical = len(model.config.categorical_cardinalities)
+        assert len(linear) == 2 + categorical
+    else:
+        assert not linear
     assert frozen, "the base model must stay frozen"
     assert not any("lora_" in n for n in frozen)
     lora_a = next(p for n, p in model.named_parameters() if ".lora_A." in n)
