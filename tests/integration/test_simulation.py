@@ -64,10 +64,12 @@ def test_plots_and_site_configs_are_written(finished_run: Path) -> None:
 
 
 def test_only_the_lora_state_crossed_the_wire(finished_run: Path) -> None:
-    """What the server aggregated is the LoRA state plus head, a fraction of the model."""
+    """What the server aggregated is the LoRA state plus the modules trained in full (the
+    head; a table's linear path), a fraction of the model."""
     for task in ("dicom-classification", "tabular-classification"):
         arrays = load_file(str(finished_run / "checkpoints" / task / "round-0002.safetensors"))
-        assert arrays and all(("lora_" in k) or ("classifier" in k) for k in arrays)
+        heads = TASKS.get(task).head_modules
+        assert arrays and all(("lora_" in k) or any(h in k for h in heads) for k in arrays)
         summary = json.loads((finished_run / "tasks" / f"{task}.json").read_text())
         # What a site sends: the same tensors in the run's update precision (float16).
         payload = sum(a.size * 2 for a in arrays.values())
