@@ -101,7 +101,8 @@ def test_built_manifest_records_the_run(built: BuiltArtifact) -> None:
     ]
     assert manifest.lora["r"] == 16
     assert manifest.lora["target_modules"] == ["q_proj", "v_proj"]
-    assert manifest.lora["modules_to_save"] == ["classifier"]
+    # The tabular base trains its linear path in full beside the head.
+    assert manifest.lora["modules_to_save"] == ["classifier", "linear_head"]
     assert manifest.metrics is not None
     assert manifest.metrics.accuracy_loss == pytest.approx(0.0)
     assert manifest.files == file_entries(built.directory)
