@@ -125,9 +125,7 @@ class TabularPreprocessor:
             clip_high=clip_high,
             means=means,
             stds=stds,
-            categorical_features={
-                name: list(values) for name, values in config.categorical_features.items()
-            },
+            categorical_features=_declared_categories(config),
             classes=list(config.classes),
             class_weights=weights,
         )
@@ -162,9 +160,7 @@ class TabularPreprocessor:
             clip_high=highs,
             means=middles,
             stds=[(high - low) / 2 for low, high in zip(lows, highs, strict=True)],
-            categorical_features={
-                name: list(values) for name, values in config.categorical_features.items()
-            },
+            categorical_features=_declared_categories(config),
             classes=list(config.classes),
             class_weights=[1.0] * len(config.classes),
         )
@@ -322,6 +318,11 @@ def load_tabular_dataset(
         list(data.label_counts().values()),
     )
     return data, preprocessor
+
+
+def _declared_categories(config: TabularDataConfig) -> dict[str, list[str]]:
+    """A copy of the schema's categorical features and their allowed values."""
+    return {name: list(values) for name, values in config.categorical_features.items()}
 
 
 def _check_roles(config: TabularDataConfig) -> None:
