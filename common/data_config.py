@@ -21,6 +21,16 @@ PersonKey = Literal["patient", "study", "series", "file"]
 """Which DICOM identifier names the person an image belongs to: the privacy unit."""
 
 
+BOUND_RULE = "must be two finite numbers, low < high, with a finite range high - low"
+
+
+def is_public_bound(low: float, high: float) -> bool:
+    """Whether [low, high] is a usable public bound of a numeric feature: the scaling
+    divides by ``high - low``, which must be a positive finite number (bounds of
+    ±1e308 are finite, but their range overflows and every value would scale to 0)."""
+    return math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low) and low < high
+
+
 class DicomDataConfig(StrictModel):
     """A directory of DICOM files, labelled by a CSV or by one sub-folder per class.
 
@@ -118,8 +128,8 @@ class TabularDataConfig(StrictModel):
                 f"has none ({len(missing)} missing)"
             )
         for name, (low, high) in self.numeric_bounds.items():
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise ValueError(f"numeric_bounds[{name!r}] must be two finite numbers, low < high")
+            if not is_public_bound(low, high):
+                raise ValueError(f"numeric_bounds[{name!r}] {BOUND_RULE}")
         return self
 
     def bounds_in_order(self) -> list[list[float]]:

@@ -16,7 +16,6 @@ the baseline to beat), while LoRA on attention can add interactions on top.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.vit.modeling_vit import ViTLayer
 
+from common.data_config import BOUND_RULE, is_public_bound
 from common.errors import ConfigError
 from common.tasks.base import TaskSpec
 
@@ -196,10 +196,8 @@ def public_bounds(directory: Path) -> list[list[float]]:
         raise ConfigError(
             f"numeric_bounds in the base model's config.json cannot be read: {exc}"
         ) from None
-    if not all(math.isfinite(low) and math.isfinite(high) and low < high for low, high in bounds):
-        raise ConfigError(
-            "numeric_bounds in the base model's config.json must be finite [low, high] pairs"
-        )
+    if not all(is_public_bound(low, high) for low, high in bounds):
+        raise ConfigError(f"each numeric_bounds pair in the base model's config.json {BOUND_RULE}")
     return bounds
 
 

@@ -60,6 +60,8 @@ def _table(path: Path, incomes: list[float | None], ages: list[float]) -> Path:
         ({**BOUNDS, "height": (0.0, 1.0)}, "'height', which is not in numeric_features"),
         ({"income": (5.0, 5.0), "age": (0.0, 1.0)}, "low < high"),
         ({"income": (0.0, float("inf")), "age": (0.0, 1.0)}, "finite"),
+        # Each end is finite, but the range overflows: every value would scale to 0.
+        ({"income": (-1e308, 1e308), "age": (0.0, 1.0)}, "finite range"),
     ],
 )
 def test_bounds_cover_every_numeric_feature_with_a_finite_range(
@@ -112,10 +114,11 @@ def test_malformed_bounds_in_a_base_model_are_a_config_error(tmp_path: Path) -> 
     table = _table(tmp_path / "t.csv", [10.0, 20.0, 30.0, 40.0, 50.0, 60.0], [30.0] * 6)
     base = build_tabular_base(tmp_path / "base", _config(table))
     settings = json.loads((base / "config.json").read_text())
-    settings["numeric_bounds"] = [[1.0, 0.0], [0.0, 1.0]]
-    (base / "config.json").write_text(json.dumps(settings))
-    with pytest.raises(ConfigError, match="finite \\[low, high\\] pairs"):
-        public_bounds(base)
+    for hostile in ([[1.0, 0.0], [0.0, 1.0]], [[-1e308, 1e308], [0.0, 1.0]]):
+        settings["numeric_bounds"] = hostile
+        (base / "config.json").write_text(json.dumps(settings))
+        with pytest.raises(ConfigError, match=r"numeric_bounds pair .* finite range"):
+            public_bounds(base)
 
 
 def test_the_linear_path_starts_at_zero_and_learns_a_linear_rule(tmp_path: Path) -> None:
