@@ -34,7 +34,7 @@ from common.adapters import adapter_sha256
 from common.artifact import verify_artifact
 from common.audit.log import read_entries
 from common.audit.review import site_keys, verify_path
-from common.config import DPSettings, load_federation_config, load_site_config
+from common.config import DPSettings, RollbackGuard, load_federation_config, load_site_config
 from common.signing import fingerprint, load_public_key
 from server.checkpoint import CheckpointStore
 from simulations.runner import prepare
@@ -565,11 +565,20 @@ def test_a_supernode_killed_in_round_one_rejoins_a_later_round(
     setup: dict[str, Any], running: FedloraDeployment
 ) -> None:
     run_dir = setup["root"] / "run-b"
-    # The round timeout bounds how long round 1 waits for the killed node; it must also
-    # leave a healthy site's round room on a loaded 2-core machine (rounds of 20-50 s),
+    # Round 1 ends when the SuperLink declares the killed node unavailable (no heartbeat:
+    # about 65 s here) or at the round timeout. The timeout must leave a healthy site's
+    # round room on a loaded 2-core machine (its first round starts the app: 20-60 s),
     # or a round with no reply in time is a failed round, not the rejoin under test.
+    # The rollback guard is off: on 40-odd held-out images per site its accuracy swings
+    # are noise, and which adapter is kept is not what this test is about.
     federation = _federation(
-        setup, IMAGING, "killed-node", rounds=4, min_sites=1, round_timeout=80.0
+        setup,
+        IMAGING,
+        "killed-node",
+        rounds=4,
+        min_sites=1,
+        round_timeout=150.0,
+        rollback=RollbackGuard(enabled=False),
     )
     before = len(_site_log(setup, "hospital-a"))
     log = (setup["root"] / "run-b.out").open("w")
@@ -603,7 +612,7 @@ def test_a_supernode_killed_in_round_one_rejoins_a_later_round(
     assert first and first[0]["status"] != "accepted", rows
     assert any(r["status"] == "accepted" and int(r["round"]) > 1 for r in rows), rows
     result = json.loads((run_dir / "tasks" / f"{IMAGING}.json").read_text())
-    assert result["rounds_completed"] == 4, _metrics(run_dir)
+    assert result["rounds_completed"] == 4, _metrics_table(run_dir)
 
 
 def test_a_superlink_killed_mid_run_comes_back_and_the_run_resumes(
@@ -692,6 +701,15 @@ def test_a_superlink_killed_mid_run_comes_back_and_the_run_resumes(
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "metrics.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def _metrics_table(run_dir: Path) -> str:
+    """The run's metrics one short line per row, for a failure message pytest would
+    otherwise truncate."""
+    return "\n".join(
+        " ".join((r["round"], r["site"], r["phase"], r["status"], r["reason"][:100]))
+        for r in _metrics(run_dir)
+    )
 
 
 def test_nothing_phoned_home(
